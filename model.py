@@ -1,0 +1,242 @@
+"""The BrgSA model: a 3D ViT for CT volumes, a BERT-style text encoder, and the shared knowledge bank.
+
+Follows section 3 of Lai et al. (arXiv 2501.03565) and the official code:
+- ViT3D: Conv3d patch embedding, CLS token, fixed 3D sin-cos positions built for the input's patch
+  grid (so 224x224x112 training crops and 256x256x128 test volumes both work), pre-norm blocks,
+  final LayerNorm, CLS -> Linear(d, d) -> v.
+- TextEncoder: BERT layout (post-norm layers, learned positions, token types) so BERT / CXR-BERT
+  weights can be loaded; pooling as in the official code: the last 4 hidden states are summed, the
+  non-padding tokens are summed and divided by the maximum length (a constant), then Linear -> t.
+- BrgSA: both encoders plus the Cross-Modal Knowledge Bank; forward returns the loss dict of cmki.py.
+
+    python model.py        # prints the parameter count of each preset
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cmki
+
+
+@dataclass
+class ModelConfig:
+    # image side
+    image_size: tuple = (256, 256, 128)  # stored / test volume in voxels (X, Y, Z), RAS order
+    crop_size: tuple = (224, 224, 112)   # random training crop of the stored volume
+    spacing: tuple = (1.5, 1.5, 3.0)     # mm per voxel the volumes are resampled to
+    patch_size: tuple = (16, 16, 8)      # Conv3d kernel = stride
+    vit_width: int = 768
+    vit_depth: int = 12
+    vit_heads: int = 12
+    # text side (BERT-base layout)
+    vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
+    max_len: int = 97                    # tokens per report; also the pooling divisor (official)
+    text_width: int = 768
+    text_depth: int = 12
+    text_heads: int = 12
+    text_mlp: int = 3072
+    # shared embedding space and the method
+    embed_dim: int = 768                 # d, width of v, t and of the bank entries
+    bank_size: int = 2048                # K, number of knowledge-bank entries
+    bank_scale: str = "one"              # CMKI logit scale: "one" (official) or "sqrt" (1/sqrt(d))
+    tau: float = 0.1                     # temperature of both InfoNCE terms (fixed, not learned)
+    alpha: float = 0.5                   # weight of L_MSE
+    beta: float = 1.0                    # weight of L_INFO
+    gamma: float = 1.0                   # weight of L_INFO-R
+    dropout: float = 0.0                 # inside the encoders; the official ViT uses none
+    grad_checkpoint: bool = False        # recompute block activations in backward to save memory
+
+
+PRESETS = {
+    # The paper's model: ViT-B/16x16x8 + BERT-base, d = 768, K = 2048 (about 200 M parameters).
+    "paper": ModelConfig(),
+    # The CPU default: small enough to train to a useful zero-shot AUC on 2 cores in ~3 minutes on
+    # the synthetic set, at 7 x 7 x 10 mm voxels (a 48 x 48 x 32 volume covers a 34 x 34 x 32 cm chest).
+    "tiny": ModelConfig(
+        image_size=(48, 48, 32), crop_size=(40, 40, 28), spacing=(7.0, 7.0, 10.0),
+        patch_size=(8, 8, 4), vit_width=192, vit_depth=3, vit_heads=4,
+        vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
+        embed_dim=192, bank_size=256),
+}
+
+
+def sincos_3d(grid: tuple, width: int, device=None) -> torch.Tensor:
+    """Fixed 3D sin-cos position table for a (gx, gy, gz) patch grid -> (gx*gy*gz, width).
+
+    Each axis gets an equal share of the channels (pairs of sin/cos at geometric frequencies);
+    channels left over when width is not a multiple of 6 stay zero.
+    """
+    per_axis = (width // 6) * 2  # even number of channels per axis
+    omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, device=device) / max(per_axis // 2, 1))
+    axes = torch.meshgrid(*[torch.arange(g, device=device, dtype=torch.float32) for g in grid],
+                          indexing="ij")
+    parts = []
+    for pos in axes:
+        angle = pos.reshape(-1, 1) * omega  # (T, per_axis/2)
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)  # (T, 3*per_axis)
+    return F.pad(table, (0, width - table.shape[1]))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash/mem-efficient on GPU)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        assert width % heads == 0, "width must be a multiple of heads"
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x, mask=None):  # x (B, T, C); mask (B, 1, 1, T) bool, True = attend
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class PreNormBlock(nn.Module):
+    """ViT block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn, self.mlp = Attention(width, heads, dropout), MLP(width, 4 * width, dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PostNormBlock(nn.Module):
+    """BERT layer: LN(x + MHSA(x)), then LN(x + MLP(x)) (post-norm, as BERT checkpoints expect)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.attn, self.mlp = Attention(width, heads, dropout), MLP(width, hidden, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-12), nn.LayerNorm(width, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        x = self.norm1(x + self.dropout(self.attn(x, mask)))
+        return self.norm2(x + self.mlp(x))
+
+
+def _run_block(block, checkpoint: bool, *args):
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+class ViT3D(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.vit_width
+        self.patch_embed = nn.Conv3d(1, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
+        self.blocks = nn.ModuleList(PreNormBlock(w, cfg.vit_heads, cfg.dropout)
+                                    for _ in range(cfg.vit_depth))
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.embed_dim)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:  # (B, 1, X, Y, Z) -> v (B, d)
+        if volume.ndim != 5 or volume.shape[1] != 1:
+            raise ValueError(f"ViT3D expects (B, 1, X, Y, Z), got {tuple(volume.shape)}")
+        bad = [s % p for s, p in zip(volume.shape[2:], self.cfg.patch_size)]
+        if any(bad):
+            raise ValueError(f"volume {tuple(volume.shape[2:])} is not divisible by the patch "
+                             f"size {self.cfg.patch_size}")
+        x = self.patch_embed(volume)  # (B, C, gx, gy, gz)
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, T, C), T = gx*gy*gz
+        x = x + sincos_3d(grid, x.shape[-1], x.device).to(x.dtype)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        for block in self.blocks:
+            x = _run_block(block, self.cfg.grad_checkpoint, x)
+        return self.head(self.norm(x)[:, 0])  # CLS token -> (B, d)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.text_width
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, w, padding_idx=0)
+        self.position_embeddings = nn.Embedding(cfg.max_len, w)
+        self.token_type_embeddings = nn.Embedding(2, w)
+        self.embed_norm = nn.LayerNorm(w, eps=1e-12)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(PostNormBlock(w, cfg.text_heads, cfg.text_mlp, cfg.dropout)
+                                    for _ in range(cfg.text_depth))
+        self.head = nn.Linear(w, cfg.embed_dim)
+        for emb in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
+            nn.init.normal_(emb.weight, std=0.02)  # BERT's initialiser range
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, L = input_ids.shape  # (B, L) token ids, (B, L) 1 = real token, 0 = padding
+        if L > self.cfg.max_len:
+            raise ValueError(f"{L} tokens given, the text encoder takes at most {self.cfg.max_len}")
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        x = self.dropout(self.embed_norm(x + self.token_type_embeddings.weight[0]))  # (B, L, C)
+        keep = attention_mask.bool()
+        mask = keep[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and query positions
+        pooled = 0
+        for i, layer in enumerate(self.layers):
+            x = _run_block(layer, self.cfg.grad_checkpoint, x, mask)
+            if i >= len(self.layers) - 4:  # official pooling: sum of the last 4 hidden states
+                pooled = pooled + x
+        # Sum the non-padding tokens and divide by the *maximum* length, not the true length.
+        pooled = (pooled * keep[..., None].to(x.dtype)).sum(1) / self.cfg.max_len  # (B, C)
+        return self.head(pooled)  # (B, d)
+
+
+class BrgSA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = ViT3D(cfg)
+        self.text = TextEncoder(cfg)
+        self.bank = cmki.KnowledgeBank(cfg.bank_size, cfg.embed_dim)
+        self.apply(self._init_linear)
+
+    @staticmethod
+    def _init_linear(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def scale(self) -> float:
+        return cmki.default_scale(self.cfg.embed_dim, self.cfg.bank_scale)
+
+    def loss(self, v: torch.Tensor, t: torch.Tensor) -> dict:
+        c = self.cfg
+        return cmki.brgsa_loss(v, t, self.bank.weight, c.tau, c.alpha, c.beta, c.gamma, self.scale)
+
+    def forward(self, volume, input_ids, attention_mask) -> dict:
+        """(B, 1, X, Y, Z), (B, L), (B, L) -> dict(total=, mse=, info=, info_r=)."""
+        return self.loss(self.visual(volume), self.text(input_ids, attention_mask))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+if __name__ == "__main__":
+    for name, preset in PRESETS.items():
+        print(f"{name:6s} {BrgSA(preset).num_params() / 1e6:8.1f} M parameters")

@@ -104,8 +104,8 @@ def prepare_data(cfg: TrainConfig, mcfg, workers: int):
         if not root.is_dir():
             print(f"train: generating the synthetic data set in {synth}", flush=True)
             phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2))
-    train = data_lib.load_dataset(root, "train", mcfg.spacing, mcfg.image_size, max(workers, 2))
-    valid = data_lib.load_dataset(root, "valid", mcfg.spacing, mcfg.image_size, max(workers, 2))
+    train = data_lib.load_dataset(root, "train", mcfg.spacing, mcfg.image_size, workers=2)
+    valid = data_lib.load_dataset(root, "valid", mcfg.spacing, mcfg.image_size, workers=2)
     reports = sorted({r.report for r in train + valid})
     cache = Path(cfg.out_dir) / f"summaries_{cfg.summary_backend}.jsonl"
     summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend)
@@ -183,9 +183,9 @@ def main(argv=None):
     mcfg = PRESETS[cfg.preset]
     train_recs, valid_recs, summaries = prepare_data(cfg, mcfg, workers)
     ckpt_path = out / "ckpt.pt"
+    if cfg.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise FileNotFoundError(ckpt_path)
     if ckpt is not None:
         tokenizer = data_lib.tokenizer_from_string(ckpt["tokenizer"])
     else:
@@ -225,7 +225,7 @@ def main(argv=None):
         num_workers=workers, pin_memory=use_cuda,
         collate_fn=lambda items: collate(items, tokenizer, mcfg.max_len))
     model.train()
-    t0, seen = time.time(), 0
+    t0, seen, history = time.time(), 0, []
     for volume, ids, mask in loader:
         if step >= max_iters:
             break
@@ -242,6 +242,7 @@ def main(argv=None):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step, seen = step + 1, seen + volume.shape[0]
+        history.append(losses["total"].item())
         if step % cfg.log_interval == 0 or step == max_iters:
             dt = time.time() - t0
             print(f"step {step:5d}/{max_iters} | loss {losses['total'].item():.4f} "
@@ -255,7 +256,7 @@ def main(argv=None):
                             last_eval and last_eval["macro_auc"])
 
     result = evaluate(model, tokenizer, valid_recs, device, bs)
-    result["step"] = step
+    result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
     print(eval_lib.format_table(result))
     path = eval_lib.write_result(result, out)

@@ -1,0 +1,399 @@
+"""Tests for data.py: NIfTI I/O and orientation, HU rules, resampling, caches, datasets, tokenizer.
+
+Real volumes and reports come from ../shared/data (skipped when absent); everything else is built
+in tmp_path from seeded synthetic arrays.   Run: python -m pytest tests/test_data.py -q
+"""
+import csv
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def write_nifti(path, arr, affine, slope=None, inter=None):
+    img = nib.Nifti1Image(arr, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    return path
+
+
+def chest(shape, rng):
+    """A crude chest in HU (X, Y, Z): air, a soft-tissue body, two lungs, noise."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    hu = np.full(shape, -1000.0)
+    hu[(x / 0.9) ** 2 + (y / 0.7) ** 2 < 1] = 40.0
+    for cx in (-0.4, 0.4):
+        hu[((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -850.0
+    return np.rint(hu + rng.normal(0, 10, shape)).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------- load_nifti
+
+def test_load_nifti_reorients_to_ras_with_spacing(tmp_path):
+    # file axes: 0 -> S (3 mm), 1 -> L (1 mm, i.e. -R), 2 -> P (2 mm, i.e. -A)
+    n0, n1, n2 = 5, 6, 7
+    affine = np.array([[0, -1.0, 0, 10], [0, 0, -2.0, 20], [3.0, 0, 0, -30], [0, 0, 0, 1]])
+    arr = np.zeros((n0, n1, n2), np.int16)
+    i, j, k = 1, 2, 3
+    arr[i, j, k] = 500
+    path = write_nifti(tmp_path / "lps.nii.gz", arr, affine, slope=2.0, inter=-1024.0)
+    vol, spacing = data.load_nifti(path)
+    assert vol.dtype == np.float32 and vol.shape == (n1, n2, n0)
+    np.testing.assert_allclose(spacing, [1.0, 2.0, 3.0])
+    # x grows to the right: file axis 1 counted leftwards, so x = n1 - 1 - j; likewise y
+    assert tuple(np.argwhere(vol == 500 * 2 - 1024)[0]) == (n1 - 1 - j, n2 - 1 - k, i)
+    assert vol.min() == -1024.0  # header scaling applied
+    # RAS world position of the marker is the same before and after
+    canon = nib.as_closest_canonical(nib.load(str(path)))
+    world = affine @ [i, j, k, 1]
+    np.testing.assert_allclose(canon.affine @ [n1 - 1 - j, n2 - 1 - k, i, 1], world)
+
+
+def test_load_nifti_spacing_override_follows_axes(tmp_path):
+    affine = np.array([[0, -1.0, 0, 0], [0, 0, -1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    path = write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.int16), affine)
+    _, spacing = data.load_nifti(path, spacing=(5.0, 0.7, 0.8))  # file axis order
+    np.testing.assert_allclose(spacing, [0.7, 0.8, 5.0])
+
+
+def test_load_nifti_accepts_trailing_singleton(tmp_path):
+    arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4, 1)
+    path = write_nifti(tmp_path / "4d.nii.gz", arr, np.diag([1.0, 1.0, 2.0, 1.0]))
+    vol, spacing = data.load_nifti(path)
+    np.testing.assert_array_equal(vol, arr[..., 0])
+    np.testing.assert_allclose(spacing, [1, 1, 2])
+
+
+# ----------------------------------------------------------------------------- HU rules
+
+@pytest.mark.parametrize("slope,intercept", [(1.0, -1024.0), (0.5, -1024.0)])
+def test_to_hu_v1_rescales_and_v2_is_left_alone(slope, intercept):
+    hu = chest((24, 24, 12), np.random.default_rng(0)).astype(np.float32)
+    raw_v1 = (hu - intercept) / slope
+    raw_v1[:3] = -2000  # outside-FOV padding of some scanners, far below any air
+    out, rule = data.to_hu(raw_v1, slope, intercept)
+    assert rule == "rescaled"
+    np.testing.assert_allclose(out[3:], hu[3:], atol=1e-3)
+    out, rule = data.to_hu(hu, slope, intercept)  # v2 "fixed": stored in HU already
+    assert rule == "already_hu"
+    np.testing.assert_array_equal(out, hu)
+
+
+def test_to_hu_identity_and_airless_volumes():
+    soft = np.full((8, 8, 8), 40.0, np.float32)
+    assert data.to_hu(soft, 1, 0)[1] == "already_hu"
+    out, rule = data.to_hu(soft + 1024, 1, -1024)  # no air either way: raw minimum decides
+    assert rule == "rescaled" and np.allclose(out, 40.0)
+
+
+# ----------------------------------------------------------------------------- resampling
+
+@pytest.mark.parametrize("shape,s,t", [((40, 30, 20), (0.7, 0.8, 2.5), (1.5, 1.5, 3.0)),
+                                       ((9, 11, 7), (3.0, 2.0, 5.0), (1.0, 1.5, 2.0))])
+def test_resample_linear_ramp_is_exact(shape, s, t):
+    # value = linear function of the physical position of the voxel centre (outer edge = origin)
+    g = [(np.arange(n) + 0.5) * sp for n, sp in zip(shape, s)]
+    coef = np.array([3.0, -2.0, 1.5])
+    f = lambda X, Y, Z: coef[0] * X + coef[1] * Y + coef[2] * Z - 100.0  # noqa: E731
+    hu = f(*np.meshgrid(*g, indexing="ij")).astype(np.float32)
+    out_shape = tuple(int(n * a / b) for n, a, b in zip(shape, s, t))
+    out = data.preprocess_volume(hu, s, t, out_shape)
+    assert out.shape == out_shape and out.dtype == np.float32
+    go = [(np.arange(n) + 0.5) * sp for n, sp in zip(out_shape, t)]
+    want = f(*np.meshgrid(*go, indexing="ij"))
+    # only output centres whose linear stencil lies inside the input (edges clamp)
+    inner = tuple(slice(int(np.ceil(sp / 2 / tp)) + 1, n - int(np.ceil(sp / tp)) - 1)
+                  for sp, tp, n in zip(s, t, out_shape))
+    err = np.abs(out[inner] - want[inner])
+    assert out[inner].size > 0 and err.max() < 1e-3, f"max err {err.max()}, mean {err.mean()}"
+
+
+def test_crop_pad_clip():
+    hu = np.full((10, 4, 6), 3000.0, np.float32)
+    hu[5, 2, 3] = -3000.0
+    out = data.preprocess_volume(hu, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (6, 8, 6))
+    assert out.shape == (6, 8, 6)
+    # x: crop keeps indices 2..7; y: padded 2 + 4 + 2 with -1024, clipped to -1000
+    assert np.all(out[:, :2] == -1000) and np.all(out[:, 6:] == -1000)
+    assert out[3, 4, 3] == -1000 and out.max() == 1000  # marker moved by the crop; clip at 1000
+    assert np.count_nonzero(out[:, 2:6] == 1000) == 6 * 4 * 6 - 1
+
+
+def test_normalize_official_constants():
+    hu = np.array([-1000.0, 0.0, 1000.0])
+    want = (np.array([-1.0, 0.0, 1.0]) - 0.4978) / 0.2449
+    np.testing.assert_allclose(data.normalize(hu), want, rtol=1e-12)
+    np.testing.assert_allclose(data.normalize(torch.tensor(hu)).numpy(), want, rtol=1e-12)
+
+
+def test_real_chest_ct_lesion_stays_in_place(shared_data):
+    vols = shared_data / "ct_volumes"
+    ct, sp = data.load_nifti(vols / "pyradiomics_lung1_ct_ds2.nii.gz")
+    mask, sp_m = data.load_nifti(vols / "pyradiomics_lung1_lesion_mask_ds2.nii.gz")
+    np.testing.assert_allclose(sp, [1.140625, 1.140625, 5.0])
+    hu, rule = data.to_hu(ct, 1.0, -1024.0)
+    assert rule == "already_hu" and hu.min() == -1024
+    t, shape = (1.5, 1.5, 3.0), (256, 256, 128)
+    out = data.preprocess_volume(hu, sp, t, shape)
+    m = data.preprocess_volume(mask * 1000.0, sp_m, t, shape)  # mask as 0/1000 "HU", no clipping
+    assert out.shape == shape and out.min() == -1000 and out.max() == 1000
+    # physical centroid in mm from the volume's outer corner: input voxel i at (i + 1/2) s, output
+    # voxel j at (j + a + 1/2) t where a is the crop start (or minus the padding) on that axis
+    c_in = (np.argwhere(mask > 0).mean(0) + 0.5) * sp
+    w = m.clip(0) / 1000.0
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    c_out = ((idx * w[..., None]).sum((0, 1, 2)) / w.sum() + 0.5) * t
+    resampled = np.array([int(n * a / b) for n, a, b in zip(mask.shape, sp, t)])
+    shift = np.where(resampled > shape, (resampled - shape) // 2 * t, -((shape - resampled) // 2) * t)
+    err = np.abs(c_out + shift - c_in)
+    assert np.all(err < np.array(t)), f"centroid moved by {err} mm"
+    core = out[m > 900]  # voxels fully inside the lesion after resampling (5 mm slices blur it)
+    assert core.size > 50 and -150 < np.median(core) < 150, f"lesion median HU {np.median(core)}"
+    assert abs(np.median(core) - np.median(hu[mask > 0])) < 100
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_volumes_raise_named_errors(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", chest((16, 16, 8), np.random.default_rng(1)),
+                       np.diag([1.0, 1.0, 2.0, 1.0]))
+    blob = good.read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 50))
+    write_nifti(tmp_path / "flat.nii.gz", np.zeros((16, 16), np.int16), np.eye(4))
+    write_nifti(tmp_path / "4d.nii.gz", np.zeros((4, 4, 4, 2), np.int16), np.eye(4))
+    nan = np.zeros((4, 4, 4), np.float32)
+    nan[1, 2, 3] = np.nan
+    write_nifti(tmp_path / "nan.nii.gz", nan, np.eye(4))
+    inf = np.zeros((4, 4, 4), np.float32)
+    inf[0, 0, 0] = np.inf
+    write_nifti(tmp_path / "inf.nii.gz", inf, np.eye(4))
+    zero = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    zero.header["pixdim"][2] = 0.0  # a header claiming 0 mm voxels
+    nib.save(zero, str(tmp_path / "zero.nii"))
+    raw = bytearray((tmp_path / "zero.nii").read_bytes())
+    raw[80:84] = np.float32(0.0).tobytes()  # pixdim[1] (nibabel re-derives it from the affine)
+    (tmp_path / "zero.nii").write_bytes(bytes(raw))
+    cases = {"trunc.nii.gz": "voxel data", "text.nii.gz": "NIfTI", "flat.nii.gz": "3-D",
+             "4d.nii.gz": "3-D", "nan.nii.gz": "NaN", "inf.nii.gz": "NaN or inf",
+             "zero.nii": "spacing"}
+    for name, what in cases.items():
+        with pytest.raises(ValueError, match=what) as e:
+            data.load_nifti(tmp_path / name)
+        assert name in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        data.load_nifti(tmp_path / "missing.nii.gz")
+    with pytest.raises(ValueError, match="spacing"):
+        data.load_nifti(good, spacing=(1.0, -1.0, 2.0))
+    with pytest.raises(ValueError, match="spacing"):
+        data.preprocess_volume(np.zeros((4, 4, 4)), (1.0, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- CT-RATE layout
+
+def make_ctrate(root, split="train", n_patients=4, style="v1", seed=0, shape=(24, 20, 12)):
+    """A miniature CT-RATE tree; patient 0 has two reconstructions sharing one report.
+
+    Headers claim 1 mm voxels in LPS; the metadata CSV holds the true spacing (2, 2.5, 4) mm.
+    v1 stores raw = HU + 1024 (needs the intercept), v2 stores HU (must not be rescaled).
+    Returns {name: (hu (X, Y, Z) in file order, labels (18,), report)}.
+    """
+    rng = np.random.default_rng(seed)
+    names = [f"{split}_{p}_a_{r}" for p in range(n_patients) for r in ((1, 2) if p == 0 else (1,))]
+    truth = {}
+    for name in names:
+        hu = chest(shape, rng)
+        p = name.rsplit("_", 2)[0]
+        folder = root / split / p / name.rsplit("_", 1)[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = (hu.astype(np.int32) + 1024).astype(np.int16) if style == "v1" else hu
+        write_nifti(folder / f"{name}.nii.gz", stored, np.diag([-1.0, -1.0, 1.0, 1.0]))
+        labels = (rng.random(18) < 0.3).astype(np.float32)
+        report = f"Findings for patient {p}. Impression {p}."
+        truth[name] = (hu, labels if name.endswith("_1") else truth[names[0]][1], report)
+    tag = "validation" if split == "valid" else split
+    for sub in ("metadata", "radiology_text_reports", "multi_abnormality_labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rows = [dict(VolumeName=f"{n}.nii.gz", XYSpacing="[2.0, 2.5]", ZSpacing="4.0",
+                 RescaleSlope="1", RescaleIntercept="-1024") for n in names]
+    write_csv(root / "metadata" / f"{tag}_metadata.csv", rows)
+    rows = [dict(VolumeName=f"{n}.nii.gz", ClinicalInformation_EN="x", Technique_EN="y",
+                 Findings_EN=r.split(" Impression")[0], Impressions_EN="Impression" + r.split(
+                     " Impression")[1]) for n, (_, _, r) in truth.items()]
+    write_csv(root / "radiology_text_reports" / f"{tag}_reports.csv", rows)
+    cols = list(data.CTRATE_CLASSES)[::-1]  # deliberately another column order
+    rows = [dict(VolumeName=f"{n}.nii.gz", **{c: int(l[data.CTRATE_CLASSES.index(c)]) for c in cols})
+            for n, (_, l, _) in truth.items()]
+    write_csv(root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", rows)
+    return truth
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+T_SPACING, T_SHAPE = (4.0, 4.0, 8.0), (12, 12, 6)
+
+
+@pytest.mark.parametrize("style", ["v1", "v2"])
+def test_prepare_ctrate_and_cache_reuse(tmp_path, style, capsys):
+    truth = make_ctrate(tmp_path / "ct", "valid", style=style)
+    cache = tmp_path / "cache"
+    recs = data.prepare_ctrate(tmp_path / "ct", "valid", cache, T_SPACING, T_SHAPE, workers=2)
+    assert sorted(r.name for r in recs) == sorted(truth)
+    for r in recs:
+        hu, labels, report = truth[r.name]
+        assert r.hu_rule == ("rescaled" if style == "v1" else "already_hu")
+        np.testing.assert_allclose(r.spacing, [2.0, 2.5, 4.0])  # metadata, not the 1 mm header
+        np.testing.assert_array_equal(r.labels, labels)
+        assert r.report == report
+        ras = hu[::-1, ::-1, :].astype(np.float32)  # the header says LPS
+        want = np.rint(data.preprocess_volume(ras, (2.0, 2.5, 4.0), T_SPACING, T_SHAPE))
+        got = np.load(r.npy_path, mmap_mode="r")
+        assert got.dtype == np.int16 and got.shape == T_SHAPE
+        np.testing.assert_array_equal(got, want)
+    back = {r.name: r for r in data.load_index(cache)}
+    assert set(back) == set(truth)
+    for r in recs:
+        np.testing.assert_array_equal(back[r.name].labels, r.labels)
+        assert back[r.name].report == r.report and back[r.name].hu_rule == r.hu_rule
+        np.testing.assert_allclose(back[r.name].spacing, r.spacing)
+    mtimes = {p: p.stat().st_mtime_ns for p in (cache / "volumes").glob("*.npy")}
+    capsys.readouterr()
+    again = data.prepare_ctrate(tmp_path / "ct", "valid", cache, T_SPACING, T_SHAPE, workers=1)
+    assert f"skipped={len(truth)}" in capsys.readouterr().err
+    assert len(again) == len(recs)
+    assert {p: p.stat().st_mtime_ns for p in (cache / "volumes").glob("*.npy")} == mtimes
+    with pytest.raises(ValueError, match="settings|built with"):
+        data.prepare_ctrate(tmp_path / "ct", "valid", cache, (5.0, 5.0, 8.0), T_SHAPE, workers=1)
+
+
+def test_prepare_ctrate_logs_and_skips_bad_volumes(tmp_path, capsys):
+    truth = make_ctrate(tmp_path, "train", n_patients=5)
+    vol = tmp_path / "train" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz"
+    vol.write_bytes(vol.read_bytes()[:200])  # truncated download
+    stray = tmp_path / "train" / "train_9" / "train_9_a"
+    stray.mkdir(parents=True)
+    (stray / "train_9_a_1.nii.gz").write_bytes((tmp_path / "train" / "train_1" / "train_1_a" /
+                                                "train_1_a_1.nii.gz").read_bytes())
+    recs = data.prepare_ctrate(tmp_path, "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=2)
+    err = capsys.readouterr().err
+    assert sorted(r.name for r in recs) == sorted(set(truth) - {"train_2_a_1"})
+    assert "train_2_a_1" in err and "train_2_a_1.nii.gz" in err
+    assert "train_9_a_1" in err and "train_metadata.csv" in err and "unknown volume" in err
+    assert "failed=2" in err
+    assert (tmp_path / "c" / "failed.txt").read_text().count("\n") == 2
+
+
+def test_ctrate_csv_errors_name_file_and_column(tmp_path):
+    make_ctrate(tmp_path, "train", n_patients=2)
+    tables = data.CTRateTables(tmp_path, "train")
+    with pytest.raises(ValueError, match=r"train_reports\.csv.*unknown volume name 'x_1'|"
+                                         r"train_metadata\.csv.*unknown volume name 'x_1'"):
+        tables.entry("x_1")
+    lab = tmp_path / "multi_abnormality_labels" / "train_predicted_labels.csv"
+    rows = list(csv.DictReader(open(lab)))
+    for r in rows:
+        r.pop("Cardiomegaly")
+    write_csv(lab, rows)
+    with pytest.raises(ValueError, match=r"train_predicted_labels\.csv.*Cardiomegaly"):
+        data.CTRateTables(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="valid"):
+        data.CTRateTables(tmp_path, "valid")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
+    truth = make_ctrate(tmp_path / "ct", "train", n_patients=3)
+    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=1)
+    reports = sorted({r.report for r in recs})
+    sents = {reports[0]: [f"Finding {i}." for i in range(7)], reports[1]: ["A.", "B.", "C."]}
+    ds = data.VolumeTextDataset(recs, sents, crop_size=(8, 10, 4), train=True, seed=3)
+    assert len(ds) == 3  # train_0 has two reconstructions of one report
+    by_report = {g[0].report: i for i, g in enumerate(ds.groups)}
+    torch.manual_seed(0)
+    seen_texts = set()
+    for _ in range(30):
+        item = ds[by_report[reports[0]]]
+        words = item["text"].split(" ")
+        assert item["volume"].shape == (1, 8, 10, 4) and item["volume"].dtype == torch.float32
+        assert len(words) == 5 * 2 and len(set(words[1::2])) == 5  # 5 distinct sentences
+        seen_texts.add(item["text"])
+        t = ds[by_report[reports[1]]]["text"]
+        assert sorted(t.split(" ")) == ["A.", "B.", "C."]
+    assert len(seen_texts) > 10
+    multi = ds.groups[[len(g) for g in ds.groups].index(2)]
+    picks = {ds[ds.groups.index(multi)]["name"] for _ in range(20)}
+    assert picks == {"train_0_a_1", "train_0_a_2"}
+    item = ds[by_report[reports[2]]]
+    assert item["text"] == reports[2]  # no summary: the raw report
+    np.testing.assert_array_equal(item["labels"].numpy(), truth[item["name"]][1])
+    # reproducible under torch seeding, different draw to draw
+    torch.manual_seed(5)
+    a = [ds[0] for _ in range(3)]
+    torch.manual_seed(5)
+    b = [ds[0] for _ in range(3)]
+    for x, y in zip(a, b):
+        assert x["text"] == y["text"] and torch.equal(x["volume"], y["volume"])
+    ev = data.VolumeTextDataset(recs, sents, crop_size=(8, 10, 4), train=False)
+    item = ev[by_report[reports[0]]]
+    assert item["volume"].shape == (1,) + T_SHAPE and item["name"] == ev.groups[0][0].name
+    assert item["text"] == " ".join(sents[reports[0]])
+    hu = np.load(ev.groups[by_report[reports[0]]][0].npy_path).astype(np.float32)
+    torch.testing.assert_close(item["volume"][0], data.normalize(torch.from_numpy(hu)))
+
+
+def test_datasets_with_loader_workers_are_reproducible(tmp_path):
+    make_ctrate(tmp_path / "ct", "train", n_patients=4)
+    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=1)
+    ds = data.VolumeTextDataset(recs, {}, crop_size=(6, 6, 4), train=True, seed=1)
+
+    def run():
+        g = torch.Generator().manual_seed(7)
+        dl = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, num_workers=2, generator=g)
+        return [(b["name"], b["volume"]) for b in dl]
+
+    a, b = run(), run()
+    assert all(x[0] == y[0] and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    ev = data.VolumeDataset(recs)
+    assert len(ev) == len(recs) and ev[0]["volume"].shape == (1,) + T_SHAPE
+    assert set(ev[0]) == {"volume", "labels", "name"}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_on_real_reports(shared_data, tmp_path):
+    rows = list(csv.DictReader(open(shared_data / "ctclip_reports_18labels" / "reports_shared.csv",
+                                    encoding="utf-8")))
+    texts = [r["report_text"] for r in rows]
+    assert len(texts) == 400
+    tok = data.train_tokenizer(texts, vocab_size=2000, path=tmp_path / "tok.json")
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    ids, mask = data.tokenize(tok, ["There is Atelectasis", texts[0], "Mosaïc ATTENUATION"], max_len=97)
+    assert ids.shape == mask.shape == (3, 97) and ids.dtype == mask.dtype == torch.long
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    n = int(mask[0].sum())
+    assert ids[0, 0] == cls and ids[0, n - 1] == sep and (ids[0, n:] == 0).all() and (mask[0, n:] == 0).all()
+    assert mask[1].all() and ids[1, -1] == sep  # a long report is truncated and still closed
+    assert tok.decode(ids[0].tolist()) == "there is atelectasis"
+    assert tok.decode(ids[2].tolist()) == "mosaic attenuation"  # lower-cased, accent stripped
+    assert "[UNK]" not in tok.decode(ids[1].tolist(), skip_special_tokens=False)
+    again = data.load_tokenizer(tmp_path / "tok.json")
+    assert torch.equal(data.tokenize(again, texts[:5])[0], data.tokenize(tok, texts[:5])[0])
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
+    bert = data.load_tokenizer(tmp_path / "bert")
+    assert torch.equal(data.tokenize(bert, texts[:5])[0], data.tokenize(tok, texts[:5])[0])
+    with pytest.raises(FileNotFoundError):
+        data.load_tokenizer(tmp_path / "nothing")

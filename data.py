@@ -7,7 +7,8 @@ Follows the paper's / official code's preprocessing (SPEC section 5): reorient t
 ((HU + 1000) / 1000 - 1 - 0.4978) / 0.2449. Preprocessed volumes are cached as memory-mappable int16
 `.npy` files so that training never decodes gzip or resamples.
 
-    python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/ --preset paper
+    python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
+        --preset paper --workers 8
 """
 import argparse
 import csv
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 CTRATE_CLASSES = (
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
@@ -83,9 +86,10 @@ def load_nifti(path, spacing=None):
     # nibabel's header check silently turns a 0 mm voxel into 1 mm: read pixdim as written
     zooms = _raw_pixdim(path, img) if spacing is None else np.asarray(spacing, np.float64).ravel()
     if zooms.shape != (3,) or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise ValueError(f"{path}: voxel spacing must be three positive numbers, got {zooms.tolist()}")
+        raise ValueError(f"{path}: voxel spacing must be three positive numbers, "
+                         f"got {zooms.tolist()}")
     try:
-        raw = np.asanyarray(img.dataobj)  # on-disk dtype unless the header asks for scaling
+        raw = _read_voxels(path, img)
     except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError ...
         raise ValueError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from e
     if raw.ndim == 4:
@@ -94,7 +98,50 @@ def load_nifti(path, spacing=None):
         raise ValueError(f"{path}: volume contains NaN or inf voxels")
     arr = nib.orientations.apply_orientation(raw, ornt)  # a view: flips and a transpose
     zooms = zooms[np.argsort(ornt[:, 0])]  # RAS axis ornt[i, 0] takes file axis i's spacing
-    return arr.astype(np.float32, order="K"), zooms  # "K": one pass in memory order, no transpose
+    return _float32_like(arr), zooms
+
+
+def _float32_like(a):
+    """float32 copy of `a` in a's own memory layout (flips undone): one pass, no transpose.
+
+    (numpy's astype takes a slow buffered path for Fortran-ordered or flipped int16 input.)
+    """
+    order = np.argsort([-abs(st) for st in a.strides], kind="stable")  # slowest axis first
+    out = np.empty([a.shape[i] for i in order], np.float32).transpose(np.argsort(order))
+    out[...] = a
+    return out
+
+
+def _read_voxels(path, img):
+    """Voxel array of a NIfTI image in file order (header scaling applied, float32 if scaled).
+
+    A .nii.gz is inflated with zlib straight into one preallocated buffer: nibabel's gzip reader
+    (GzipFile + a second CRC pass) is ~1.6x slower here, and gzip is most of the preprocessing
+    time of a 512x512x300 CT. Anything else goes through nibabel's array proxy.
+    """
+    if not str(path).endswith(".gz"):
+        return np.asanyarray(img.dataobj)
+    proxy = img.dataobj  # nibabel keeps the on-disk layout here (the header's copy is reset)
+    dtype, shape, offset = np.dtype(proxy.dtype), tuple(proxy.shape), int(proxy.offset)
+    count = int(np.prod(shape))
+    buf = np.empty(offset + count * dtype.itemsize, np.uint8)
+    inflate, pos = zlib.decompressobj(wbits=31), 0  # 31: expect a gzip wrapper
+    with open(path, "rb") as f:
+        while pos < buf.size and (chunk := f.read(1 << 22)):
+            out = inflate.decompress(chunk)
+            k = min(len(out), buf.size - pos)
+            buf[pos:pos + k] = np.frombuffer(out, np.uint8, k)
+            pos += k
+    if pos < buf.size:
+        raise EOFError(f"file ends after {pos} of {buf.size} bytes (truncated download?)")
+    arr = np.frombuffer(buf, dtype, count, offset).reshape(shape, order=proxy.order)
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope == 1.0 and inter == 0.0:
+        return arr
+    arr = _float32_like(arr)
+    arr *= np.float32(slope)
+    arr += np.float32(inter)
+    return arr
 
 
 def _raw_pixdim(path, img):
@@ -104,13 +151,14 @@ def _raw_pixdim(path, img):
     return np.asarray(hdr["pixdim"][1:4], np.float64)
 
 
-def to_hu(raw, slope, intercept):
+def to_hu(raw, slope, intercept, out=None):
     """Apply DICOM rescaling unless the volume already is in HU -> (hu float32, rule).
 
     rule is "rescaled" or "already_hu". CT-RATE v2 ("fixed") volumes are stored in HU although the
-    metadata still lists slope/intercept; rescaling them again shifts air to about -2000 HU. The test
-    is where the air is: count voxels within 100 HU of -1000 under both readings (on a subsample)
-    and pick the reading with more air; a volume with no air at all falls back to its minimum.
+    metadata still lists slope/intercept; rescaling them again shifts air to about -2000 HU. The
+    test is where the air is: count voxels within 100 HU of -1000 under both readings (on a
+    subsample) and pick the reading with more air; a volume with no air falls back to its minimum.
+    `out=raw` rescales a float32 `raw` in place (the preprocessing pipeline owns its array).
     """
     raw = np.asarray(raw, dtype=np.float32)
     slope, intercept = float(slope), float(intercept)
@@ -121,7 +169,7 @@ def to_hu(raw, slope, intercept):
     air_rescaled = np.count_nonzero(np.abs(sub * slope + intercept + 1000.0) < 100.0)
     if air_as_is > air_rescaled or (air_as_is == air_rescaled == 0 and raw.min() < -500.0):
         return raw, "already_hu"
-    hu = raw * np.float32(slope)
+    hu = np.multiply(raw, np.float32(slope), out=out)
     hu += np.float32(intercept)
     return hu, "rescaled"
 
@@ -156,11 +204,14 @@ def preprocess_volume(hu, spacing, target_spacing=(1.5, 1.5, 3.0), target_shape=
     # resample in memory order (a NIfTI volume is Fortran-ordered): transposing a 512x512x300
     # array costs more than the whole resampling, so permute the small output instead
     order = tuple(int(a) for a in np.argsort([-abs(st) for st in hu.strides], kind="stable"))
-    hu = np.ascontiguousarray(hu.transpose(order), dtype=np.float32)
+    hu = hu.transpose(order)
+    if hu.dtype != np.float32 or not hu.flags.c_contiguous:
+        hu = _float32_like(hu)
     s = np.asarray(spacing, np.float64)
     t = np.asarray(target_spacing, np.float64)
     if s.shape != (3,) or np.any(~np.isfinite(s)) or np.any(s <= 0) or np.any(t <= 0):
-        raise ValueError(f"spacing must be three positive numbers, got {spacing} -> {target_spacing}")
+        raise ValueError(f"spacing must be three positive numbers, got {spacing} -> "
+                         f"{target_spacing}")
     scale = tuple(float(s[a] / t[a]) for a in order)  # in memory order, like hu
     if any(int(n * f) < 1 for n, f in zip(hu.shape, scale)):
         raise ValueError(f"volume at {s.tolist()} mm is smaller than one {t.tolist()} mm voxel")
@@ -224,7 +275,7 @@ def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
 
 
 def find_split_csv(folder, split):
-    """The one CSV in `folder` for `split` ("train" -> train*.csv, "valid" -> valid*/validation*)."""
+    """The one CSV in `folder` for `split` (train -> train*.csv, valid -> valid*/validation*)."""
     folder = Path(folder)
     prefixes = ("valid", "validation") if split == "valid" else (split,)
     hits = sorted(p for p in folder.glob("*.csv") if p.name.lower().startswith(prefixes))
@@ -261,9 +312,10 @@ class CTRateTables:
             spacing = (xy[0], xy[1], float(m["ZSpacing"]))
             slope, intercept = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
         except (ValueError, IndexError) as e:
-            raise ValueError(f"{self.meta_csv}: bad spacing/rescale values for '{name}' ({e})") from e
+            raise ValueError(f"{self.meta_csv}: bad spacing/rescale for '{name}' ({e})") from e
         r = self._row(self.reports, self.report_csv, name)
-        report = " ".join(t.strip() for t in (r["Findings_EN"], r["Impressions_EN"]) if t and t.strip())
+        parts = (r["Findings_EN"], r["Impressions_EN"])
+        report = " ".join(t.strip() for t in parts if t and t.strip())
         if not report:
             raise ValueError(f"{self.report_csv}: empty report for '{name}'")
         labels = self._row(self.labels, self.label_csv, name)
@@ -280,7 +332,7 @@ class Record:
     report: str              # Findings + " " + Impressions ("" where a data set has no reports)
     labels: np.ndarray       # float32 (C,), in the order of `classes`
     spacing: tuple = ()      # source voxel spacing (mm) in canonical RAS order
-    hu_rule: str = ""        # "rescaled" / "already_hu"
+    hu_rule: str = ""        # "rescaled" / "already_hu" / "header" (header scaling trusted)
     classes: tuple = CTRATE_CLASSES
 
 
@@ -300,7 +352,7 @@ def _read_source(job):
     raw, spacing = load_nifti(job["src"], spacing=job.get("spacing"))
     if job.get("slope") is None:  # no metadata: trust the header's scaling
         return raw, spacing, "header"
-    hu, rule = to_hu(raw, job["slope"], job["intercept"])
+    hu, rule = to_hu(raw, job["slope"], job["intercept"], out=raw)
     return hu, spacing, rule
 
 
@@ -310,9 +362,11 @@ def _prepare_one(job):
         hu, spacing, rule = _read_source(job)
         vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
-        return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing], hu_rule=rule)
-    except (ValueError, OSError, MemoryError, RuntimeError) as e:
-        return dict(name=job["name"], status="failed", reason=str(e))
+        return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
+                    hu_rule=rule)
+    except Exception as e:  # the pool must survive any bad file; the reason goes to the log
+        reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        return dict(name=job["name"], status="failed", reason=reason)
 
 
 def _worker_init():
@@ -335,13 +389,15 @@ class _Progress:
 
     def __init__(self, label, total):
         self.label, self.total, self.t0 = label, total, time.time()
-        self.tty, self.last = sys.stderr.isatty(), -1
+        self.tty, self.last, self.shown = sys.stderr.isatty(), -1, -1
 
     def update(self, n, counts, final=False):
         step = max(1, self.total // 10)
+        if final and not self.tty and n == self.shown:
+            return  # that line is already out
         if not (final or self.tty or n // step != self.last):
             return
-        self.last = n // step
+        self.last, self.shown = n // step, n
         rate = (counts["done"] + counts["failed"]) / max(time.time() - self.t0, 1e-9)
         msg = (f"[{self.label}] {n}/{self.total} done={counts['done']} skipped={counts['skipped']} "
                f"failed={counts['failed']} ({rate:.1f} vol/s)")
@@ -363,7 +419,7 @@ def _read_done(path):
 
 
 def _map(fn, jobs, workers):
-    """Yield fn(job) per job in completion order; a process pool (fork where available) if workers > 1."""
+    """fn(job) per job in completion order; a process pool (fork where available) if workers > 1."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
@@ -404,7 +460,10 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
             done.pop(job["name"], None)
             todo.append(job)
     progress = _Progress(label, len(jobs) + len(failed))
-    with open(cache_dir / "done.jsonl", "a") as log, open(cache_dir / "failed.txt", "w") as bad:
+    log_path = cache_dir / "done.jsonl"
+    torn = log_path.is_file() and not log_path.read_bytes().endswith(b"\n")
+    with open(log_path, "a") as log, open(cache_dir / "failed.txt", "w") as bad:
+        log.write("\n" if torn else "")  # end a line torn by a killed run before appending
         for name, reason in failed:
             _log_failure(bad, name, reason, counts)
         for res in _map(_prepare_one, todo, workers):
@@ -416,8 +475,9 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
                 _log_failure(bad, res["name"], res["reason"], counts)
             progress.update(sum(counts.values()), counts)
     progress.update(sum(counts.values()), counts, final=True)
-    records = [Record(j["name"], j["out"], j["report"], j["labels"], tuple(done[j["name"]]["spacing"]),
-                      done[j["name"]]["hu_rule"], tuple(classes)) for j in jobs if j["name"] in done]
+    records = [Record(j["name"], j["out"], j["report"], j["labels"],
+                      tuple(done[j["name"]]["spacing"]), done[j["name"]]["hu_rule"], tuple(classes))
+               for j in jobs if j["name"] in done]
     write_index(cache_dir, records)
     return records, counts
 
@@ -435,7 +495,7 @@ def write_index(cache_dir, records):
         w.writerow(INDEX_FIXED + tuple(classes))
         for r in records:
             npy = os.path.relpath(r.npy_path, cache_dir)
-            sp = [f"{v:.6g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
+            sp = [f"{v:.10g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
             w.writerow([r.name, npy, r.report, *sp, r.hu_rule] + [f"{v:g}" for v in r.labels])
     os.replace(tmp, cache_dir / "index.csv")
 
@@ -482,8 +542,9 @@ def ctrate_jobs(root, split):
         except ValueError as err:
             failed.append((name, str(err)))
             continue
-        jobs.append(dict(name=name, src=str(f), kind="nifti", spacing=e["spacing"], slope=e["slope"],
-                         intercept=e["intercept"], report=e["report"], labels=e["labels"]))
+        jobs.append(dict(name=name, src=str(f), kind="nifti", spacing=e["spacing"],
+                         slope=e["slope"], intercept=e["intercept"], report=e["report"],
+                         labels=e["labels"]))
     return jobs, failed
 
 
@@ -506,8 +567,8 @@ def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
 RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
 # RAD-ChestCT abnormalities (label columns "<abnormality>*<location>") behind each of its 16 classes
 RADCHEST_DEVICES = ("catheter_or_port", "chest_tube", "clip", "gi_tube", "hardware",
-                    "heart_valve_replacement", "pacemaker_or_defib", "staple", "stent", "sternotomy",
-                    "suture", "tracheal_tube", "breast_implant")
+                    "heart_valve_replacement", "pacemaker_or_defib", "staple", "stent",
+                    "sternotomy", "suture", "tracheal_tube", "breast_implant")
 RADCHEST_SOURCES = {
     "Medical material": RADCHEST_DEVICES, "Calcification": ("calcification",),
     "Cardiomegaly": ("cardiomegaly",), "Pericardial effusion": ("pericardial_effusion",),
@@ -576,7 +637,8 @@ def read_radchest_npz(path, spacing=RADCHEST_SPACING):
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
     if ct.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D 'ct' array (slices, rows, columns), got {ct.shape}")
+        raise ValueError(f"{path}: expected a 3-D 'ct' array (slices, rows, columns), "
+                         f"got {ct.shape}")
     if ct.dtype.kind == "f" and not np.isfinite(ct).all():
         raise ValueError(f"{path}: volume contains NaN or inf voxels")
     hu = np.ascontiguousarray(ct.transpose(2, 1, 0)[::-1, ::-1, ::-1], dtype=np.float32)
@@ -587,7 +649,8 @@ def radchest_jobs(root, labels_csv=None):
     """RAD-ChestCT .npz volumes under root -> (jobs, failed). Labels from labels_csv or from the
     *Abnormality_and_Location_Labels*.csv files in root."""
     root = Path(root)
-    csvs = [Path(labels_csv)] if labels_csv else sorted(root.rglob("*Abnormality_and_Location*.csv"))
+    found = sorted(root.rglob("*Abnormality_and_Location*.csv"))
+    csvs = [Path(labels_csv)] if labels_csv else found
     if not csvs:
         raise FileNotFoundError(f"{root}: no *Abnormality_and_Location_Labels*.csv (give --labels)")
     labels = {}
@@ -636,16 +699,24 @@ def _preset_settings(preset, shape=None):
     return tag, spacing, shape
 
 
-def load_dataset(path, split, preset="tiny", shape=None, workers=2, cache_dir=None):
+def load_dataset(path, split, preset=None, shape=None, workers=2, cache_dir=None):
     """Records of one split from a preprocessed dir or a raw CT-RATE-layout root.
 
     path: a preprocessed dir (<path>/<split>/index.csv, or <path>/index.csv whose CT-RATE names are
     filtered by the split prefix) or a raw CT-RATE root, which is preprocessed (resumably) into
     cache_dir, default <root>/../cache_<preset>/<split>.
     preset: a PREPROCESS name, a ModelConfig (its .spacing and .image_size) or a target spacing
-    tuple together with `shape`.
+    tuple together with `shape`; needed for a raw root, checked against a preprocessed dir.
     """
     path = Path(path)
+    want = _preset_settings(preset, shape)[1:] if preset is not None else None
+    for d in (path / split, path):
+        if (d / "index.csv").is_file() and want and (d / "settings.json").is_file():
+            have = json.loads((d / "settings.json").read_text())
+            have = tuple(have["target_spacing"]), tuple(have["target_shape"])
+            if have != want:
+                raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
+                                 f"but {want[0]} mm -> {want[1]} was asked for")
     if (path / split / "index.csv").is_file():
         return load_index(path / split)
     if (path / "index.csv").is_file():  # one index for several splits: CT-RATE names say which
@@ -656,6 +727,9 @@ def load_dataset(path, split, preset="tiny", shape=None, workers=2, cache_dir=No
         if not records:
             raise ValueError(f"{path / 'index.csv'}: no volume of split '{split}'")
         return records
+    if preset is None:
+        raise ValueError(f"{path}: a raw data set needs a preset (or spacing and shape) to "
+                         f"preprocess it; found no index.csv")
     name, spacing, shape = _preset_settings(preset, shape)
     cache_dir = Path(cache_dir) if cache_dir else path.resolve().parent / f"cache_{name}" / split
     return prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
@@ -674,7 +748,8 @@ def _draw_rng(seed, index):
 
 
 def load_volume(npy_path, crop_size=None, rng=None):
-    """Cached HU .npy -> normalised float32 tensor (1, X, Y, Z); random crop if crop_size and rng."""
+    """Cached HU .npy -> normalised float32 tensor (1, X, Y, Z), randomly cropped when given
+    crop_size and rng."""
     a = np.load(npy_path, mmap_mode="r")  # only the cropped part is read from disk
     if crop_size is not None and rng is not None:
         if any(c > n for c, n in zip(crop_size, a.shape)):
@@ -682,7 +757,8 @@ def load_volume(npy_path, crop_size=None, rng=None):
         start = [int(rng.integers(0, n - c + 1)) for n, c in zip(a.shape, crop_size)]
         a = a[tuple(slice(s, s + c) for s, c in zip(start, crop_size))]
     x = torch.from_numpy(np.asarray(a, dtype=np.float32))
-    return normalize(x)[None]
+    # normalize() folded into one in-place multiply-add: (HU / 1000 - mean) / std
+    return x.mul_(1.0 / (1000.0 * NORM_STD)).add_(-NORM_MEAN / NORM_STD)[None]
 
 
 class VolumeTextDataset(torch.utils.data.Dataset):
@@ -833,12 +909,12 @@ def preprocess_main(argv=None):
     """`python data.py preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
     p = argparse.ArgumentParser(prog="data.py preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate")
-    p.add_argument("--root", required=True, help="data set root (CT-RATE layout, .npz or NIfTI dir)")
+    p.add_argument("--root", required=True, help="CT-RATE root, .npz dir or NIfTI dir")
     p.add_argument("--split", choices=("train", "valid"), default="train", help="CT-RATE split")
     p.add_argument("--out", required=True, help="output dir: volumes/*.npy, index.csv, logs")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
-                   help="target spacing/shape: " + "; ".join(f"{k}={v}" for k, v in PREPROCESS.items()))
+                   help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
     p.add_argument("--labels", help="RAD-ChestCT label CSV (default: found under --root)")
     a = p.parse_args(argv)
     try:

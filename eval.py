@@ -1,23 +1,32 @@
-"""Zero-shot diagnosis: score every CT against every abnormality written as text, and measure it.
+"""Zero-shot diagnosis, retrieval and the modality gap of a BrgSA checkpoint, measured honestly.
 
-Protocol of the paper (section 3, "zero-shot"): the prompt for class c is "There is {c}" (lower-cased
-by the tokenizer, as training text is), its embedding t_c is computed once, and
+Two zero-shot protocols (SPEC section 3); prompt embeddings are computed once, not per volume:
+  brgsa   prompt "There is {name}";  Score(V, c) = 1/2 [cos(v, t_c) + cos(v_hat, t_c)],
+          v_hat = CMKI(v) through the knowledge bank (the paper's and official code's rule).
+  ctclip  prompts "{name} is present." / "{name} is not present."; softmax over the pair of
+          similarities / tau (CT-CLIP's rule, on the same BrgSA similarity).
+User templates and per-class synonym lists make a prompt ensemble: the mean of the prompts' scores.
 
-    Score(V, c) = 1/2 [cos(v, t_c) + cos(v_hat, t_c)],   v_hat = CMKI(v) through the knowledge bank.
+Metrics (metrics.py) per class and as a macro mean: AUROC, AUPRC, and ACC / weighted F1 / precision
+/ recall / specificity at two thresholds: `roc_corner`, the ROC-corner threshold picked on the
+evaluated rows themselves (the field's convention: optimistic), and `calibrated`, the same rule
+applied on a separate, patient-disjoint calibration split and then frozen (the honest number).
+Percentile bootstrap 95% intervals resample patients (or volumes) with replacement.
+With report texts: report->volume and volume->report Recall@{1,5,10,50,100} and mAP, and the
+modality gap (centroid distance, true vs random pair cosine, linear-probe accuracy) of the raw
+(v, t) and the bank-mapped (v_hat, t_hat) embeddings.
 
-Metrics per class and their macro mean: AUROC (rank statistic, ties counted half), and ACC, weighted
-F1 and precision of the positive class at the ROC-corner threshold (the operating point closest to
-(FPR, TPR) = (0, 1), as CT-CLIP's and BrgSA's evaluation scripts choose it; it is picked on the
-evaluated set itself, so these three numbers are optimistic).
-
-    python eval.py --ckpt out/ckpt.pt --data data_synth/dataset --split valid --out_dir out
-    python eval.py --scores S.csv --labels L.csv --out_dir D        # precomputed scores
+    python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
+    python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
+    python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
 """
 import argparse
 import csv
+import io
 import json
 import math
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,112 +34,77 @@ import torch
 
 import cmki
 import data as data_lib
+import metrics
+from metrics import (auprc, auroc, binary_metrics, calibration_split, confusion_metrics,  # noqa: F401
+                     modality_gap, patient_id, retrieval_metrics, roc_corner_threshold)
 from model import BrgSA, ModelConfig
 
 PROMPT = "There is {}"  # the paper's zero-shot prompt, shared with nothing else in training
+PROTOCOLS = {"brgsa": (PROMPT,), "ctclip": ("{} is present.|{} is not present.",)}
+THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a positive > score of a negative) + 1/2 P(tie).
-
-    Computed from average ranks (Mann-Whitney U); nan when only one class is present.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores))
-    # Average rank within each run of tied scores (1-based ranks).
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+@dataclass
+class EvalConfig:
+    protocol: str = "brgsa"      # brgsa (the paper) or ctclip (present / not present pair)
+    templates: tuple = ()        # prompt templates with "{}" (ctclip: "POS|NEG"); () = default
+    synonyms: dict = field(default_factory=dict)  # class -> names to ensemble (default: the class)
+    calib_fraction: float = 0.3  # patient-grouped share of the rows used only to pick thresholds
+    exclude_calib: bool = False  # compute AUROC / AUPRC / roc_corner on the test rows only
+    n_boot: int = 1000           # bootstrap resamples (0 = no intervals)
+    boot_unit: str = "patient"   # resample patients (reconstructions move together) or volumes
+    level: float = 0.95          # confidence level of the percentile intervals
+    seed: int = 0                # calibration split, bootstrap and linear probe
 
 
-def roc_corner_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold whose (FPR, TPR) lies closest to the ROC corner (0, 1); predictions are score > thr.
+# ----------------------------------------------------------------------------- prompts and scores
 
-    Every distinct score is tried (the official scripts scan a 0..1 grid, which assumes
-    probabilities; BrgSA's cosine scores live in [-1, 1], so an exact scan is used instead).
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    cand = np.unique(scores)
-    cand = np.r_[cand[0] - 1.0, cand]  # the "everything positive" threshold as well
-    pred = scores[None, :] > cand[:, None]  # (T, N)
-    tpr = (pred & labels).sum(1) / max(labels.sum(), 1)
-    fpr = (pred & ~labels).sum(1) / max((~labels).sum(), 1)
-    dist = np.hypot(1.0 - tpr, fpr)
-    return float(cand[np.argmin(dist)])
+def prompt_set(classes, cfg: EvalConfig) -> list:
+    """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template."""
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    unknown = sorted(set(cfg.synonyms) - set(classes))
+    if unknown:
+        raise ValueError(f"synonyms given for unknown classes {unknown}; classes are {list(classes)}")
+    out = []
+    for template in cfg.templates or PROTOCOLS[cfg.protocol]:
+        parts = template.split("|")
+        n_parts = 2 if cfg.protocol == "ctclip" else 1
+        if len(parts) != n_parts or any(p.count("{}") != 1 for p in parts):
+            want = "'POS {}|NEG {}'" if cfg.protocol == "ctclip" else "one '{}'"
+            raise ValueError(f"template {template!r} for protocol {cfg.protocol}: expected {want}")
+        for j, c in enumerate(classes):
+            for name in cfg.synonyms.get(c, [c]):
+                texts = tuple(p.format(name) for p in parts)
+                out.append((j, texts if cfg.protocol == "ctclip" else texts[0]))
+    return out
 
-
-def binary_metrics(pred: np.ndarray, labels: np.ndarray) -> dict:
-    """ACC, weighted F1 (F1 of each class weighted by its support) and precision of the positives."""
-    pred, labels = np.asarray(pred).astype(bool), np.asarray(labels).astype(bool)
-    tp, fp = (pred & labels).sum(), (pred & ~labels).sum()
-    fn, tn = (~pred & labels).sum(), (~pred & ~labels).sum()
-
-    def f1(tp_, fp_, fn_):
-        return 2 * tp_ / (2 * tp_ + fp_ + fn_) if tp_ + fp_ + fn_ else 0.0
-
-    n = len(labels)
-    f1_w = (f1(tp, fp, fn) * (tp + fn) + f1(tn, fn, fp) * (tn + fp)) / n
-    return dict(acc=float((tp + tn) / n), f1=float(f1_w),
-                precision=float(tp / (tp + fp)) if tp + fp else 0.0,
-                recall=float(tp / (tp + fn)) if tp + fn else float("nan"),
-                specificity=float(tn / (tn + fp)) if tn + fp else float("nan"))
-
-
-def evaluate_scores(scores: np.ndarray, labels: np.ndarray, classes: list) -> dict:
-    """(N, C) scores and 0/1 labels -> per-class and macro metrics (the eval.json layout)."""
-    per_class = {}
-    for j, name in enumerate(classes):
-        s, y = scores[:, j], labels[:, j]
-        m = dict(auc=auroc(s, y), positives=int(y.sum()))
-        if 0 < y.sum() < len(y):
-            thr = roc_corner_threshold(s, y)
-            m.update(threshold=thr, **binary_metrics(s > thr, y))
-        per_class[name] = m
-    result = dict(n_volumes=int(len(scores)), classes=list(classes), per_class=per_class)
-    for key in ("auc", "acc", "f1", "precision"):
-        vals = [m[key] for m in per_class.values() if key in m and not math.isnan(m[key])]
-        result[f"macro_{key}"] = float(np.mean(vals)) if vals else float("nan")
-    result["auc"] = {name: m["auc"] for name, m in per_class.items()}
-    return result
-
-
-def format_table(result: dict) -> str:
-    lines = [f"| {'abnormality':34s} |  pos | AUROC |  ACC  |  F1   | Prec  |",
-             f"|{'-' * 36}|------|-------|-------|-------|-------|"]
-    for name, m in result["per_class"].items():
-        cells = [f"{m.get(k, float('nan')):.3f}" for k in ("auc", "acc", "f1", "precision")]
-        lines.append(f"| {name:34s} | {m['positives']:4d} | " + " | ".join(cells) + " |")
-    cells = [f"{result[f'macro_{k}']:.3f}" for k in ("auc", "acc", "f1", "precision")]
-    lines.append(f"| {'macro mean':34s} |      | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_result(result: dict, out_dir) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "eval.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
-    return path
-
-
-# ----------------------------------------------------------------------------- embeddings
 
 @torch.no_grad()
-def embed_texts(model: BrgSA, tokenizer, texts: list, device) -> torch.Tensor:
-    ids, mask = data_lib.tokenize(tokenizer, texts, model.cfg.max_len)
-    return model.text(ids.to(device), mask.to(device)).float()  # (C, d)
+def embed_texts(model: BrgSA, tokenizer, texts: list, device, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = data_lib.tokenize(tokenizer, texts[i:i + batch_size], model.cfg.max_len)
+        out.append(model.text(ids.to(device), mask.to(device)).float())
+    return torch.cat(out)  # (T, d)
+
+
+@torch.no_grad()
+def score_volumes(model: BrgSA, tokenizer, v: torch.Tensor, classes, cfg: EvalConfig, device):
+    """(N, d) image embeddings -> (N, C) numpy scores under cfg's protocol and prompt ensemble."""
+    prompts = prompt_set(classes, cfg)
+    bank = model.bank.weight.float()
+    if cfg.protocol == "brgsa":
+        t = embed_texts(model, tokenizer, [p for _, p in prompts], device)
+        per_prompt = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, P)
+    else:
+        t = embed_texts(model, tokenizer, [x for _, p in prompts for x in p], device)
+        sim = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, 2P): present, not present, ...
+        # softmax over (present, not present) = sigmoid of the logit difference
+        per_prompt = torch.sigmoid((sim[:, 0::2] - sim[:, 1::2]) / model.cfg.tau)
+    idx = torch.tensor([j for j, _ in prompts], device=per_prompt.device)
+    total = torch.zeros(len(v), len(classes), device=per_prompt.device).index_add_(1, idx, per_prompt)
+    return (total / torch.bincount(idx, minlength=len(classes))).cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
@@ -147,18 +121,333 @@ def embed_volumes(model: BrgSA, loader, device, log_every: int = 0):
     return torch.cat(vs), np.concatenate(labels), names
 
 
-def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device) -> dict:
-    """The paper's protocol on every volume of loader; prompts are embedded once."""
-    model.eval()
-    t = embed_texts(model, tokenizer, [PROMPT.format(c) for c in classes], device)
-    v, labels, names = embed_volumes(model, loader, device)
-    scores = cmki.zero_shot_scores(v, t, model.bank.weight.float(), model.scale).cpu().numpy()
-    result = evaluate_scores(scores, labels, classes)
-    result["prompt"] = PROMPT
+# ----------------------------------------------------------------------------- diagnosis metrics
+
+def _rows_note(n_main, n_calib, n_test, cfg, external):
+    where = "a separate calibration set" if external else "a patient-grouped calibration split"
+    main = "the test rows" if cfg.exclude_calib else "all evaluated rows"
+    return dict(threshold_free=f"AUROC / AUPRC: {main} ({n_main} volumes)",
+                roc_corner=f"threshold picked and scored on {main} ({n_main} volumes): optimistic",
+                calibrated=(f"threshold picked on {where} ({n_calib} volumes), scored on "
+                            f"{n_test} test volumes" if n_calib else "no calibration rows"))
+
+
+def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None, calib=None) -> dict:
+    """(N, C) scores and 0/1 labels -> the eval.json layout (per class, macro, CIs, which rows).
+
+    names: volume names (patient grouping for the calibration split and the bootstrap; rows are
+    their own patients when None). calib: (scores, labels, names) of a separate calibration set;
+    otherwise cfg.calib_fraction of the patients is held out of `scores` to pick thresholds.
+    """
+    cfg = cfg or EvalConfig()
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+    n = len(scores)
+    names = [str(i) for i in range(n)] if names is None else list(names)
+    groups = [patient_id(x) for x in names]
+    if calib is not None:
+        scores = np.vstack([scores, np.asarray(calib[0], np.float64)])
+        labels = np.vstack([labels, np.asarray(calib[1]) > 0])
+        groups += ["calib:" + patient_id(x) for x in calib[2]]
+        is_cal = np.r_[np.zeros(n, bool), np.ones(len(calib[0]), bool)]
+    else:
+        is_cal = calibration_split(groups, labels, cfg.calib_fraction, cfg.seed)
+    evaluated = np.arange(len(scores)) < n
+    test = evaluated & ~is_cal
+    main = test if cfg.exclude_calib else evaluated
+    if cfg.boot_unit not in ("patient", "volume"):
+        raise ValueError(f"boot_unit must be 'patient' or 'volume', got {cfg.boot_unit!r}")
+    unit = np.unique(groups if cfg.boot_unit == "patient" else np.arange(len(scores)),
+                     return_inverse=True)[1]
+    point, boot = metrics.diagnosis(scores, labels, main, is_cal if is_cal.any() else None, test,
+                                    unit, is_cal.astype(int), cfg.n_boot, cfg.seed)
+    result = dict(n_volumes=int(n), classes=list(classes),
+                  rows=dict(n_main=int(main.sum()), n_calib=int(is_cal.sum()), n_test=int(test.sum()),
+                            **_rows_note(int(main.sum()), int(is_cal.sum()), int(test.sum()), cfg,
+                                         calib is not None)),
+                  **metrics.summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
+    result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
+    result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
+    result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
+    if boot is not None:
+        result["bootstrap"] = dict(n=cfg.n_boot, unit=cfg.boot_unit, level=cfg.level, seed=cfg.seed,
+                                   n_units=int(unit.max() + 1), method="percentile",
+                                   valid_resamples={c: int(np.isfinite(boot["auc"][:, j]).sum())
+                                                    for j, c in enumerate(classes)})
+    result["arrays"] = dict(names=names, scores=scores[:n], labels=labels[:n].astype(int),
+                            calib_rows=is_cal[:n], main_rows=main[:n])
     return result
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- retrieval and gap
+
+def report_texts(reports: list, summaries: dict = None) -> list:
+    """The text each volume's report is embedded as: its summary sentences joined (as training
+    sees them at evaluation), or the raw report when it has no summary."""
+    import summarize  # only needed when reports are given
+    out, summaries = [], dict(summaries or {})
+    for r in reports:
+        if r not in summaries:
+            try:
+                summaries[r] = summarize.summarize(r)
+            except ValueError:  # empty report: nothing to summarise
+                summaries[r] = []
+        sents = [s for s in summaries[r] if s and s.strip()]
+        out.append(" ".join(sents) if sents else r)
+    return out
+
+
+@torch.no_grad()
+def retrieval_and_gap(model: BrgSA, v: torch.Tensor, t: torch.Tensor, report_ids, seed=0):
+    """Report <-> volume retrieval in three similarity spaces and the modality gap of (v, t) and
+    (v_hat, t_hat). v (N, d) one row per volume; t (R, d) one row per unique report text;
+    report_ids (N,) the report row of each volume (reconstructions share a report)."""
+    bank = model.bank.weight.float()
+    v_hat, t_hat = cmki.cmki(v, bank, model.scale), cmki.cmki(t, bank, model.scale)
+    spaces = {"raw": cmki.cosine_scores(v, t),                    # cos(v, t): L_INFO's space
+              "bank": cmki.cosine_scores(v_hat, t_hat),           # cos(v_hat, t_hat): L_INFO-R's
+              "score": cmki.zero_shot_scores(v, t, bank, model.scale)}  # the zero-shot rule
+    report_ids = np.asarray(report_ids)
+    relevant = report_ids[:, None] == np.arange(len(t))[None, :]  # (N, R)
+    retrieval = {k: dict(volume_to_report=retrieval_metrics(s.cpu().numpy(), relevant),
+                         report_to_volume=retrieval_metrics(s.cpu().numpy().T, relevant.T))
+                 for k, s in spaces.items()}
+    # Volumes sharing a report text form one group: their pairs are not "random", and the probe
+    # never sees the same text on both sides of its train / test split.
+    pairs = {"raw": (v, t[report_ids]), "bank": (v_hat, t_hat[report_ids])}
+    gap = {k: modality_gap(a.cpu().numpy(), b.cpu().numpy(), report_ids, seed)
+           for k, (a, b) in pairs.items()}
+    points = {k: (metrics.l2_normalize(a.cpu().numpy()), metrics.l2_normalize(b.cpu().numpy()))
+              for k, (a, b) in pairs.items()}
+    return retrieval, gap, points
+
+
+# ----------------------------------------------------------------------------- the model protocol
+
+def _records_of(loader):
+    return getattr(getattr(loader, "dataset", None), "records", None)
+
+
+def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalConfig = None,
+              calib_loader=None, summaries: dict = None, score_map=None) -> dict:
+    """Zero-shot diagnosis of every volume of loader, plus retrieval and the modality gap when the
+    loader's records carry reports. classes name the label columns; prompts are written for them,
+    or, with score_map, for the CT-RATE classes whose (N, 18) scores score_map maps onto them."""
+    cfg = cfg or EvalConfig()
+    model.eval()
+    prompt_classes = data_lib.CTRATE_CLASSES if score_map else classes
+    v, labels, names = embed_volumes(model, loader, device)
+
+    def scores_of(v_):
+        s = score_volumes(model, tokenizer, v_, prompt_classes, cfg, device)
+        return np.asarray(score_map(s), np.float64) if score_map else s
+
+    calib = None
+    if calib_loader is not None:
+        vc, lc, nc = embed_volumes(model, calib_loader, device)
+        calib = (scores_of(vc), lc, nc)
+    result = evaluate_scores(scores_of(v), labels, classes, names, cfg, calib)
+    prompts = {}
+    for j, p in prompt_set(prompt_classes, cfg):
+        prompts.setdefault(prompt_classes[j], []).append(p)
+    result["protocol"] = dict(name=cfg.protocol, prompts=prompts, score=(
+        "1/2 [cos(v, t) + cos(v_hat, t)]" if cfg.protocol == "brgsa" else
+        "softmax over (present, not present) of 1/2 [cos(v, t) + cos(v_hat, t)] / tau"),
+        ensemble="mean of the prompts' scores per class")
+    result["prompt"] = PROMPT if cfg.protocol == "brgsa" and not cfg.templates else None
+    records = _records_of(loader)
+    reports = [r.report for r in records] if records is not None else []
+    if reports and len(reports) == len(names) and all(r and r.strip() for r in reports):
+        texts = report_texts(reports, summaries)
+        uniq = list(dict.fromkeys(texts))
+        index = {x: i for i, x in enumerate(uniq)}
+        t = embed_texts(model, tokenizer, uniq, device)
+        result["retrieval"], result["modality_gap"], points = retrieval_and_gap(
+            model, v, t, [index[x] for x in texts], cfg.seed)
+        result["retrieval_note"] = (f"{len(uniq)} unique report texts (summaries joined) for "
+                                    f"{len(names)} volumes; ties ranked pessimistically")
+        result["arrays"]["gap_points"] = points
+    else:
+        result["retrieval_note"] = "no report texts with these volumes: retrieval and gap skipped"
+    return result
+
+
+# ----------------------------------------------------------------------------- tables and files
+
+def _fmt(x, digits=3):
+    return "  —  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """Markdown: one row per class and the macro mean; retrieval and gap tables when present.
+
+    opt = ROC-corner threshold picked on the evaluated rows (optimistic), cal = threshold picked on
+    the calibration rows and scored on the test rows (see result["rows"])."""
+    has_cal = any(m.get("calibrated") for m in result["per_class"].values())
+    protos = ("roc_corner", "calibrated") if has_cal else ("roc_corner",)
+    heads = [f"{p} {k}" for p in ("opt", "cal")[:len(protos)]
+             for k in ("ACC", "F1", "Prec", "Rec", "Spec")]
+    lines = [f"| {'abnormality':34s} |  pos | {'AUROC [95% CI]':20s} | AUPRC | "
+             + " | ".join(heads) + " |",
+             f"|{'-' * 36}|------|{'-' * 22}|-------|"
+             + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
+
+    def row(name, pos, m):
+        ci = m.get("auc_ci") if not math.isnan(m["auc"]) else None
+        auc = _fmt(m["auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        cells = [f"{_fmt(m.get(p, {}).get(k)):>{len(h)}s}" for p in protos
+                 for k, h in zip(THRESHOLDED, heads)]
+        return (f"| {name:34s} | {pos:>4} | {auc:20s} | {_fmt(m['auprc'])} | "
+                + " | ".join(cells) + " |")
+
+    for name, m in result["per_class"].items():
+        lines.append(row(name, m["positives"], m))
+    lines.append(row("macro mean", "", result["macro"]))
+    if result.get("retrieval"):
+        first = next(iter(result["retrieval"].values()))["volume_to_report"]
+        ks = [k for k in first if k.startswith("R@")]
+        lines += ["", "| similarity | direction        | " + " | ".join(f"{k:>5s}" for k in ks)
+                  + " |  mAP  |",
+                  "|------------|------------------|" + "|".join("-------" for _ in ks) + "|-------|"]
+        for space, d in result["retrieval"].items():
+            for direction, m in d.items():
+                lines.append(f"| {space:10s} | {direction:16s} | " + " | ".join(_fmt(m[k]) for k in ks)
+                             + f" | {_fmt(m['mAP'])} |")
+    if result.get("modality_gap"):
+        lines += ["", "| embeddings          | centroid dist | cos true pairs | cos random pairs "
+                  "| probe acc |", "|---------------------|---------------|----------------|"
+                  "------------------|-----------|"]
+        for space, m in result["modality_gap"].items():
+            label = "raw (v, t)" if space == "raw" else "bank (v_hat, t_hat)"
+            lines.append(f"| {label:19s} | {_fmt(m['centroid_distance']):>13s} | "
+                         f"{_fmt(m['true_pair_cos']):>14s} | {_fmt(m['random_pair_cos']):>16s} | "
+                         f"{_fmt(m['probe_acc']):>9s} |")
+    return "\n".join(lines)
+
+
+def _jsonable(x):
+    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _csv_text(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def metrics_rows(result: dict):
+    """Flat per-class rows (and the macro row) for metrics.csv: every number with its interval."""
+    cols = ["auc", "auprc"] + [f"{p}_{k}" for p in ("roc_corner", "calibrated") for k in THRESHOLDED]
+    header = ["class", "positives", "threshold_roc_corner", "threshold_calibrated"]
+    header += [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")]
+    rows = []
+    for name, m in list(result["per_class"].items()) + [("macro mean", result["macro"])]:
+        flat = {k: m.get(k) for k in ("auc", "auprc", "auc_ci", "auprc_ci")}
+        for p in ("roc_corner", "calibrated"):
+            for k, v in (m.get(p) or {}).items():
+                flat[f"{p}_{k}"] = v
+        cells = [name, m.get("positives", ""), flat.get("roc_corner_threshold", ""),
+                 flat.get("calibrated_threshold", "")]
+        for c in cols:
+            ci = flat.get(f"{c}_ci") or ["", ""]
+            cells += [flat.get(c, ""), *ci]
+        rows.append(["" if isinstance(x, float) and math.isnan(x) else x for x in cells])
+    return header, rows
+
+
+def write_result(result: dict, out_dir, plots: bool = False) -> Path:
+    """eval.json (everything but the raw arrays), metrics.csv, and with the arrays: scores.csv,
+    labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = result.get("arrays")
+    summary = {k: v for k, v in result.items() if k != "arrays"}
+    path = out / "eval.json"
+    _write_atomic(path, json.dumps(_jsonable(summary), indent=2))
+    _write_atomic(out / "metrics.csv", _csv_text(*metrics_rows(result)))
+    if arrays is not None:
+        # repr: the shortest text that reads back to the same float, so files re-evaluate exactly
+        for fname, key, fmt in (("scores.csv", "scores", lambda x: repr(float(x))),
+                                ("labels.csv", "labels", str)):
+            rows = [[n] + [fmt(x) for x in r] for n, r in zip(arrays["names"], arrays[key])]
+            _write_atomic(out / fname, _csv_text(["VolumeName"] + list(result["classes"]), rows))
+        if plots:
+            write_plots(result, out)
+    return path
+
+
+def write_plots(result: dict, out: Path) -> list:
+    """ROC curve per class with both operating points, and the 2-D PCA of the modality gap.
+
+    matplotlib is optional: without it the plots are skipped with a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval: matplotlib is not installed, skipping the plots (pip install matplotlib)")
+        return []
+    a, classes = result["arrays"], result["classes"]
+    cols = min(6, len(classes))
+    n_rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.6 * n_rows), squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for j, (c, ax) in enumerate(zip(classes, axes.flat)):
+        main, s, y = a["main_rows"], a["scores"][:, j], a["labels"][:, j]
+        fpr, tpr = metrics.roc_curve(s[main], y[main])
+        ax.plot(fpr, tpr, lw=1.2)
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        m = result["per_class"][c]
+        for proto, rows, marker in (("roc_corner", main, "o"), ("calibrated", ~a["calib_rows"], "s")):
+            ok = m.get(proto) and math.isfinite(m[proto]["threshold"])
+            if ok and 0 < y[rows].sum() < rows.sum():
+                pred = s[rows] > m[proto]["threshold"]
+                ax.plot((pred & (y[rows] == 0)).sum() / (y[rows] == 0).sum(),
+                        (pred & (y[rows] == 1)).sum() / y[rows].sum(), marker, ms=5, label=proto)
+        ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    written = [out / "roc_curves.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+    if "gap_points" in a:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+        for ax, (space, (vi, ti)) in zip(axes, a["gap_points"].items()):
+            x = np.vstack([vi, ti])
+            x = x - x.mean(0)
+            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # joint 2-D PCA of both modalities
+            # Same scale in both panels (unit-norm rows): the shrinking of the gap is seen, not rescaled.
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
+            ax.scatter(*xy[:len(vi)].T, s=6, alpha=0.6, label="image")
+            ax.scatter(*xy[len(vi):].T, s=6, alpha=0.6, label="text")
+            g = result["modality_gap"][space]
+            ax.set_title(f"{'v, t' if space == 'raw' else 'v_hat, t_hat'}: centroid distance "
+                         f"{_fmt(g['centroid_distance'])}, probe {_fmt(g['probe_acc'])}", fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "modality_gap.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+# ----------------------------------------------------------------------------- inputs
 
 def load_checkpoint(path, device):
     """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
@@ -182,19 +471,32 @@ def load_checkpoint(path, device):
 def read_score_csv(path) -> tuple:
     """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if len(rows) < 2:
         raise ValueError(f"{path}: expected a header and at least one row")
     header, body = rows[0], rows[1:]
+    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if short is not None:
+        raise ValueError(f"{path}: row {short + 2} has {len(body[short])} fields, "
+                         f"the header has {len(header)}")
     try:
         values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64)
     except ValueError as e:
         raise ValueError(f"{path}: non-numeric value ({e})") from None
-    return [r[0] for r in body], header[1:], values
+    names = [r[0] for r in body]
+    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    if dup:
+        raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}: NaN or inf values")
+    return names, header[1:], values
 
 
-def evaluate_score_files(scores_csv, labels_csv) -> dict:
+def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict:
     """Score-file mode: rows matched by volume name, columns by class name (any order)."""
     s_names, s_classes, scores = read_score_csv(scores_csv)
     l_names, l_classes, labels = read_score_csv(labels_csv)
@@ -208,36 +510,199 @@ def evaluate_score_files(scores_csv, labels_csv) -> dict:
                          f"e.g. {unknown[:3]}")
     idx = np.array([row[n] for n in s_names])
     labels = labels[idx][:, [l_classes.index(c) for c in s_classes]]
-    return evaluate_scores(scores, labels, s_classes)
+    result = evaluate_scores(scores, labels, s_classes, s_names, cfg)
+    if len(l_names) > len(s_names):
+        result["notes"] = [f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} have "
+                           f"no score and are not evaluated"]
+    return result
 
 
-def main(argv=None):
+@torch.no_grad()
+def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None) -> dict:
+    """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
+
+    The scan is resampled and cropped on the fly exactly as the data cache would store it."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        hu = np.load(path)
+        if tuple(hu.shape) != tuple(model.cfg.image_size):
+            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
+                             f"{tuple(model.cfg.image_size)}")
+    else:
+        raw, spacing = data_lib.load_nifti(path)
+        hu = data_lib.preprocess_volume(raw, spacing, model.cfg.spacing, model.cfg.image_size)
+    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None].to(device)
+    v = model.visual(x).float()  # (1, d)
+    scores = score_volumes(model, tokenizer, v, list(findings), cfg or EvalConfig(), device)[0]
+    return dict(zip(findings, scores.tolist()))
+
+
+def read_thresholds(path, protocol: str) -> dict:
+    """{lower-cased class: calibrated threshold} from an eval.json made with the same protocol."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the eval.json ({e})") from None
+    made = (saved.get("protocol") or {}).get("name")
+    if made != protocol:
+        raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
+    return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
+            if (m.get("calibrated") or {}).get("threshold") is not None}
+
+
+def class_setup(name: str, records):
+    """--classes -> (label class names, score_map or None). auto: whatever the records carry."""
+    have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
+    if name == "auto":
+        name = "radchest" if have == getattr(data_lib, "RADCHEST_CLASSES", None) else "records"
+    if name == "records":
+        return list(have), None
+    if name == "ctrate":
+        return list(data_lib.CTRATE_CLASSES), None
+    if name == "radchest":  # 18 CT-RATE prompts, mapped to RAD-ChestCT's 16 classes
+        return list(data_lib.RADCHEST_CLASSES), data_lib.ctrate_to_radchest
+    if name == "ctrate_lt":
+        return list(data_lib.CTRATE_LT_CLASSES), None
+    raise ValueError(f"unknown --classes {name!r}; expected auto, ctrate, ctrate_lt or radchest")
+
+
+def select_labels(records, classes, label_csv=None, what="--data"):
+    """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
+    columns (matched by class name); a clear error names what is missing."""
+    if label_csv:
+        table = data_lib.read_labels(label_csv, classes)
+        missing = [r.name for r in records if r.name not in table]
+        if missing:
+            raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
+                             f"e.g. {missing[:3]}")
+        lab = {r.name: table[r.name] for r in records}
+    else:
+        have = list(records[0].classes)
+        missing = [c for c in classes if c not in have]
+        if missing:
+            raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
+        lab = {r.name: np.asarray(r.labels)[[have.index(c) for c in classes]] for r in records}
+    return [replace(r, labels=lab[r.name], classes=tuple(classes)) for r in records]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer)")
     p.add_argument("--data", help="data set: a CT-RATE-layout root or a preprocessed directory")
     p.add_argument("--split", default="valid", help="which split of --data to evaluate")
-    p.add_argument("--out_dir", default="out", help="where eval.json is written")
+    p.add_argument("--out_dir", default="out", help="where eval.json, CSVs and plots are written")
     p.add_argument("--scores", help="score-file mode: CSV of precomputed per-volume scores")
     p.add_argument("--labels", help="score-file mode: CSV of 0/1 labels, matched by name")
+    p.add_argument("--volume", help="single-scan mode: a NIfTI CT in HU (or a preprocessed .npy)")
+    p.add_argument("--findings", nargs="+", help="single-scan mode: abnormalities to score "
+                                                 "(default: the 18 CT-RATE classes)")
+    p.add_argument("--thresholds", help="single-scan mode: eval.json whose calibrated thresholds "
+                   "turn scores into positive / negative calls")
+    p.add_argument("--classes", default="auto", help="label classes with --data: auto (what the "
+                   "data carries), ctrate (18), ctrate_lt (15, needs --label_csv), radchest (16: "
+                   "18 CT-RATE prompts mapped, calcifications merged by max)")
+    p.add_argument("--label_csv", help="labels for --data from this CSV (VolumeName + class columns)")
+    p.add_argument("--protocol", default="brgsa", choices=sorted(PROTOCOLS),
+                   help="brgsa: 'There is {}', 1/2[cos(v,t)+cos(v_hat,t)]; ctclip: present / not "
+                        "present pair, softmax")
+    p.add_argument("--template", action="append", default=[], help="prompt template with {} "
+                   "(repeatable, scores averaged); ctclip: 'POS {}|NEG {}'")
+    p.add_argument("--synonyms", help="JSON {class: [names...]}: prompt ensemble over the names")
+    p.add_argument("--calib_fraction", type=float, default=0.3, help="patient-grouped share of the "
+                   "evaluated rows used only to pick the calibrated thresholds (0 = none)")
+    p.add_argument("--calib_data", help="pick calibrated thresholds on this data set instead")
+    p.add_argument("--calib_split", default="valid", help="split of --calib_data")
+    p.add_argument("--exclude_calib", action="store_true", help="compute AUROC, AUPRC and the "
+                   "ROC-corner metrics on the test rows only (default: on all evaluated rows)")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (0 = no intervals)")
+    p.add_argument("--boot_unit", default="patient", choices=["patient", "volume"],
+                   help="resampling unit: patient (reconstructions move together) or volume")
+    p.add_argument("--seed", type=int, default=0, help="calibration split, bootstrap, linear probe")
+    p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--batch_size", type=int, default=8, help="volumes per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    return p
+
+
+def eval_config(args) -> EvalConfig:
+    synonyms = {}
+    if args.synonyms:
+        try:
+            synonyms = json.loads(Path(args.synonyms).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{args.synonyms}: cannot read the synonyms JSON ({e})") from None
+        good = isinstance(synonyms, dict) and all(
+            isinstance(v, list) and v and all(isinstance(s, str) for s in v) for v in synonyms.values())
+        if not good:
+            raise ValueError(f"{args.synonyms}: expected {{class: [name, ...]}} with non-empty lists")
+    if args.n_boot < 0:
+        raise ValueError(f"--n_boot must be >= 0, got {args.n_boot}")
+    return EvalConfig(protocol=args.protocol, templates=tuple(args.template), synonyms=synonyms,
+                      calib_fraction=args.calib_fraction, exclude_calib=args.exclude_calib,
+                      n_boot=args.n_boot, boot_unit=args.boot_unit, seed=args.seed)
+
+
+def _run_model(args, cfg, device):
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+    records = data_lib.load_dataset(args.data, args.split, model.cfg, workers=max(args.workers, 1))
+    classes, score_map = class_setup(args.classes, records)
+    records = select_labels(records, classes, args.label_csv)
+    calib_loader = None
+    if args.calib_data:
+        calib = data_lib.load_dataset(args.calib_data, args.calib_split, model.cfg,
+                                      workers=max(args.workers, 1))
+        calib = select_labels(calib, classes, args.label_csv, "--calib_data")
+        overlap = {r.name for r in calib} & {r.name for r in records}
+        if overlap:
+            raise ValueError(f"--calib_data shares {len(overlap)} volumes with --data, "
+                             f"e.g. {sorted(overlap)[:3]}")
+        calib_loader = data_lib.eval_loader(calib, args.batch_size, args.workers)
+    loader = data_lib.eval_loader(records, args.batch_size, args.workers)
+    return zero_shot(model, tokenizer, loader, classes, device, cfg, calib_loader,
+                     score_map=score_map)
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    cfg = eval_config(args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    if args.volume:
+        if not args.ckpt:
+            p.error("--volume needs --ckpt")
+        model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+        findings = args.findings or list(data_lib.CTRATE_CLASSES)
+        scores = score_scan(model, tokenizer, args.volume, findings, device, cfg)
+        thresholds = read_thresholds(args.thresholds, cfg.protocol) if args.thresholds else {}
+        kind = "cosine score, not a probability" if cfg.protocol == "brgsa" else "P(present)"
+        print(f"| {'finding':34s} |  score  | calibrated call |\n"
+              f"|{'-' * 36}|---------|-----------------|")
+        for f, s in scores.items():
+            thr = thresholds.get(f.lower())
+            call = "—" if thr is None else f"{'positive' if s > thr else 'negative'} (> {thr:+.3f})"
+            print(f"| {f:34s} | {s:+.4f} | {call:15s} |")
+        print(f"{args.volume}: {cfg.protocol} protocol ({kind})" + (
+            "" if thresholds else "; give --thresholds eval.json for calibrated calls"))
+        return scores
     if args.scores or args.labels:
         if not (args.scores and args.labels):
             p.error("--scores and --labels go together")
-        result = evaluate_score_files(args.scores, args.labels)
+        result = evaluate_score_files(args.scores, args.labels, cfg)
     else:
         if not (args.ckpt and args.data):
-            p.error("give --ckpt and --data (or --scores and --labels)")
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                              if args.device == "auto" else args.device)
-        model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-        records = data_lib.load_dataset(args.data, args.split, model.cfg)
-        loader = data_lib.eval_loader(records, args.batch_size)
-        result = zero_shot(model, tokenizer, loader, data_lib.CTRATE_CLASSES, device)
+            p.error("give --ckpt and --data, --scores and --labels, or --ckpt and --volume")
+        result = _run_model(args, cfg, device)
     print(format_table(result))
+    path = write_result(result, args.out_dir, plots=not args.no_plots)
+    rows = result["rows"]
+    print(f"opt = ROC-corner threshold picked on the evaluated rows (optimistic); cal = picked on "
+          f"{rows['n_calib']} calibration volumes, scored on {rows['n_test']} test volumes")
     print(f"macro AUROC {result['macro_auc']:.4f} over {len(result['auc'])} classes, "
-          f"{result['n_volumes']} volumes; eval.json -> {write_result(result, args.out_dir)}")
+          f"{result['n_volumes']} volumes; eval.json -> {path}")
     return result
 
 

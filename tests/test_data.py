@@ -150,7 +150,8 @@ def test_real_chest_ct_lesion_stays_in_place(shared_data):
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     c_out = ((idx * w[..., None]).sum((0, 1, 2)) / w.sum() + 0.5) * t
     resampled = np.array([int(n * a / b) for n, a, b in zip(mask.shape, sp, t)])
-    shift = np.where(resampled > shape, (resampled - shape) // 2 * t, -((shape - resampled) // 2) * t)
+    shift = np.where(resampled > shape, (resampled - shape) // 2 * t,
+                     -((shape - resampled) // 2) * t)
     err = np.abs(c_out + shift - c_in)
     assert np.all(err < np.array(t)), f"centroid moved by {err} mm"
     core = out[m > 900]  # voxels fully inside the lesion after resampling (5 mm slices blur it)
@@ -228,8 +229,9 @@ def make_ctrate(root, split="train", n_patients=4, style="v1", seed=0, shape=(24
                      " Impression")[1]) for n, (_, _, r) in truth.items()]
     write_csv(root / "radiology_text_reports" / f"{tag}_reports.csv", rows)
     cols = list(data.CTRATE_CLASSES)[::-1]  # deliberately another column order
-    rows = [dict(VolumeName=f"{n}.nii.gz", **{c: int(l[data.CTRATE_CLASSES.index(c)]) for c in cols})
-            for n, (_, l, _) in truth.items()]
+    pos = {c: data.CTRATE_CLASSES.index(c) for c in cols}
+    rows = [dict(VolumeName=f"{n}.nii.gz", **{c: int(lab[pos[c]]) for c in cols})
+            for n, (_, lab, _) in truth.items()]
     write_csv(root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", rows)
     return truth
 
@@ -257,10 +259,11 @@ def test_prepare_ctrate_and_cache_reuse(tmp_path, style, capsys):
         np.testing.assert_array_equal(r.labels, labels)
         assert r.report == report
         ras = hu[::-1, ::-1, :].astype(np.float32)  # the header says LPS
-        want = np.rint(data.preprocess_volume(ras, (2.0, 2.5, 4.0), T_SPACING, T_SHAPE))
+        want = data.preprocess_volume(ras, (2.0, 2.5, 4.0), T_SPACING, T_SHAPE)
         got = np.load(r.npy_path, mmap_mode="r")
         assert got.dtype == np.int16 and got.shape == T_SHAPE
-        np.testing.assert_array_equal(got, want)
+        err = np.abs(got - want)  # int16 storage rounds to the nearest HU
+        assert err.max() <= 0.5 + 1e-3, f"max err {err.max()} HU, mean {err.mean()}"
     back = {r.name: r for r in data.load_index(cache)}
     assert set(back) == set(truth)
     for r in recs:
@@ -315,7 +318,7 @@ def test_ctrate_csv_errors_name_file_and_column(tmp_path):
 
 def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
     truth = make_ctrate(tmp_path / "ct", "train", n_patients=3)
-    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=1)
+    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
     reports = sorted({r.report for r in recs})
     sents = {reports[0]: [f"Finding {i}." for i in range(7)], reports[1]: ["A.", "B.", "C."]}
     ds = data.VolumeTextDataset(recs, sents, crop_size=(8, 10, 4), train=True, seed=3)
@@ -355,7 +358,7 @@ def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
 
 def test_datasets_with_loader_workers_are_reproducible(tmp_path):
     make_ctrate(tmp_path / "ct", "train", n_patients=4)
-    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=1)
+    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
     ds = data.VolumeTextDataset(recs, {}, crop_size=(6, 6, 4), train=True, seed=1)
 
     def run():
@@ -379,11 +382,12 @@ def test_tokenizer_on_real_reports(shared_data, tmp_path):
     assert len(texts) == 400
     tok = data.train_tokenizer(texts, vocab_size=2000, path=tmp_path / "tok.json")
     assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    ids, mask = data.tokenize(tok, ["There is Atelectasis", texts[0], "Mosaïc ATTENUATION"], max_len=97)
+    ids, mask = data.tokenize(tok, ["There is Atelectasis", texts[0], "Mosaïc ATTENUATION"], 97)
     assert ids.shape == mask.shape == (3, 97) and ids.dtype == mask.dtype == torch.long
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     n = int(mask[0].sum())
-    assert ids[0, 0] == cls and ids[0, n - 1] == sep and (ids[0, n:] == 0).all() and (mask[0, n:] == 0).all()
+    assert ids[0, 0] == cls and ids[0, n - 1] == sep
+    assert (ids[0, n:] == 0).all() and (mask[0, n:] == 0).all() and mask[0, :n].all()
     assert mask[1].all() and ids[1, -1] == sep  # a long report is truncated and still closed
     assert tok.decode(ids[0].tolist()) == "there is atelectasis"
     assert tok.decode(ids[2].tolist()) == "mosaic attenuation"  # lower-cased, accent stripped
@@ -397,3 +401,230 @@ def test_tokenizer_on_real_reports(shared_data, tmp_path):
     assert torch.equal(data.tokenize(bert, texts[:5])[0], data.tokenize(tok, texts[:5])[0])
     with pytest.raises(FileNotFoundError):
         data.load_tokenizer(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- preprocess CLI
+
+def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):
+    make_ctrate(tmp_path / "v1", "train", n_patients=4, style="v1", seed=1)
+    truth = make_ctrate(tmp_path / "v2", "train", n_patients=4, style="v2", seed=1)
+    # both trees hold the same HU: v1 needs the intercept, v2 must not get it twice
+    v1 = tmp_path / "v1" / "train" / "train_3" / "train_3_a" / "train_3_a_1.nii.gz"
+    v1.write_bytes(v1.read_bytes()[:300])  # truncated
+    args = ["--dataset", "ctrate", "--split", "train", "--preset", "tiny", "--workers", "2"]
+    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v1", "--out", f"{tmp_path}/o1"]) == 0
+    out = capsys.readouterr()
+    assert "done=4 skipped=0 failed=1" in out.out and "train_3_a_1.nii.gz" in out.err
+    assert "'rescaled': 4" in out.out
+    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
+    assert "done=5 skipped=0 failed=0" in capsys.readouterr().out
+    r1 = {r.name: r for r in data.load_index(tmp_path / "o1")}
+    r2 = {r.name: r for r in data.load_index(tmp_path / "o2")}
+    assert set(r2) == set(truth) and set(r1) == set(truth) - {"train_3_a_1"}
+    for name in r1:
+        assert r1[name].hu_rule == "rescaled" and r2[name].hu_rule == "already_hu"
+        a, b = np.load(r1[name].npy_path), np.load(r2[name].npy_path)
+        assert a.shape == data.PREPROCESS["tiny"]["target_shape"]
+        np.testing.assert_array_equal(a, b)
+        assert -1000 <= a.min() and a.max() <= 1000
+        assert (a < -900).any() and (np.abs(a - 40) < 30).any()  # air and soft tissue
+    # resume: a stray temp file from a killed run, one finished .npy never logged, one deleted
+    vols = tmp_path / "o2" / "volumes"
+    (vols / ".train_1_a_1.npy.999.tmp").write_bytes(b"half")
+    (vols / "train_2_a_1.npy").unlink()
+    done = (tmp_path / "o2" / "done.jsonl").read_text().splitlines()
+    (tmp_path / "o2" / "done.jsonl").write_text(
+        "\n".join(l for l in done if "train_0_a_2" not in l) + "\n{\"name\": \"tor")
+    keep = {p.name: p.stat().st_mtime_ns for p in vols.glob("*.npy")}
+    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
+    assert "done=2 skipped=3 failed=0" in capsys.readouterr().out
+    now = {p.name: p.stat().st_mtime_ns for p in vols.glob("*.npy")}
+    assert set(now) == set(keep) | {"train_2_a_1.npy"}
+    assert [n for n in keep if now[n] != keep[n]] == ["train_0_a_2.npy"]
+    assert len(data.load_index(tmp_path / "o2")) == 5
+    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
+    assert "done=0 skipped=5 failed=0" in capsys.readouterr().out  # the torn log line was ended
+
+
+def test_preprocess_cli_runs_as_a_script_and_reports_bad_roots(tmp_path):
+    import subprocess
+    import sys
+    make_ctrate(tmp_path / "ct", "valid", n_patients=2)
+    cmd = [sys.executable, "data.py", "preprocess", "--root", str(tmp_path / "ct"), "--split",
+           "valid", "--out", str(tmp_path / "o"), "--preset", "tiny", "--workers", "1"]
+    repo = data.Path(data.__file__).parent
+    res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done=3 skipped=0 failed=0" in res.stdout, res.stderr
+    res = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere")] + cmd[5:], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "error:" in res.stderr and "nowhere" in res.stderr
+
+
+def test_load_dataset_raw_root_preprocessed_dir_and_configs(tmp_path):
+    truth = make_ctrate(tmp_path / "set" / "dataset", "train", n_patients=2)
+    recs = data.load_dataset(tmp_path / "set" / "dataset", "train", "tiny", workers=1)
+    assert sorted(r.name for r in recs) == sorted(truth)
+    assert (tmp_path / "set" / "cache_tiny" / "train" / "index.csv").is_file()
+
+    class Cfg:  # stands in for model.ModelConfig
+        spacing, image_size = (7.0, 7.0, 10.0), (48, 48, 32)
+
+    again = data.load_dataset(tmp_path / "set" / "dataset", "train", Cfg())  # same cache
+    assert [r.npy_path for r in again] == [r.npy_path for r in recs]
+    custom = data.load_dataset(tmp_path / "set" / "dataset", "train", (5.0, 5.0, 8.0), (8, 8, 4), 1)
+    assert "cache_5x5x8mm_8x8x4" in custom[0].npy_path
+    assert np.load(custom[0].npy_path).shape == (8, 8, 4)
+    assert len(data.load_dataset(tmp_path / "set" / "cache_tiny", "train")) == len(truth)
+    flat = data.load_dataset(tmp_path / "set" / "cache_tiny" / "train", "train")
+    assert len(flat) == len(truth)
+    with pytest.raises(ValueError, match="no volume of split 'valid'"):
+        data.load_dataset(tmp_path / "set" / "cache_tiny" / "train", "valid")
+    with pytest.raises(ValueError, match="unknown preset"):
+        data.load_dataset(tmp_path / "set" / "dataset", "train", "huge")
+    with pytest.raises(ValueError, match="needs a preset"):
+        data.load_dataset(tmp_path / "set" / "dataset", "train")
+    with pytest.raises(ValueError, match=r"preprocessed at \(7.0, 7.0, 10.0\)"):
+        data.load_dataset(tmp_path / "set" / "cache_tiny", "train", "paper")  # tiny cache
+
+
+# ----------------------------------------------------------------------------- RAD-ChestCT, folders
+
+def write_radchest(root, names, rng, shape=(20, 24, 22)):
+    """.npz volumes (slices, rows, cols) in HU with a marker, and an abnormality*location CSV."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        ct = np.full(shape, -1000, np.int16)
+        ct[:, 4:20, 3:19] = 40
+        ct[2, 5, 7] = 900  # slice 2 (superior), row 5 (anterior), column 7 (patient right)
+        np.savez_compressed(root / f"{n}.npz", ct=ct)
+    abns = sorted({a for v in data.RADCHEST_SOURCES.values() for a in v} | {"other_path"})
+    cols = [f"{a}*{loc}" for a in abns for loc in ("lung", "heart")]
+    rows, truth = [], {}
+    for n in names:
+        row = {c: int(rng.random() < 0.08) for c in cols}
+        rows.append(dict(NoteAcc_DEID=n, **row))
+        truth[n] = np.array([any(row[f"{a}*{loc}"] for a in data.RADCHEST_SOURCES[k]
+                                 for loc in ("lung", "heart")) for k in data.RADCHEST_CLASSES],
+                            np.float32)
+    write_csv(root / "imgtest_Abnormality_and_Location_Labels.csv", rows)
+    return truth
+
+
+def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    truth = write_radchest(tmp_path / "rad", [f"tst{i:05d}" for i in range(6)], rng)
+    hu, sp = data.read_radchest_npz(tmp_path / "rad" / "tst00000.npz")
+    assert hu.shape == (22, 24, 20) and hu.dtype == np.float32  # (X, Y, Z) <- (slices, rows, cols)
+    np.testing.assert_allclose(sp, [0.8, 0.8, 0.8])
+    assert tuple(np.argwhere(hu == 900)[0]) == (22 - 1 - 7, 24 - 1 - 5, 20 - 1 - 2)  # RAS
+    np.savez(tmp_path / "rad" / "tst00006.npz", volume=np.zeros((4, 4, 4)))  # wrong key
+    (tmp_path / "rad" / "tst00007.npz").write_bytes(b"PK\x03\x04 broken")
+    np.savez(tmp_path / "rad" / "tst00008.npz", ct=np.zeros((4, 4), np.int16))
+    np.savez(tmp_path / "rad" / "zzz.npz", ct=np.zeros((4, 4, 4), np.int16))  # not in the CSV
+    for n in ("tst00006", "tst00007", "tst00008"):
+        truth[n] = np.zeros(16, np.float32)
+    label_csv = tmp_path / "rad" / "imgtest_Abnormality_and_Location_Labels.csv"
+    rows = list(csv.DictReader(open(label_csv)))
+    rows += [dict(rows[0], NoteAcc_DEID=n) for n in ("tst00006", "tst00007", "tst00008")]
+    write_csv(label_csv, rows)
+    out = tmp_path / "o"
+    code = data.preprocess_main(["--dataset", "radchest", "--root", str(tmp_path / "rad"), "--out",
+                                 str(out), "--preset", "tiny", "--workers", "2"])
+    o = capsys.readouterr()
+    assert code == 0 and "done=6 skipped=0 failed=4" in o.out, o.out + o.err
+    for what in ("no array 'ct'", "not a readable .npz", "3-D 'ct' array",
+                 "unknown volume name 'zzz'"):
+        assert what in o.err
+    recs = data.load_index(out)
+    assert len(recs) == 6 and recs[0].classes == data.RADCHEST_CLASSES
+    for r in recs:
+        np.testing.assert_array_equal(r.labels, truth[r.name])
+        assert r.hu_rule == "already_hu" and r.spacing == (0.8, 0.8, 0.8)
+    assert sum(r.labels.sum() for r in recs) > 5  # the test draws some positives
+
+
+def test_radchest_label_rules_and_score_mapping(tmp_path):
+    cols = ["NoteAcc_DEID", "nodulegr1cm*lung", "stent*heart", "calcification*aorta",
+            "calcification*heart", "scarring*lung", "hernia*stomach"]
+    others = [a for k, v in data.RADCHEST_SOURCES.items() for a in v[:1]
+              if k not in ("Lung nodule", "Medical material", "Calcification",
+                           "Pulmonary fibrotic sequela", "Hiatal hernia")]
+    rows = [dict(zip(cols, ["a", 1, 0, 0, 1, 0, 0]), **{o: 0 for o in others}),
+            dict(zip(cols, ["b", 0, 1, 0, 0, 1, 1]), **{o: 0 for o in others})]
+    write_csv(tmp_path / "l.csv", rows)
+    lab = data.read_radchest_labels(tmp_path / "l.csv")
+    idx = {c: i for i, c in enumerate(data.RADCHEST_CLASSES)}
+    assert set(np.flatnonzero(lab["a"])) == {idx["Lung nodule"], idx["Calcification"]}
+    assert set(np.flatnonzero(lab["b"])) == {
+        idx["Medical material"], idx["Pulmonary fibrotic sequela"], idx["Hiatal hernia"]}
+    for r in rows:
+        r.pop("scarring*lung")
+    write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(ValueError, match=r"m\.csv.*Pulmonary fibrotic sequela"):
+        data.read_radchest_labels(tmp_path / "m.csv")
+    s = np.random.default_rng(0).normal(size=(5, 18)).astype(np.float32)
+    m = data.ctrate_to_radchest(s)
+    assert m.shape == (5, 16) and len(data.RADCHEST_CLASSES) == 16
+    c = data.CTRATE_CLASSES.index
+    np.testing.assert_array_equal(m[:, idx["Calcification"]], np.maximum(
+        s[:, c("Arterial wall calcification")], s[:, c("Coronary artery wall calcification")]))
+    for k in data.RADCHEST_CLASSES:
+        if k != "Calcification":
+            np.testing.assert_array_equal(m[:, idx[k]], s[:, c(k)])
+    torch.testing.assert_close(data.ctrate_to_radchest(torch.from_numpy(s)), torch.from_numpy(m))
+
+
+def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
+    src = shared_data / "ct_volumes"
+    folder = tmp_path / "in" / "sub"
+    folder.mkdir(parents=True)
+    for n in ("pyradiomics_lung1_ct_ds2.nii.gz", "invesalius_cranium_ct0051_ct_ds2.nii.gz"):
+        (folder / n).write_bytes((src / n).read_bytes())
+    lung_bytes = (src / "pyradiomics_lung1_ct_ds2.nii.gz").read_bytes()
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(lung_bytes[:5000])
+    code = data.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "in"), "--out",
+                                 str(tmp_path / "o"), "--preset", "tiny", "--workers", "2"])
+    o = capsys.readouterr()
+    assert code == 0 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
+    recs = {r.name: r for r in data.load_index(tmp_path / "o")}
+    assert set(recs) == {"sub__pyradiomics_lung1_ct_ds2", "sub__invesalius_cranium_ct0051_ct_ds2"}
+    lung = recs["sub__pyradiomics_lung1_ct_ds2"]
+    head = recs["sub__invesalius_cranium_ct0051_ct_ds2"]
+    np.testing.assert_allclose(lung.spacing, [1.140625, 1.140625, 5.0])
+    np.testing.assert_allclose(head.spacing, [1.914, 1.914, 1.5], atol=1e-3)
+    assert lung.labels.shape == (0,) and lung.hu_rule == "header"
+    v = np.load(lung.npy_path)
+    assert (v < -700).mean() > 0.2 and (np.abs(v) < 100).mean() > 0.05  # lungs and soft tissue
+
+
+# ----------------------------------------------------------------------------- labels, loaders
+
+def test_ctrate_lt_labels_by_name(shared_data, tmp_path):
+    path = shared_data / "brgsa_official" / "ctrate_lt_labels.csv"
+    lab = data.read_labels(path, data.CTRATE_LT_CLASSES)
+    assert len(data.CTRATE_LT_CLASSES) == 15 and len(lab) == 3039
+    rows = list(csv.DictReader(open(path)))
+    cols = ["VolumeName"] + list(data.CTRATE_LT_CLASSES)[::-1]  # the official file's order differs
+    write_csv(tmp_path / "shuffled.csv", [{c: r[c] for c in cols} for r in rows])
+    lab2 = data.read_labels(tmp_path / "shuffled.csv", data.CTRATE_LT_CLASSES)
+    assert all(np.array_equal(lab[k], lab2[k]) for k in lab)
+    assert lab["valid_2_a_1"][data.CTRATE_LT_CLASSES.index("Lung mass")] == 1
+    write_csv(tmp_path / "short.csv", [{c: r[c] for c in cols if c != "Empyema"} for r in rows[:3]])
+    with pytest.raises(ValueError, match=r"short\.csv.*missing class column.*Empyema"):
+        data.read_labels(tmp_path / "short.csv", data.CTRATE_LT_CLASSES)
+
+
+def test_make_loader_workers_seeded(tmp_path):
+    make_ctrate(tmp_path / "ct", "train", n_patients=5)
+    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
+    ds = data.VolumeTextDataset(recs, {}, crop_size=(8, 8, 4), train=True, seed=0)
+    names = []
+    for _ in range(2):
+        dl = data.make_loader(ds, batch_size=2, shuffle=True, workers=2, seed=11)
+        assert dl.persistent_workers and dl.prefetch_factor == 2 and dl.drop_last
+        batches = [b for b in dl]
+        assert len(batches) == len(ds) // 2 and batches[0]["volume"].shape == (2, 1, 8, 8, 4)
+        names.append([b["name"] for b in batches])
+    assert names[0] == names[1]
+    ev = data.make_loader(data.VolumeDataset(recs), batch_size=4, shuffle=False, workers=0)
+    assert [n for b in ev for n in b["name"]] == [r.name for r in recs]

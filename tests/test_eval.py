@@ -1,6 +1,7 @@
 """eval.py metrics on hand-checkable cases, against brute force, and score-file mode on real scores."""
 import csv
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -80,10 +81,10 @@ def test_score_file_mode_reproduces_official_brgsa(shared_data, tmp_path):
     perm = [0] + list(np.random.default_rng(1).permutation(np.arange(1, len(header))))
     body = [[row[i] for i in perm] for row in body][::-1]
     _write(tmp_path / "l.csv", [header[i] for i in perm], body)
-    r2 = E.evaluate_score_files(scores, tmp_path / "l.csv")
+    r2 = E.evaluate_score_files(scores, tmp_path / "l.csv", E.EvalConfig(n_boot=0))
     assert r2["auc"] == pytest.approx(r["auc"])
     out = E.main(["--scores", str(scores), "--labels", str(tmp_path / "l.csv"),
-                  "--out_dir", str(tmp_path / "o")])
+                  "--out_dir", str(tmp_path / "o"), "--n_boot", "0", "--no_plots"])
     assert (tmp_path / "o" / "eval.json").is_file() and out["macro_auc"] == r["macro_auc"]
 
 
@@ -98,3 +99,278 @@ def test_score_file_errors_name_the_problem(tmp_path):
     _write(tmp_path / "bad.csv", ["VolumeName", "A"], [["v1", "high"]])
     with pytest.raises(ValueError, match="non-numeric"):
         E.read_score_csv(tmp_path / "bad.csv")
+
+
+# ----------------------------------------------------------------------------- a tiny model and data set
+
+import json  # noqa: E402
+import math  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import cmki  # noqa: E402
+import data as D  # noqa: E402
+from model import PRESETS, BrgSA  # noqa: E402
+
+CLASSES = list(D.CTRATE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer): a randomly initialised BrgSA small enough for the CPU interpreter."""
+    torch.manual_seed(0)
+    texts = [f"There is {c.lower()}. {c} is present. {c} is not present." for c in CLASSES]
+    tok = D.train_tokenizer(texts * 3 + ["normal chest patient findings seen"], vocab_size=200)
+    cfg = replace(PRESETS["tiny"], image_size=(16, 16, 8), spacing=(20.0, 20.0, 40.0),
+                  patch_size=(8, 8, 4), vit_width=32, vit_depth=1, vit_heads=2,
+                  vocab_size=tok.get_vocab_size(), text_width=32, text_depth=1, text_heads=2,
+                  text_mlp=64, embed_dim=32, bank_size=16)
+    return BrgSA(cfg).eval(), tok
+
+
+def make_records(root, n_patients=10, seed=0):
+    """Two reconstructions per patient (same report, same labels), CT-RATE names, cached .npy."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for p in range(n_patients):
+        lab = (rng.random(18) < 0.35).astype(np.float32)
+        lab[p % 18] = 1.0
+        report = f"Patient {p}. " + " ".join(f"{c} is seen." for c, l in zip(CLASSES, lab) if l)
+        for r in (1, 2):
+            name = f"valid_{p}_a_{r}"
+            np.save(root / f"{name}.npy", rng.integers(-1000, 1000, (16, 16, 8)).astype(np.int16))
+            records.append(D.Record(name, str(root / f"{name}.npy"), report, lab))
+    return records
+
+
+def test_prompt_set_protocols_templates_and_synonyms():
+    cfg = E.EvalConfig()
+    assert E.prompt_set(["Cardiomegaly"], cfg) == [(0, "There is Cardiomegaly")]
+    pairs = E.prompt_set(["A", "B"], E.EvalConfig(protocol="ctclip"))
+    assert pairs == [(0, ("A is present.", "A is not present.")),
+                     (1, ("B is present.", "B is not present."))]
+    ens = E.prompt_set(["A", "B"], E.EvalConfig(templates=("There is {}", "{} seen"),
+                                                synonyms={"A": ["a1", "a2"]}))
+    assert ens == [(0, "There is a1"), (0, "There is a2"), (1, "There is B"),
+                   (0, "a1 seen"), (0, "a2 seen"), (1, "B seen")]
+    with pytest.raises(ValueError, match=r"unknown classes \['C'\]"):
+        E.prompt_set(["A"], E.EvalConfig(synonyms={"C": ["c"]}))
+    with pytest.raises(ValueError, match="POS"):
+        E.prompt_set(["A"], E.EvalConfig(protocol="ctclip", templates=("{} is present.",)))
+    with pytest.raises(ValueError, match="protocol"):
+        E.prompt_set(["A"], E.EvalConfig(protocol="clip"))
+
+
+def test_scores_follow_each_protocol(tiny):
+    model, tok = tiny
+    device = torch.device("cpu")
+    v = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    bank, classes = model.bank.weight.detach(), ["Cardiomegaly", "Lung nodule"]
+    with torch.no_grad():
+        t = E.embed_texts(model, tok, ["There is Cardiomegaly", "There is Lung nodule"], device)
+        v_hat = cmki.cmki_reference(v, bank, model.scale)
+        ref = 0.5 * (F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+                     + F.normalize(v_hat, dim=-1) @ F.normalize(t, dim=-1).T)
+    got = E.score_volumes(model, tok, v, classes, E.EvalConfig(), device)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    # CT-CLIP: softmax over (present, not present) of the BrgSA similarity / tau
+    with torch.no_grad():
+        tp = E.embed_texts(model, tok, [f"{c} is present." for c in classes], device)
+        tn = E.embed_texts(model, tok, [f"{c} is not present." for c in classes], device)
+        sp, sn = (cmki.zero_shot_scores(v, x, bank, model.scale) for x in (tp, tn))
+        ref = torch.softmax(torch.stack([sp, sn]) / model.cfg.tau, dim=0)[0]
+    got = E.score_volumes(model, tok, v, classes, E.EvalConfig(protocol="ctclip"), device)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    # an ensemble is the mean of its prompts' scores
+    tpls = ("There is {}", "{} seen")
+    cfg = E.EvalConfig(templates=tpls, synonyms={"Lung nodule": ["nodule", "mass"]})
+    got = E.score_volumes(model, tok, v, classes, cfg, device)
+
+    def one(c, tpl):
+        return E.score_volumes(model, tok, v, [c], E.EvalConfig(templates=(tpl,)), device)[:, 0]
+    ref = np.mean([one(n, tpl) for n in ("nodule", "mass") for tpl in tpls], 0)
+    np.testing.assert_allclose(got[:, 1], ref, atol=1e-5)
+
+
+def test_zero_shot_end_to_end_and_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    records = make_records(tmp_path / "vol")
+    loader = D.eval_loader(records, 8)
+    r = E.zero_shot(model, tok, loader, CLASSES, torch.device("cpu"), E.EvalConfig(n_boot=200))
+    assert r["n_volumes"] == 20 and set(r["auc"]) == set(CLASSES)
+    assert r["rows"]["n_calib"] + r["rows"]["n_test"] == 20 and r["rows"]["n_calib"] % 2 == 0
+    assert r["protocol"]["prompts"]["Cardiomegaly"] == ["There is Cardiomegaly"]
+    lo, hi = r["per_class"]["Cardiomegaly"]["auc_ci"]
+    assert lo <= r["auc"]["Cardiomegaly"] <= hi and lo < hi
+    # retrieval: 10 unique reports for 20 volumes; the gap of both embedding spaces
+    v2r = r["retrieval"]["raw"]["volume_to_report"]
+    assert v2r["n_queries"] == 20 and v2r["n_items"] == 10 and v2r["R@10"] == 1.0
+    assert r["retrieval"]["raw"]["report_to_volume"]["n_items"] == 20
+    assert set(r["modality_gap"]) == {"raw", "bank"} and 0 <= r["modality_gap"]["raw"]["probe_acc"] <= 1
+    path = E.write_result(r, tmp_path / "out", plots=False)
+    saved = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))
+    assert saved["macro_auc"] == pytest.approx(r["macro_auc"]) and "arrays" not in saved
+    assert "calibration" in saved["rows"]["calibrated"] and saved["bootstrap"]["n"] == 200
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 19 and float(rows[-1]["auc"]) == pytest.approx(r["macro_auc"])
+    # score-file mode on the files written by the model run reproduces every AUROC
+    again = E.evaluate_score_files(tmp_path / "out" / "scores.csv", tmp_path / "out" / "labels.csv",
+                                   E.EvalConfig(n_boot=0))
+    assert again["auc"] == r["auc"] or all(a == b or (math.isnan(a) and math.isnan(b))
+                                           for a, b in zip(again["auc"].values(), r["auc"].values()))
+    assert np.array_equal(again["arrays"]["scores"], r["arrays"]["scores"])  # exact round trip
+
+
+def _checkpoint(model, tok, path):
+    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg),
+                    tokenizer=tok.to_str()), path)
+    return path
+
+
+def test_cli_model_mode_external_calibration_and_single_scan(tiny, tmp_path, capsys):
+    model, tok = tiny
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    D.write_index(tmp_path / "set" / "valid", make_records(tmp_path / "set" / "valid" / "v", 8, seed=1))
+    cal = [replace(r, name=r.name.replace("valid_", "valid_9")) for r in
+           make_records(tmp_path / "cal" / "valid" / "v", 6, seed=2)]
+    D.write_index(tmp_path / "cal" / "valid", cal)
+    r = E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "set"), "--out_dir", str(tmp_path / "o"),
+                "--calib_data", str(tmp_path / "cal"), "--n_boot", "50", "--no_plots",
+                "--protocol", "ctclip"])
+    out = capsys.readouterr().out
+    assert "macro mean" in out and "opt ACC" in out and "cal ACC" in out and "R@10" in out
+    assert r["rows"]["n_calib"] == 12 and r["rows"]["n_test"] == 16 and r["n_volumes"] == 16
+    assert "separate calibration set" in r["rows"]["calibrated"]
+    assert all(0 <= s <= 1 for s in r["arrays"]["scores"].ravel())  # ctclip: P(present)
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["protocol"]["name"] == "ctclip"
+    # single scan: a real NIfTI is preprocessed on the fly to the model's grid
+    affine = np.diag([5.0, 5.0, 10.0, 1.0])
+    vol = np.random.default_rng(0).integers(-1000, 1000, (40, 36, 20)).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "scan.nii.gz")
+    scores = E.main(["--ckpt", str(ckpt), "--volume", str(tmp_path / "scan.nii.gz"),
+                     "--findings", "pleural effusion", "lung nodule"])
+    assert list(scores) == ["pleural effusion", "lung nodule"]
+    hu, sp = D.load_nifti(tmp_path / "scan.nii.gz")
+    hu = D.preprocess_volume(hu, sp, model.cfg.spacing, model.cfg.image_size)
+    x = D.normalize(torch.from_numpy(hu))
+    with torch.no_grad():
+        ref = E.score_volumes(model, tok, model.visual(x[None, None]), ["lung nodule"], E.EvalConfig(),
+                              torch.device("cpu"))
+    assert scores["lung nodule"] == pytest.approx(float(ref[0, 0]), abs=1e-5)
+    assert f"| {'lung nodule':34s} | {scores['lung nodule']:+.4f} |" in capsys.readouterr().out
+    # calibrated calls from the eval.json of the data-set run (same protocol required)
+    saved = json.loads((tmp_path / "o" / "eval.json").read_text())
+    thr = saved["per_class"]["Lung nodule"]["calibrated"]["threshold"]
+    E.main(["--ckpt", str(ckpt), "--volume", str(tmp_path / "scan.nii.gz"), "--findings", "Lung nodule",
+            "--protocol", "ctclip", "--thresholds", str(tmp_path / "o" / "eval.json")])
+    s = E.score_scan(model, tok, tmp_path / "scan.nii.gz", ["Lung nodule"], torch.device("cpu"),
+                     E.EvalConfig(protocol="ctclip"))["Lung nodule"]
+    call = "positive" if s > thr else "negative"
+    assert f"{call} (> {thr:+.3f})" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="protocol 'ctclip', not 'brgsa'"):
+        E.read_thresholds(tmp_path / "o" / "eval.json", "brgsa")
+
+
+def test_exclude_calib_and_rows_are_stated():
+    rng = np.random.default_rng(5)
+    names = [f"valid_{p}_a_{r}" for p in range(30) for r in (1, 2)]
+    labels = np.repeat(rng.integers(0, 2, (30, 2)), 2, axis=0)
+    scores = labels + rng.normal(0, 1, labels.shape)
+    base = E.evaluate_scores(scores, labels, ["a", "b"], names, E.EvalConfig(n_boot=0))
+    excl = E.evaluate_scores(scores, labels, ["a", "b"], names,
+                             E.EvalConfig(n_boot=0, exclude_calib=True))
+    test = ~excl["arrays"]["calib_rows"]
+    assert base["rows"]["n_main"] == 60 and excl["rows"]["n_main"] == test.sum() < 60
+    assert excl["auc"]["a"] == pytest.approx(E.auroc(scores[test, 0], labels[test, 0]))
+    assert base["auc"]["a"] == pytest.approx(E.auroc(scores[:, 0], labels[:, 0]))
+    assert "all evaluated rows" in base["rows"]["threshold_free"]
+    assert "test rows" in excl["rows"]["threshold_free"]
+    assert "bootstrap" not in base and "auc_ci" not in base["per_class"]["a"]
+    none = E.evaluate_scores(scores, labels, ["a", "b"], names,
+                             E.EvalConfig(n_boot=0, calib_fraction=0))
+    assert none["per_class"]["a"].get("calibrated") is None and "cal ACC" not in E.format_table(none)
+
+
+def flat(d, prefix=""):
+    """Nested dict of numbers / [lo, hi] lists -> {path: float}, for approximate comparison."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        else:
+            out.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)} if isinstance(v, list)
+                       else {prefix + k: v})
+    return out
+
+
+def test_score_file_mode_shuffled_score_columns_and_rows(tmp_path):
+    rng = np.random.default_rng(3)
+    names = [f"valid_{i}_a_1" for i in range(50)]
+    labels = rng.integers(0, 2, (50, 3))
+    scores = labels + rng.normal(0, 0.7, (50, 3))
+    head = ["VolumeName", "x", "y", "z"]
+    _write(tmp_path / "l.csv", head, [[n, *map(str, r)] for n, r in zip(names, labels)])
+    _write(tmp_path / "s.csv", head, [[n, *(repr(float(x)) for x in r)] for n, r in zip(names, scores)])
+    perm, rows = [2, 0, 1], rng.permutation(50)
+    _write(tmp_path / "s2.csv", ["VolumeName"] + [["x", "y", "z"][i] for i in perm],
+           [[names[k], *(repr(float(scores[k, i])) for i in perm)] for k in rows])
+    cfg = E.EvalConfig(n_boot=100)
+    a = E.evaluate_score_files(tmp_path / "s.csv", tmp_path / "l.csv", cfg)
+    b = E.evaluate_score_files(tmp_path / "s2.csv", tmp_path / "l.csv", cfg)
+    for c in "xyz":
+        j = "xyz".index(c)
+        assert b["auc"][c] == pytest.approx(E.auroc(scores[:, j], labels[:, j]))
+        assert b["auprc"][c] == pytest.approx(a["auprc"][c])
+    # patients are resampled and split by name, not by row position: every number is order-free
+    assert flat(b["per_class"]) == pytest.approx(flat(a["per_class"]))
+    assert flat(b["macro"]) == pytest.approx(flat(a["macro"]))
+    _write(tmp_path / "dup.csv", ["VolumeName", "x"], [["v1", "0.1"], ["v1", "0.2"]])
+    with pytest.raises(ValueError, match="duplicate"):
+        E.read_score_csv(tmp_path / "dup.csv")
+    _write(tmp_path / "nan.csv", ["VolumeName", "x"], [["v1", "nan"]])
+    with pytest.raises(ValueError, match="NaN"):
+        E.read_score_csv(tmp_path / "nan.csv")
+
+
+def test_classes_option_maps_radchest_and_checks_labels(tmp_path):
+    recs = make_records(tmp_path, 2)
+    classes, score_map = E.class_setup("ctrate", recs)
+    assert classes == CLASSES and score_map is None
+    classes, score_map = E.class_setup("radchest", recs)
+    assert len(classes) == 16 and "Calcification" in classes
+    s = np.arange(36, dtype=float).reshape(2, 18)
+    mapped = score_map(s)
+    assert mapped[0, classes.index("Calcification")] == max(s[0, 1], s[0, 4])
+    with pytest.raises(ValueError, match="Calcification"):
+        E.select_labels(recs, classes)
+    lt, _ = E.class_setup("ctrate_lt", recs)
+    assert len(lt) == 15
+    _write(tmp_path / "lt.csv", ["VolumeName"] + lt, [[r.name] + ["1"] * 15 for r in recs[:3]])
+    with pytest.raises(ValueError, match="have no labels"):
+        E.select_labels(recs, lt, tmp_path / "lt.csv")
+    picked = E.select_labels(recs, CLASSES[::-1])
+    assert np.array_equal(picked[0].labels, recs[0].labels[::-1])
+    with pytest.raises(ValueError, match="--classes"):
+        E.class_setup("mimic", recs)
+
+
+def test_plots_written_or_skipped_with_a_message(tiny, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    classes = CLASSES[:3]  # three panels render quickly
+    loader = D.eval_loader(E.select_labels(make_records(tmp_path / "v", 6), classes), 12)
+    r = E.zero_shot(model, tok, loader, classes, torch.device("cpu"), E.EvalConfig(n_boot=0))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    E.write_result(r, tmp_path / "without", plots=True)
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not list((tmp_path / "without").glob("*.png"))
+    assert (tmp_path / "without" / "eval.json").is_file()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    E.write_result(r, tmp_path / "with", plots=True)
+    for name in ("roc_curves.png", "modality_gap.png"):
+        assert (tmp_path / "with" / name).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,156 @@
+"""Preprocessing and loader benchmark for data.py (SPEC section 9).
+
+1. One 512x512x300 int16 chest CT (.nii.gz, 0.75 x 0.75 x 1.0 mm, LPS affine) is taken to
+   256x256x128 at 1.5 x 1.5 x 3.0 mm by the project's pipeline (read + HU + resample + crop/pad +
+   clip + save .npy) on ONE thread (torch.set_num_threads(1)); per-stage medians over repeats, and
+   the first (cold) run separately. If SimpleITK happens to be importable, the same job done the
+   SimpleITK way (the official code's reader/resampler) is timed as a reference; it is not a
+   project dependency.
+2. Loader throughput from a preprocessed cache of paper-size 256x256x128 volumes with random
+   224x224x112 training crops (VolumeTextDataset + make_loader), with 1 and 2 worker processes.
+
+    python benchmarks/preprocess_bench.py [--repeats 5] [--volumes 16] [--batches 12]
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_volumes"
+SHAPE, SPACING = (512, 512, 300), (0.75, 0.75, 1.0)
+PAPER = data.PREPROCESS["paper"]
+
+
+def make_ct(path, seed=0):
+    """A 512x512x300 int16 HU chest: the real lung1 CT upsampled when ../shared/data is there
+    (else a drawn phantom), plus scanner-like noise so that gzip sees realistic entropy."""
+    rng = np.random.default_rng(seed)
+    real = SHARED / "pyradiomics_lung1_ct_ds2.nii.gz"
+    if real.is_file():
+        hu, sp = data.load_nifti(real)
+        x = torch.from_numpy(np.ascontiguousarray(hu))[None, None]
+        hu = torch.nn.functional.interpolate(x, size=SHAPE, mode="trilinear")[0, 0].numpy()
+    else:
+        axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in SHAPE[:2]]
+        g = np.meshgrid(*axes, indexing="ij")
+        sl = np.where((g[0] / 0.9) ** 2 + (g[1] / 0.7) ** 2 < 1, 40.0, -1000.0)
+        for cx in (-0.4, 0.4):
+            sl[((g[0] - cx) / 0.3) ** 2 + (g[1] / 0.45) ** 2 < 1] = -850.0
+        hu = np.repeat(sl[:, :, None], SHAPE[2], 2)
+    raw = np.rint(hu + 1024 + rng.normal(0, 15, SHAPE).astype(np.float32)).clip(0, 4095)
+    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])  # LPS, as DICOM converters write
+    nib.save(nib.Nifti1Image(raw.astype(np.int16), affine), str(path))  # v1 style: needs -1024
+
+
+def time_ours(src, out):
+    t = [time.perf_counter()]
+    raw, spacing = data.load_nifti(src)
+    t.append(time.perf_counter())
+    hu, rule = data.to_hu(raw, 1.0, -1024.0, out=raw)
+    t.append(time.perf_counter())
+    vol = data.preprocess_volume(hu, spacing, PAPER["target_spacing"], PAPER["target_shape"])
+    t.append(time.perf_counter())
+    data.save_npy_atomic(out, np.rint(vol).astype(np.int16))
+    t.append(time.perf_counter())
+    assert rule == "rescaled" and vol.shape == PAPER["target_shape"]
+    stages = dict(zip(("read", "hu", "resample+crop+clip", "save"), np.diff(t)))
+    return stages | {"total": t[-1] - t[0]}
+
+
+def time_sitk(sitk, src, out):
+    t0 = time.perf_counter()
+    img = sitk.DICOMOrient(sitk.ReadImage(str(src)), "LPS")  # ITK's native orientation
+    img = sitk.Cast(img, sitk.sitkFloat32) * 1.0 - 1024.0
+    sp_in, n_in = np.array(img.GetSpacing()), np.array(img.GetSize())
+    t_sp = np.array(PAPER["target_spacing"])
+    size = [int(v) for v in n_in * sp_in / t_sp]
+    img = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(),
+                        tuple(t_sp), img.GetDirection(), -1024.0, sitk.sitkFloat32)
+    vol = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    vol = np.clip(data.crop_or_pad(vol, PAPER["target_shape"]), -1000, 1000)
+    np.save(out, np.rint(vol).astype(np.int16))
+    return dict(total=time.perf_counter() - t0)
+
+
+def bench_preprocess(tmp, repeats):
+    torch.set_num_threads(1)
+    src = tmp / "ct_512x512x300.nii.gz"
+    make_ct(src)
+    runs = [time_ours(src, tmp / "ours.npy") for _ in range(repeats + 1)]
+    rows = [("ours, first run (cold memory)", runs[0])]
+    rows.append((f"ours, median of {repeats}", {k: statistics.median(r[k] for r in runs[1:])
+                                                for k in runs[0]}))
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        sitk = None
+    if sitk is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        sruns = [time_sitk(sitk, src, tmp / "sitk.npy") for _ in range(repeats + 1)]
+        rows.append((f"SimpleITK {sitk.Version.VersionString()}, median of {repeats}",
+                     dict(total=statistics.median(r["total"] for r in sruns[1:]))))
+    print(f"\npreprocess one {SHAPE} int16 CT ({src.stat().st_size / 1e6:.0f} MB .nii.gz) -> "
+          f"{PAPER['target_shape']}, 1 thread")
+    cols = ("read", "hu", "resample+crop+clip", "save", "total")
+    print(f"{'pipeline':<34}" + "".join(f"{c:>20}" for c in cols))
+    for name, r in rows:
+        print(f"{name:<34}" + "".join(f"{r[c]:>19.3f}s" if c in r else f"{'-':>20}" for c in cols))
+    if sitk is None:
+        print("(SimpleITK not installed: no reference row)")
+
+
+def bench_loader(tmp, n_volumes, n_batches, batch_size=2):
+    rng = np.random.default_rng(0)
+    shape = PAPER["target_shape"]
+    records = []
+    for i in range(n_volumes):
+        path = tmp / f"vol{i}.npy"
+        np.save(path, rng.integers(-1000, 1000, shape, dtype=np.int16))
+        records.append(data.Record(f"vol{i}", str(path), f"report {i}", np.zeros(18, np.float32)))
+    ds = data.VolumeTextDataset(records, {}, crop_size=(224, 224, 112), train=True, seed=0)
+    print(f"\nloader: {n_volumes} cached {shape} int16 volumes (page cache warm), random "
+          f"224x224x112 crops, batch {batch_size}")
+    print(f"{'workers':>8}{'volumes/s':>12}{'MB/s (float32 out)':>22}")
+    for workers in (1, 2):
+        loader = data.make_loader(ds, batch_size, shuffle=True, workers=workers, seed=0)
+        it = iter(loader)
+        next(it)  # worker start-up is not throughput
+        t0, n = time.perf_counter(), 0
+        for _ in range(n_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            n += batch["volume"].shape[0]
+        dt = time.perf_counter() - t0
+        mb = n * 224 * 224 * 112 * 4 / 1e6
+        print(f"{workers:>8}{n / dt:>12.1f}{mb / dt:>22.0f}")
+        del it, loader
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--volumes", type=int, default=16)
+    p.add_argument("--batches", type=int, default=12)
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, numpy {np.__version__}, nibabel {nib.__version__}, "
+          f"{torch.get_num_threads()} CPU threads available")
+    with tempfile.TemporaryDirectory() as d:
+        bench_preprocess(Path(d), a.repeats)
+    with tempfile.TemporaryDirectory() as d:
+        bench_loader(Path(d), a.volumes, a.batches)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,23 +12,26 @@ Optimizer and schedule follow the preset: the paper's is Adam(lr 5e-5, betas 0.5
 1e-6), constant LR, batch 64, grad-norm clip 0.25, mixed precision (bf16 here; fp16 officially).
 """
 import argparse
-import json
 import math
 import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as data_lib
+import ddp
 import eval as eval_lib
 import phantom
+import pretrained
 import summarize
-from model import PRESETS, BrgSA
+from model import PRESETS, BrgSA, flops_per_sample
 
 
 def _f(default, help):
@@ -58,7 +61,24 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _f("auto", "autocast dtype: auto (bf16 on GPUs that have it, else fp16 + "
                             "GradScaler; fp32 on CPU), bfloat16, float16 or float32")
-    workers: int = _f(None, "data-loader worker processes (default: 0 on CPU, 4 on GPU)")
+    workers: int = _f(None, "data-loader worker processes (default: 0 on CPU, 4 on GPU); on CUDA "
+                            "batches go through pinned host memory so the copy overlaps compute")
+    prefetch: int = _f(2, "batches each data-loader worker prepares ahead (prefetch_factor; "
+                          "only with --workers > 0)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step: each rank holds batch_size / "
+                            "(world size * grad_accum) pairs at a time. Memory knob, but not the "
+                            "same objective: contrastive negatives span one micro-batch only")
+    grad_checkpoint: bool = _f(False, "recompute ViT and text block activations in backward: "
+                                      "about 1/3 more compute, activation memory ~depth x smaller")
+    compile: bool = _f(False, "torch.compile the encoders (slow first steps while it compiles)")
+    fused_adam: bool = _f(None, "AdamW update as one fused kernel (default: on for CUDA, off on CPU)")
+    auto_resume: bool = _f(False, "resume from out_dir/ckpt.pt when it exists, else start fresh: "
+                                  "for torchrun --max-restarts, which reruns the same command")
+    text_weights: str = _f("", "Hugging Face BERT folder (config.json, model.safetensors or "
+                               "pytorch_model.bin, vocab.txt; e.g. CXR-BERT): initialises the text "
+                               "encoder, sets its size, and its vocab.txt replaces the tokenizer")
+    vit_weights: str = _f("", "timm-style ViT weights (.safetensors, .pth, .bin): a 2-D ViT "
+                              "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one loads as is")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (summarize.py)")
     vocab_size: int = _f(4096, "WordPiece vocabulary size of the tokenizer trained on the reports")
@@ -77,7 +97,7 @@ def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for f in fields(TrainConfig):
         kind = int if f.name in ("synth_n", "max_iters", "batch_size", "warmup_iters",
-                                 "workers") else f.type
+                                 "workers", "prefetch", "grad_accum") else f.type
         if kind is bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
                            type=lambda s: s.lower() in ("1", "true", "yes"), help=f.metadata["help"])
@@ -94,8 +114,8 @@ def parse_args(argv=None) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(cfg: TrainConfig, mcfg, workers: int):
-    """-> (train records, held-out records, summaries {report: [sentences]})."""
+def load_records(cfg: TrainConfig, mcfg, workers: int):
+    """-> (train records, held-out records); generates the synthetic set first when --data is empty."""
     if cfg.data:
         root = Path(cfg.data)
     else:
@@ -106,10 +126,46 @@ def prepare_data(cfg: TrainConfig, mcfg, workers: int):
             phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2))
     train = data_lib.load_dataset(root, "train", mcfg.spacing, mcfg.image_size, workers=2)
     valid = data_lib.load_dataset(root, "valid", mcfg.spacing, mcfg.image_size, workers=2)
+    return train, valid
+
+
+def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
+    """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
+    checkpoint when resuming, from --text_weights' vocab.txt when given, else it is trained."""
     reports = sorted({r.report for r in train + valid})
-    cache = Path(cfg.out_dir) / f"summaries_{cfg.summary_backend}.jsonl"
+    cache = out / f"summaries_{cfg.summary_backend}.jsonl"
     summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend)
-    return train, valid, summaries
+    if ckpt is not None:
+        return summaries, ckpt["tokenizer"]
+    if cfg.text_weights:
+        return summaries, data_lib.load_tokenizer(Path(cfg.text_weights) / "vocab.txt").to_str()
+    texts = [s for r in train for s in summaries.get(r.report, [r.report])]
+    return summaries, data_lib.train_tokenizer(texts, cfg.vocab_size, out / "tokenizer.json").to_str()
+
+
+class StepSeeded(torch.utils.data.Dataset):
+    """Makes every training item a pure function of (seed, step, index).
+
+    data.VolumeTextDataset draws an item's crop, summary sentences and reconstruction from a salt
+    taken from torch's global RNG. In a DataLoader worker that state depends on the worker's seed
+    and on how many items the worker served before, so with --workers > 0 a resumed run (or another
+    worker count, or another rank split) would see other crops. Reseeding torch's RNG from
+    (seed, step, index) just before delegating pins the salt whichever process runs the item;
+    fork_rng restores the caller's RNG afterwards, so with --workers 0 training's own RNG stream
+    (dropout) is untouched.
+    """
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        step, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
+            return self.base[i]
 
 
 def batches(n: int, batch_size: int, seed: int, start_step: int):
@@ -122,6 +178,24 @@ def batches(n: int, batch_size: int, seed: int, start_step: int):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         yield step, perm[k * batch_size:(k + 1) * batch_size].tolist()
         step += 1
+
+
+def rank_batches(n, batch_size, seed, start_step, rank=0, world=1, accum=1):
+    """This rank's micro-batches of (step, index) pairs. Each step's global batch is cut into
+    accum * world equal chunks and rank r's micro-batch m is chunk m * world + r, so micro-batch m
+    gathered over the ranks is the same slice of the batch that one process would use."""
+    b = batch_size // (world * accum)
+    for step, idx in batches(n, batch_size, seed, start_step):
+        for m in range(accum):
+            k = m * world + rank
+            yield [(step, i) for i in idx[k * b:(k + 1) * b]]
+
+
+def collate(items, tokenizer, max_len: int):
+    volume = torch.stack([it["volume"] for it in items])  # (B, 1, X, Y, Z)
+    ids, mask = data_lib.tokenize(tokenizer, [it["text"] for it in items], max_len)
+    width = int(mask.sum(1).max())  # padding past the longest text changes nothing: trim it
+    return volume, ids[:, :width], mask[:, :width]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,6 +229,27 @@ def restore_rng(rng: dict):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+# ----------------------------------------------------------------------------- speed accounting
+
+# Dense bf16 tensor-core peak FLOP/s of one GPU by name substring (vendor data sheets; first match
+# wins, so "H100 PCIe" precedes "H100"). MFU is always quoted against this bf16 peak.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device) -> float:
+    """Peak FLOP/s of one device, or 0 when unknown (CPUs, unlisted GPUs): MFU is then n/a."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def speed(volumes: int, seconds: float, flops_per_volume: float, peak: float, world: int) -> str:
+    vps = volumes / max(seconds, 1e-9)
+    mfu = f"{100 * vps * flops_per_volume / (peak * world):.1f}%" if peak else "n/a"
+    return f"{vps:.1f} vol/s | MFU {mfu}"
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def evaluate(model, tokenizer, valid, device, batch_size: int) -> dict:
@@ -164,102 +259,156 @@ def evaluate(model, tokenizer, valid, device, batch_size: int) -> dict:
     return result
 
 
-def collate(items, tokenizer, max_len: int):
-    volume = torch.stack([it["volume"] for it in items])  # (B, 1, X, Y, Z)
-    ids, mask = data_lib.tokenize(tokenizer, [it["text"] for it in items], max_len)
-    width = int(mask.sum(1).max())  # padding past the longest text changes nothing: trim it
-    return volume, ids[:, :width], mask[:, :width]
+def build_model(cfg: TrainConfig, mcfg, device, ckpt, log):
+    """BrgSA on device: pretrained weights when starting a run, the checkpoint's when resuming."""
+    model = BrgSA(mcfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    else:
+        if cfg.text_weights:
+            log(pretrained.load_bert(model.text, cfg.text_weights).summary())
+        if cfg.vit_weights:
+            log(pretrained.load_vit(model.visual, cfg.vit_weights).summary())
+    return model.to(device)
+
+
+def train_step(model, wrapped, micro, cfg, device, dtype, scaler, no_sync) -> dict:
+    """Forward and backward over cfg.grad_accum micro-batches -> the step's mean losses (tensors).
+
+    wrapped (DDP and/or compiled) returns this rank's embeddings; the loss is the one of the
+    micro-batch gathered over all ranks, so the negatives span every rank (see ddp.gather)."""
+    parts = {}
+    for m in range(cfg.grad_accum):
+        volume, ids, mask = (x.to(device, non_blocking=True) for x in next(micro))
+        # DDP all-reduces gradients during backward: only needed after the last micro-batch
+        with no_sync() if m < cfg.grad_accum - 1 else nullcontext():
+            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                v, t = wrapped(volume, ids, mask, return_embeddings=True)  # (b, d) each
+                losses = model.loss(ddp.gather(v), ddp.gather(t))  # on (world * b, d)
+            scaler.scale(losses["total"] / cfg.grad_accum).backward()
+        for k, x in losses.items():
+            parts[k] = parts.get(k, 0) + x.detach() / cfg.grad_accum
+    return parts
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    out = Path(cfg.out_dir)
+    rank, world, device = ddp.setup(cfg.device)
+    try:
+        result = run(cfg, rank, world, device)
+    except BaseException:
+        ddp.teardown(clean=False)  # torchrun stops the other ranks; no barrier they cannot reach
+        raise
+    ddp.teardown()
+    return result
+
+
+def run(cfg: TrainConfig, rank: int, world: int, device):
+    master, out, log = rank == 0, Path(cfg.out_dir), print if rank == 0 else (lambda *a, **k: None)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if cfg.device == "auto" else cfg.device)
     workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    mcfg = PRESETS[cfg.preset]
-    train_recs, valid_recs, summaries = prepare_data(cfg, mcfg, workers)
+    mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint)
+    if cfg.text_weights:
+        mcfg = replace(mcfg, **pretrained.bert_text_config(cfg.text_weights))
     ckpt_path = out / "ckpt.pt"
     if cfg.resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume else None
-    if ckpt is not None:
-        tokenizer = data_lib.tokenizer_from_string(ckpt["tokenizer"])
-    else:
-        texts = [s for r in train_recs for s in summaries.get(r.report, [r.report])]
-        tokenizer = data_lib.train_tokenizer(texts, cfg.vocab_size, out / "tokenizer.json")
-    mcfg = replace(mcfg, vocab_size=tokenizer.get_vocab_size())
-    model = BrgSA(mcfg).to(device)
+    resume = cfg.resume or (cfg.auto_resume and ckpt_path.is_file())
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume else None
+    with ddp.master_first():  # rank 0 generates / preprocesses once, the others read its caches
+        train_recs, valid_recs = load_records(cfg, mcfg, workers)
+    summaries, tok = ddp.broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)
+    tokenizer = data_lib.tokenizer_from_string(tok)
+    model = build_model(cfg, replace(mcfg, vocab_size=tokenizer.get_vocab_size()), device, ckpt, log)
 
-    dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=mcfg.crop_size,
+    dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
                                          train=True, seed=cfg.seed)
-    bs = min(cfg.batch_size, len(dataset))
+    split = world * cfg.grad_accum
+    bs = min(cfg.batch_size, len(dataset)) // split * split
+    if cfg.batch_size % split or bs == 0:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a positive multiple of world size "
+                         f"{world} x --grad_accum={cfg.grad_accum} (at most {len(dataset)} reports)")
     if bs < cfg.batch_size:
-        print(f"train: only {len(dataset)} training reports, batch size lowered to {bs}")
+        log(f"train: only {len(dataset)} training reports, batch size lowered to {bs}")
     max_iters = cfg.max_iters or PAPER_EPOCHS * (len(dataset) // bs)
     use_cuda = device.type == "cuda"
     dtype = {"auto": (torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported()
                       else torch.float16 if use_cuda else torch.float32),
              "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, fused=use_cuda)
+                            weight_decay=cfg.weight_decay,
+                            fused=use_cuda if cfg.fused_adam is None else cfg.fused_adam)
     step, last_eval = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         step, last_eval = ckpt["step"], ckpt["last_eval"]
         restore_rng(ckpt["rng"])
-        print(f"train: resumed from {ckpt_path} at step {step}")
-    print(f"train: {cfg.preset} preset, {model.num_params() / 1e6:.1f} M parameters, "
-          f"{len(dataset)} training reports, {len(valid_recs)} held-out volumes, "
-          f"batch {bs}, {max_iters} steps on {device} ({str(dtype).split('.')[-1]})", flush=True)
+        log(f"train: resumed from {ckpt_path} at step {step}")
+    log(f"train: {cfg.preset} preset, {model.num_params() / 1e6:.1f} M parameters, "
+        f"{len(dataset)} training reports, {len(valid_recs)} held-out volumes, batch {bs} "
+        f"({world} rank(s) x {cfg.grad_accum} micro-batch(es)), {max_iters} steps on {device} "
+        f"({str(dtype).split('.')[-1]})", flush=True)
 
+    extra = dict(prefetch_factor=cfg.prefetch, persistent_workers=True) if workers > 0 else {}
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=(b for _, b in batches(len(dataset), bs, cfg.seed, step)),
-        num_workers=workers, pin_memory=use_cuda,
-        collate_fn=lambda items: collate(items, tokenizer, mcfg.max_len))
+        StepSeeded(dataset, cfg.seed),
+        batch_sampler=rank_batches(len(dataset), bs, cfg.seed, step, rank, world, cfg.grad_accum),
+        num_workers=workers, pin_memory=use_cuda, **extra,
+        collate_fn=partial(collate, tokenizer=tokenizer, max_len=model.cfg.max_len))
+    ddp_model = DDP(model, device_ids=[device] if use_cuda else None) if world > 1 else None
+    wrapped = ddp_model or model
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)  # after DDP, so compiled graphs respect its buckets
+    no_sync = ddp_model.no_sync if ddp_model else nullcontext
     model.train()
-    t0, seen, history = time.time(), 0, []
-    for volume, ids, mask in loader:
-        if step >= max_iters:
-            break
+    micro, history, peak = iter(loader), [], peak_flops(device)
+    flops, t0 = flops_per_sample(model.cfg), time.time()
+    t_log, seen = t0, 0
+    while step < max_iters:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        volume, ids, mask = (x.to(device, non_blocking=True) for x in (volume, ids, mask))
-        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-            losses = model(volume, ids, mask)
-        scaler.scale(losses["total"]).backward()
+        losses = train_step(model, wrapped, micro, cfg, device, dtype, scaler, no_sync)
         if cfg.grad_clip > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        step, seen = step + 1, seen + volume.shape[0]
+        step, seen = step + 1, seen + bs
         history.append(losses["total"].item())
         if step % cfg.log_interval == 0 or step == max_iters:
-            dt = time.time() - t0
-            print(f"step {step:5d}/{max_iters} | loss {losses['total'].item():.4f} "
-                  f"(info {losses['info'].item():.3f}, info_r {losses['info_r'].item():.3f}, "
-                  f"mse {losses['mse'].item():.4f}) | {seen / dt:.1f} vol/s", flush=True)
+            log(f"step {step:5d}/{max_iters} | loss {losses['total'].item():.4f} "
+                f"(info {losses['info'].item():.3f}, info_r {losses['info_r'].item():.3f}, "
+                f"mse {losses['mse'].item():.4f}) | "
+                f"{speed(seen, time.time() - t_log, flops, peak, world)}", flush=True)
+            t_log, seen = time.time(), 0
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < max_iters:
-            last_eval = evaluate(model, tokenizer, valid_recs, device, bs)
-            print(f"step {step:5d} | held-out zero-shot macro AUROC {last_eval['macro_auc']:.4f}")
-        if step % cfg.ckpt_interval == 0 or step == max_iters:
+            if master:
+                last_eval = evaluate(model, tokenizer, valid_recs, device, bs)
+                log(f"step {step:5d} | held-out zero-shot macro AUROC {last_eval['macro_auc']:.4f}")
+            ddp.barrier()
+        if master and (step % cfg.ckpt_interval == 0 or step == max_iters):
             save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer,
                             last_eval and last_eval["macro_auc"])
+    return finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0,
+                  (opt, scaler, ckpt_path) if master else None)
 
+
+def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, saving):
+    """Final zero-shot evaluation, checkpoint and eval.json, on rank 0 only."""
+    if saving is None:
+        return dict(step=step, history=history)
+    opt, scaler, ckpt_path = saving
     result = evaluate(model, tokenizer, valid_recs, device, bs)
     result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
     print(eval_lib.format_table(result))
-    path = eval_lib.write_result(result, out)
+    path = eval_lib.write_result(result, Path(cfg.out_dir))
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over "
           f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes "
           f"({time.time() - t0:.0f} s of training); {path}, {ckpt_path}")

@@ -2,10 +2,10 @@
 
 1. One 512x512x300 int16 chest CT (.nii.gz, 0.75 x 0.75 x 1.0 mm, LPS affine) is taken to
    256x256x128 at 1.5 x 1.5 x 3.0 mm by the project's pipeline (read + HU + resample + crop/pad +
-   clip + save .npy) on ONE thread (torch.set_num_threads(1)); per-stage medians over repeats, and
-   the first (cold) run separately. If SimpleITK happens to be importable, the same job done the
-   SimpleITK way (the official code's reader/resampler) is timed as a reference; it is not a
-   project dependency.
+   clip + save .npy) on ONE thread (torch.set_num_threads(1)); per-stage wall-clock medians over
+   repeats plus process CPU time, and the first (cold) run separately. If SimpleITK happens to be
+   importable, the same job done the SimpleITK way (the official code's reader/resampler) is timed
+   as a reference; it is not a project dependency.
 2. Loader throughput from a preprocessed cache of paper-size 256x256x128 volumes with random
    224x224x112 training crops (VolumeTextDataset + make_loader), with 1 and 2 worker processes.
 
@@ -52,7 +52,7 @@ def make_ct(path, seed=0):
 
 
 def time_ours(src, out):
-    t = [time.perf_counter()]
+    cpu0, t = time.process_time(), [time.perf_counter()]
     raw, spacing = data.load_nifti(src)
     t.append(time.perf_counter())
     hu, rule = data.to_hu(raw, 1.0, -1024.0, out=raw)
@@ -63,11 +63,11 @@ def time_ours(src, out):
     t.append(time.perf_counter())
     assert rule == "rescaled" and vol.shape == PAPER["target_shape"]
     stages = dict(zip(("read", "hu", "resample+crop+clip", "save"), np.diff(t)))
-    return stages | {"total": t[-1] - t[0]}
+    return stages | {"total": t[-1] - t[0], "cpu": time.process_time() - cpu0}
 
 
 def time_sitk(sitk, src, out):
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     img = sitk.DICOMOrient(sitk.ReadImage(str(src)), "LPS")  # ITK's native orientation
     img = sitk.Cast(img, sitk.sitkFloat32) * 1.0 - 1024.0
     sp_in, n_in = np.array(img.GetSpacing()), np.array(img.GetSize())
@@ -78,7 +78,7 @@ def time_sitk(sitk, src, out):
     vol = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     vol = np.clip(data.crop_or_pad(vol, PAPER["target_shape"]), -1000, 1000)
     np.save(out, np.rint(vol).astype(np.int16))
-    return dict(total=time.perf_counter() - t0)
+    return dict(total=time.perf_counter() - t0, cpu=time.process_time() - cpu0)
 
 
 def bench_preprocess(tmp, repeats):
@@ -97,15 +97,16 @@ def bench_preprocess(tmp, repeats):
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
         sruns = [time_sitk(sitk, src, tmp / "sitk.npy") for _ in range(repeats + 1)]
         rows.append((f"SimpleITK {sitk.Version.VersionString()}, median of {repeats}",
-                     dict(total=statistics.median(r["total"] for r in sruns[1:]))))
+                     {k: statistics.median(r[k] for r in sruns[1:]) for k in sruns[0]}))
     print(f"\npreprocess one {SHAPE} int16 CT ({src.stat().st_size / 1e6:.0f} MB .nii.gz) -> "
           f"{PAPER['target_shape']}, 1 thread")
-    cols = ("read", "hu", "resample+crop+clip", "save", "total")
+    cols = ("read", "hu", "resample+crop+clip", "save", "total", "cpu")
     print(f"{'pipeline':<34}" + "".join(f"{c:>20}" for c in cols))
     for name, r in rows:
         print(f"{name:<34}" + "".join(f"{r[c]:>19.3f}s" if c in r else f"{'-':>20}" for c in cols))
     if sitk is None:
         print("(SimpleITK not installed: no reference row)")
+    print("wall-clock seconds per stage; cpu = process CPU seconds (robust to other load)")
 
 
 def bench_loader(tmp, n_volumes, n_batches, batch_size=2):

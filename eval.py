@@ -15,10 +15,14 @@ Percentile bootstrap 95% intervals resample patients (or volumes) with replaceme
 With report texts: report->volume and volume->report Recall@{1,5,10,50,100} and mAP, and the
 modality gap (centroid distance, true vs random pair cosine, linear-probe accuracy) of the raw
 (v, t) and the bank-mapped (v_hat, t_hat) embeddings.
+Outputs in --out_dir: eval.json (every number, its interval and which rows it uses), metrics.csv,
+scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png
+(matplotlib is optional: without it the plots are skipped with a message).
 
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
+    python eval.py --help                                              # every flag
 """
 import argparse
 import csv
@@ -165,6 +169,10 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
                             **_rows_note(int(main.sum()), int(is_cal.sum()), int(test.sum()), cfg,
                                          calib is not None)),
                   **metrics.summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
+    for j, m in enumerate(result["per_class"].values()):
+        if m.get("calibrated"):  # what the calibrated numbers rest on, per class
+            m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
+                                   positives_test=int(labels[test, j].sum()))
     result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
     result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
     result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
@@ -422,6 +430,8 @@ def write_plots(result: dict, out: Path) -> list:
         ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
         ax.tick_params(labelsize=6)
     axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("ROC per class (x FPR, y TPR): roc_corner = threshold picked on the evaluated rows "
+                 "(optimistic), calibrated = frozen threshold on the test rows", fontsize=8)
     fig.tight_layout()
     written = [out / "roc_curves.png"]
     fig.savefig(written[0], dpi=110)
@@ -511,6 +521,7 @@ def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict
     idx = np.array([row[n] for n in s_names])
     labels = labels[idx][:, [l_classes.index(c) for c in s_classes]]
     result = evaluate_scores(scores, labels, s_classes, s_names, cfg)
+    result["source"] = dict(scores=str(scores_csv), labels=str(labels_csv))
     if len(l_names) > len(s_names):
         result["notes"] = [f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} have "
                            f"no score and are not evaluated"]
@@ -598,6 +609,8 @@ def build_parser():
     p.add_argument("--volume", help="single-scan mode: a NIfTI CT in HU (or a preprocessed .npy)")
     p.add_argument("--findings", nargs="+", help="single-scan mode: abnormalities to score "
                                                  "(default: the 18 CT-RATE classes)")
+    p.add_argument("--summaries", help="summary cache (JSONL) of the training run, e.g. "
+                   "out/summaries_rules.jsonl; reports missing from it are summarised with the rules")
     p.add_argument("--thresholds", help="single-scan mode: eval.json whose calibrated thresholds "
                    "turn scores into positive / negative calls")
     p.add_argument("--classes", default="auto", help="label classes with --data: auto (what the "
@@ -661,8 +674,14 @@ def _run_model(args, cfg, device):
                              f"e.g. {sorted(overlap)[:3]}")
         calib_loader = data_lib.eval_loader(calib, args.batch_size, args.workers)
     loader = data_lib.eval_loader(records, args.batch_size, args.workers)
-    return zero_shot(model, tokenizer, loader, classes, device, cfg, calib_loader,
-                     score_map=score_map)
+    summaries = None
+    if args.summaries:  # the training run's cache: retrieval embeds exactly the texts it trained on
+        import summarize
+        cache = summarize.load_cache(args.summaries)
+        keys = {r.report: summarize.report_key(r.report) for r in records}
+        summaries = {text: cache[k] for text, k in keys.items() if k in cache}
+    return zero_shot(model, tokenizer, loader, classes, device, cfg, calib_loader, summaries,
+                     score_map)
 
 
 def main(argv=None):

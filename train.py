@@ -389,12 +389,12 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
             t_log, seen = time.time(), 0
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < max_iters:
             if master:
-                last_eval = evaluate(model, tokenizer, valid_recs, device, bs)
-                log(f"step {step:5d} | held-out zero-shot macro AUROC {last_eval['macro_auc']:.4f}")
+                last_eval = evaluate(model, tokenizer, valid_recs, device, bs)["macro_auc"]
+                log(f"step {step:5d} | held-out zero-shot macro AUROC {last_eval:.4f}")
             ddp.barrier()
         if master and (step % cfg.ckpt_interval == 0 or step == max_iters):
             save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer,
-                            last_eval and last_eval["macro_auc"])
+                            last_eval)
     return finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0,
                   (opt, scaler, ckpt_path) if master else None)
 

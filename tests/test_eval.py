@@ -239,9 +239,16 @@ def test_cli_model_mode_external_calibration_and_single_scan(tiny, tmp_path, cap
     cal = [replace(r, name=r.name.replace("valid_", "valid_9")) for r in
            make_records(tmp_path / "cal" / "valid" / "v", 6, seed=2)]
     D.write_index(tmp_path / "cal" / "valid", cal)
+    import summarize
+    # a training-run cache that summarises every report alike: retrieval must embed these texts
+    reports = {r.report for r in D.load_index(tmp_path / "set" / "valid")}
+    lines = [json.dumps(dict(key=summarize.report_key(x), source="rules", summary=["Same summary."]))
+             for x in reports]
+    (tmp_path / "summaries.jsonl").write_text("\n".join(lines) + "\n")
     r = E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "set"), "--out_dir", str(tmp_path / "o"),
                 "--calib_data", str(tmp_path / "cal"), "--n_boot", "50", "--no_plots",
-                "--protocol", "ctclip"])
+                "--protocol", "ctclip", "--summaries", str(tmp_path / "summaries.jsonl")])
+    assert len(reports) == 8 and "1 unique report texts" in r["retrieval_note"]
     out = capsys.readouterr().out
     assert "macro mean" in out and "opt ACC" in out and "cal ACC" in out and "R@10" in out
     assert r["rows"]["n_calib"] == 12 and r["rows"]["n_test"] == 16 and r["n_volumes"] == 16

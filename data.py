@@ -1,4 +1,4 @@
-"""CT and report data for BrgSA: NIfTI I/O, HU conversion, resampling, caches, datasets, tokenizer.
+"""CT data for BrgSA: NIfTI I/O, HU conversion, resampling, crop/pad, normalisation, datasets.
 
 Follows the paper's / official code's preprocessing (SPEC section 5): reorient to canonical RAS
 (nibabel `as_closest_canonical`), HU = raw * slope + intercept where the volume is not already in HU
@@ -7,16 +7,17 @@ Follows the paper's / official code's preprocessing (SPEC section 5): reorient t
 ((HU + 1000) / 1000 - 1 - 0.4978) / 0.2449. Preprocessed volumes are cached as memory-mappable int16
 `.npy` files so that training never decodes gzip or resamples.
 
+This file is the data package's front door: every data name is reachable as `data.X`.
+  dataset_tables.py  class lists and the CT-RATE / RAD-ChestCT CSV tables  (imported here)
+  tokenizer.py       the WordPiece report tokenizer                          (imported here)
+  preprocess.py      the preprocessing cache, index.csv and the `preprocess` command; it imports
+                     this file, so its names are resolved on first use (__getattr__ at the end)
+
     python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
         --preset paper --workers 8
 """
-import argparse
-import csv
 import json
-import multiprocessing as mp
-import os
 import sys
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -26,37 +27,19 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                        trainers)
 
-CTRATE_CLASSES = (
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
-    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-)
-# RAD-ChestCT's 16 classes (SPEC section 5): the two calcification classes merge, Mosaic drops out
-RADCHEST_CLASSES = (
-    "Medical material", "Calcification", "Cardiomegaly", "Pericardial effusion", "Hiatal hernia",
-    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
-    "Pulmonary fibrotic sequela", "Pleural effusion", "Peribronchial thickening", "Consolidation",
-    "Bronchiectasis", "Interlobular septal thickening",
-)
-# the paper's 15 under-represented abnormalities on CT-RATE validation (prompt order)
-CTRATE_LT_CLASSES = (
-    "Pneumonia", "Pneumothorax", "Empyema", "Tuberculosis", "Pulmonary fibrosis", "Lung cyst",
-    "Bronchial thickening", "Lung mass", "Osteophyte", "Rib fracture", "Atherosclerosis",
-    "Pericardial calcification", "Spondylosis", "Pleural calcification", "Pneumomediastinum",
-)
-# target voxel spacing (mm) and stored shape per preset; "paper" is the paper's setting
+from dataset_tables import (CTRATE_CLASSES, CTRATE_LT_CLASSES, RADCHEST_CLASSES,  # noqa: F401
+                            RADCHEST_DEVICES, RADCHEST_SOURCES, CTRateTables, ctrate_to_radchest,
+                            find_split_csv, read_csv, read_labels, read_radchest_labels, volume_key)
+from tokenizer import (SPECIAL_TOKENS, load_tokenizer, tokenize, tokenizer_from_string,  # noqa: F401
+                       train_tokenizer)
+
 PREPROCESS = {
     "tiny": dict(target_spacing=(7.0, 7.0, 10.0), target_shape=(48, 48, 32)),
     "paper": dict(target_spacing=(1.5, 1.5, 3.0), target_shape=(256, 256, 128)),
 }
 HU_MIN, HU_MAX, PAD_HU = -1000.0, 1000.0, -1024.0
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # official constants, applied after mapping HU to [-1, 1]
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -229,396 +212,7 @@ def normalize(hu):
     return (x - NORM_MEAN) / NORM_STD
 
 
-# ----------------------------------------------------------------------------- CSV tables
-
-def read_csv(path, required=()):
-    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            fields = reader.fieldnames or []
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    missing = [c for c in required if c not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
-    return rows
-
-
-def volume_key(name):
-    """'train_1_a_1.nii.gz' -> 'train_1_a_1' (CSV names come with and without the extension)."""
-    name = Path(str(name).strip()).name
-    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
-    """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
-    surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""
-    rows = read_csv(path, (name_column,))
-    fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
-    missing = [c for c in classes if c.strip().lower() not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing class column(s) {missing}")
-    cols = [fields[c.strip().lower()] for c in classes]
-    out = {}
-    for row in rows:
-        try:
-            out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
-    return out
-
-
-def find_split_csv(folder, split):
-    """The one CSV in `folder` for `split` (train -> train*.csv, valid -> valid*/validation*)."""
-    folder = Path(folder)
-    prefixes = ("valid", "validation") if split == "valid" else (split,)
-    hits = sorted(p for p in folder.glob("*.csv") if p.name.lower().startswith(prefixes))
-    if len(hits) != 1:
-        raise FileNotFoundError(f"{folder}: expected one CSV for split '{split}', found "
-                                f"{[p.name for p in hits]}")
-    return hits[0]
-
-
-class CTRateTables:
-    """Metadata, reports and labels of one CT-RATE split, keyed by volume name (no extension)."""
-
-    def __init__(self, root, split):
-        self.root = Path(root)
-        self.meta_csv = find_split_csv(self.root / "metadata", split)
-        self.report_csv = find_split_csv(self.root / "radiology_text_reports", split)
-        self.label_csv = find_split_csv(self.root / "multi_abnormality_labels", split)
-        meta_cols = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
-        self.meta = {volume_key(r["VolumeName"]): r for r in read_csv(self.meta_csv, meta_cols)}
-        rep_cols = ("VolumeName", "Findings_EN", "Impressions_EN")
-        self.reports = {volume_key(r["VolumeName"]): r for r in read_csv(self.report_csv, rep_cols)}
-        self.labels = read_labels(self.label_csv)
-
-    def _row(self, table, csv_path, name):
-        if name not in table:
-            raise ValueError(f"{csv_path}: unknown volume name '{name}' (not listed in this CSV)")
-        return table[name]
-
-    def entry(self, name):
-        """-> dict(report, labels (18,), spacing (3,) in file axis order, slope, intercept)."""
-        m = self._row(self.meta, self.meta_csv, name)
-        try:
-            xy = [float(v) for v in m["XYSpacing"].strip("[]() ").replace(",", " ").split()]
-            spacing = (xy[0], xy[1], float(m["ZSpacing"]))
-            slope, intercept = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"{self.meta_csv}: bad spacing/rescale for '{name}' ({e})") from e
-        r = self._row(self.reports, self.report_csv, name)
-        parts = (r["Findings_EN"], r["Impressions_EN"])
-        report = " ".join(t.strip() for t in parts if t and t.strip())
-        if not report:
-            raise ValueError(f"{self.report_csv}: empty report for '{name}'")
-        labels = self._row(self.labels, self.label_csv, name)
-        return dict(report=report, labels=labels, spacing=spacing, slope=slope, intercept=intercept)
-
-
-# ----------------------------------------------------------------------------- preprocessing cache
-
-@dataclass
-class Record:
-    """One preprocessed volume: its cached HU array and what goes with it."""
-    name: str
-    npy_path: str            # int16 HU, shape = the preset's target_shape, memory-mappable
-    report: str              # Findings + " " + Impressions ("" where a data set has no reports)
-    labels: np.ndarray       # float32 (C,), in the order of `classes`
-    spacing: tuple = ()      # source voxel spacing (mm) in canonical RAS order
-    hu_rule: str = ""        # "rescaled" / "already_hu" / "header" (header scaling trusted)
-    classes: tuple = CTRATE_CLASSES
-
-
-def save_npy_atomic(path, arr):
-    """np.save through a temp file + os.replace, so a crash never leaves a half-written .npy."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def _read_source(job):
-    """Job dict -> (HU float32 (X, Y, Z) canonical, spacing (3,), rule)."""
-    if job["kind"] == "npz":  # RAD-ChestCT: HU already, fixed spacing, z flipped vs CT-RATE
-        return read_radchest_npz(job["src"], job["spacing"]) + ("already_hu",)
-    raw, spacing = load_nifti(job["src"], spacing=job.get("spacing"))
-    if job.get("slope") is None:  # no metadata: trust the header's scaling
-        return raw, spacing, "header"
-    hu, rule = to_hu(raw, job["slope"], job["intercept"], out=raw)
-    return hu, spacing, rule
-
-
-def _prepare_one(job):
-    """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
-    try:
-        hu, spacing, rule = _read_source(job)
-        vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
-        save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
-        return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
-                    hu_rule=rule)
-    except Exception as e:  # the pool must survive any bad file; the reason goes to the log
-        reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-        return dict(name=job["name"], status="failed", reason=reason)
-
-
-def _worker_init():
-    torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
-
-
-def _check_settings(cache_dir, settings):
-    path = cache_dir / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            raise ValueError(f"{path}: cache was built with {old}, asked for {settings}; "
-                             f"use another cache dir")
-    else:
-        path.write_text(json.dumps(settings))
-
-
-class _Progress:
-    """One status line on stderr: rewritten in place on a terminal, every ~10% otherwise."""
-
-    def __init__(self, label, total):
-        self.label, self.total, self.t0 = label, total, time.time()
-        self.tty, self.last, self.shown = sys.stderr.isatty(), -1, -1
-
-    def update(self, n, counts, final=False):
-        step = max(1, self.total // 10)
-        if final and not self.tty and n == self.shown:
-            return  # that line is already out
-        if not (final or self.tty or n // step != self.last):
-            return
-        self.last, self.shown = n // step, n
-        rate = (counts["done"] + counts["failed"]) / max(time.time() - self.t0, 1e-9)
-        msg = (f"[{self.label}] {n}/{self.total} done={counts['done']} skipped={counts['skipped']} "
-               f"failed={counts['failed']} ({rate:.1f} vol/s)")
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + msg, end=end, file=sys.stderr, flush=True)
-
-
-def _read_done(path):
-    """{name: result} from done.jsonl; a torn last line (a killed run) is ignored."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                d = json.loads(line)
-                done[d["name"]] = d
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
-
-
-def _map(fn, jobs, workers):
-    """fn(job) per job in completion order; a process pool (fork where available) if workers > 1."""
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    chunk = max(1, min(16, len(jobs) // (8 * workers)))
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
-        yield from pool.imap_unordered(fn, jobs, chunksize=chunk)
-
-
-def _log_failure(log, name, reason, counts):
-    print(f"[failed] {name}: {reason}", file=sys.stderr, flush=True)
-    log.write(f"{name}\t{reason}\n")
-    log.flush()
-    counts["failed"] += 1
-
-
-def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, label="preprocess",
-                   failed=(), classes=CTRATE_CLASSES):
-    """Preprocess `jobs` into cache_dir (resumable), write index.csv -> (records, counts).
-
-    A job is a dict(name, src, kind "nifti"/"npz", spacing or None, slope, intercept, report,
-    labels). A volume whose .npy exists and is listed in done.jsonl is skipped; a bad volume is
-    reported on stderr with its reason and listed in failed.txt, and the run goes on. `failed`
-    holds (name, reason) pairs already known to be bad (e.g. a volume missing from a CSV).
-    """
-    cache_dir = Path(cache_dir)
-    (cache_dir / "volumes").mkdir(parents=True, exist_ok=True)
-    _check_settings(cache_dir, dict(target_spacing=[float(v) for v in target_spacing],
-                                    target_shape=[int(v) for v in target_shape], dtype="int16"))
-    done = _read_done(cache_dir / "done.jsonl")
-    counts, todo = dict(done=0, skipped=0, failed=0), []
-    for job in jobs:
-        job.update(out=str(cache_dir / "volumes" / f"{job['name']}.npy"),
-                   target_spacing=tuple(target_spacing), target_shape=tuple(target_shape))
-        if job["name"] in done and Path(job["out"]).is_file():
-            counts["skipped"] += 1
-        else:
-            done.pop(job["name"], None)
-            todo.append(job)
-    progress = _Progress(label, len(jobs) + len(failed))
-    log_path = cache_dir / "done.jsonl"
-    torn = log_path.is_file() and not log_path.read_bytes().endswith(b"\n")
-    with open(log_path, "a") as log, open(cache_dir / "failed.txt", "w") as bad:
-        log.write("\n" if torn else "")  # end a line torn by a killed run before appending
-        for name, reason in failed:
-            _log_failure(bad, name, reason, counts)
-        for res in _map(_prepare_one, todo, workers):
-            if res["status"] == "done":
-                done[res["name"]], counts["done"] = res, counts["done"] + 1
-                log.write(json.dumps(res) + "\n")
-                log.flush()
-            else:
-                _log_failure(bad, res["name"], res["reason"], counts)
-            progress.update(sum(counts.values()), counts)
-    progress.update(sum(counts.values()), counts, final=True)
-    records = [Record(j["name"], j["out"], j["report"], j["labels"],
-                      tuple(done[j["name"]]["spacing"]), done[j["name"]]["hu_rule"], tuple(classes))
-               for j in jobs if j["name"] in done]
-    write_index(cache_dir, records)
-    return records, counts
-
-
-INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
-
-
-def write_index(cache_dir, records):
-    """index.csv: volume, npy (relative to cache_dir), report, source spacing, HU rule, labels."""
-    cache_dir = Path(cache_dir)
-    classes = records[0].classes if records else CTRATE_CLASSES
-    tmp = cache_dir / f".index.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(INDEX_FIXED + tuple(classes))
-        for r in records:
-            npy = os.path.relpath(r.npy_path, cache_dir)
-            sp = [f"{v:.10g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
-            w.writerow([r.name, npy, r.report, *sp, r.hu_rule] + [f"{v:g}" for v in r.labels])
-    os.replace(tmp, cache_dir / "index.csv")
-
-
-def load_index(cache_dir):
-    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / "index.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
-    with open(path, newline="", encoding="utf-8") as f:
-        fields = csv.DictReader(f).fieldnames or []
-    rows = read_csv(path, INDEX_FIXED)
-    classes = tuple(c for c in fields if c not in INDEX_FIXED)
-    records = []
-    for r in rows:
-        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
-        labels = np.array([float(r[c]) for c in classes], np.float32)
-        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
-                              r["hu_rule"], classes))
-    return records
-
-
-def _ctrate_root(root):
-    """Accept the CT-RATE root or its `dataset/` sub-folder (the Hugging Face layout)."""
-    root = Path(root)
-    if not (root / "metadata").is_dir() and (root / "dataset" / "metadata").is_dir():
-        return root / "dataset"
-    return root
-
-
-def ctrate_jobs(root, split):
-    """Volumes of one CT-RATE split found on disk -> (jobs, failed (name, reason) pairs)."""
-    root = _ctrate_root(root)
-    tables = CTRateTables(root, split)
-    files = sorted(p for p in (root / split).glob("*/*/*") if p.name.endswith((".nii.gz", ".nii")))
-    if not files:
-        raise FileNotFoundError(f"{root / split}: no volumes in <split>_<p>/<split>_<p>_<s>/")
-    jobs, failed = [], []
-    for f in files:
-        name = volume_key(f.name)
-        try:
-            e = tables.entry(name)
-        except ValueError as err:
-            failed.append((name, str(err)))
-            continue
-        jobs.append(dict(name=name, src=str(f), kind="nifti", spacing=e["spacing"],
-                         slope=e["slope"], intercept=e["intercept"], report=e["report"],
-                         labels=e["labels"]))
-    return jobs, failed
-
-
-def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
-                   target_shape=(256, 256, 128), workers=2):
-    """Preprocess one CT-RATE split into cache_dir (one int16 .npy per volume + index.csv).
-
-    Volumes come from ROOT/<split>/ on disk; spacing, rescaling, report and labels from the split's
-    CSVs (the metadata spacing replaces the header's, SPEC section 5). Already cached volumes are
-    skipped; bad volumes are logged and skipped. -> list[Record] of the volumes that are ready.
-    """
-    jobs, failed = ctrate_jobs(root, split)
-    records, _ = run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers,
-                                label=f"ctrate {split}", failed=failed)
-    return records
-
-
-# ----------------------------------------------------------------------------- RAD-ChestCT, folders
-
 RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
-# RAD-ChestCT abnormalities (label columns "<abnormality>*<location>") behind each of its 16 classes
-RADCHEST_DEVICES = ("catheter_or_port", "chest_tube", "clip", "gi_tube", "hardware",
-                    "heart_valve_replacement", "pacemaker_or_defib", "staple", "stent",
-                    "sternotomy", "suture", "tracheal_tube", "breast_implant")
-RADCHEST_SOURCES = {
-    "Medical material": RADCHEST_DEVICES, "Calcification": ("calcification",),
-    "Cardiomegaly": ("cardiomegaly",), "Pericardial effusion": ("pericardial_effusion",),
-    "Hiatal hernia": ("hernia",), "Lymphadenopathy": ("lymphadenopathy",),
-    "Emphysema": ("emphysema",), "Atelectasis": ("atelectasis",),
-    "Lung nodule": ("nodule", "nodulegr1cm"), "Lung opacity": ("opacity",),
-    "Pulmonary fibrotic sequela": ("scarring",), "Pleural effusion": ("pleural_effusion",),
-    "Peribronchial thickening": ("bronchial_wall_thickening",),
-    "Consolidation": ("consolidation",), "Bronchiectasis": ("bronchiectasis",),
-    "Interlobular septal thickening": ("septal_thickening",),
-}
-
-
-def ctrate_to_radchest(scores):
-    """(N, 18) CT-RATE-class scores -> (N, 16) RAD-ChestCT-class scores (numpy or torch).
-
-    Calcification = max(arterial wall, coronary artery wall calcification); Mosaic attenuation is
-    dropped; every other class keeps its own column.
-    """
-    xp = torch if torch.is_tensor(scores) else np
-    col = {c: scores[:, i] for i, c in enumerate(CTRATE_CLASSES)}
-    col["Calcification"] = xp.maximum(col["Arterial wall calcification"],
-                                      col["Coronary artery wall calcification"])
-    return xp.stack([col[c] for c in RADCHEST_CLASSES], 1)
-
-
-def read_radchest_labels(path, name_column="NoteAcc_DEID"):
-    """{volume: float32 (16,)} from a RAD-ChestCT abnormality x location label CSV.
-
-    Columns "<abnormality>*<location>" (or a bare "<abnormality>") are OR-ed per abnormality, then
-    per class over RADCHEST_SOURCES. A class with none of its abnormalities present is an error.
-    """
-    rows = read_csv(path, (name_column,))
-    by_abn = {}
-    for c in (rows[0] if rows else {}):
-        if c != name_column:
-            by_abn.setdefault(c.split("*")[0].strip().lower(), []).append(c)
-    missing = [k for k, v in RADCHEST_SOURCES.items() if not any(a in by_abn for a in v)]
-    if missing:
-        raise ValueError(f"{path}: no label columns for class(es) {missing} "
-                         f"(expected e.g. {RADCHEST_SOURCES[missing[0]][0]}*<location>)")
-    cols = [[c for a in RADCHEST_SOURCES[k] for c in by_abn.get(a, [])] for k in RADCHEST_CLASSES]
-    out = {}
-    for row in rows:
-        try:
-            out[volume_key(row[name_column])] = np.array(
-                [max(float(row[c]) for c in cs) > 0 for cs in cols], np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
-    return out
 
 
 def read_radchest_npz(path, spacing=RADCHEST_SPACING):
@@ -645,41 +239,18 @@ def read_radchest_npz(path, spacing=RADCHEST_SPACING):
     return hu, np.asarray(spacing, np.float64)
 
 
-def radchest_jobs(root, labels_csv=None):
-    """RAD-ChestCT .npz volumes under root -> (jobs, failed). Labels from labels_csv or from the
-    *Abnormality_and_Location_Labels*.csv files in root."""
-    root = Path(root)
-    found = sorted(root.rglob("*Abnormality_and_Location*.csv"))
-    csvs = [Path(labels_csv)] if labels_csv else found
-    if not csvs:
-        raise FileNotFoundError(f"{root}: no *Abnormality_and_Location_Labels*.csv (give --labels)")
-    labels = {}
-    for c in csvs:
-        labels.update(read_radchest_labels(c))
-    files = sorted(root.rglob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no .npz volumes")
-    jobs, failed = [], []
-    for f in files:
-        name = volume_key(f.name)
-        if name not in labels:
-            failed.append((name, f"unknown volume name '{name}' (not in {[c.name for c in csvs]})"))
-            continue
-        jobs.append(dict(name=name, src=str(f), kind="npz", spacing=RADCHEST_SPACING, slope=None,
-                         intercept=None, report="", labels=labels[name]))
-    return jobs, failed
+# ----------------------------------------------------------------------------- records and data sets
 
-
-def folder_jobs(root):
-    """Every NIfTI under root, spacing and scaling from its header, no labels or reports."""
-    root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii.gz", ".nii")))
-    if not files:
-        raise FileNotFoundError(f"{root}: no .nii/.nii.gz files")
-    jobs = [dict(name=volume_key(str(f.relative_to(root)).replace(os.sep, "__")), src=str(f),
-                 kind="nifti", spacing=None, slope=None, intercept=None, report="",
-                 labels=np.zeros(0, np.float32)) for f in files]
-    return jobs, []
+@dataclass
+class Record:
+    """One preprocessed volume: its cached HU array and what goes with it."""
+    name: str
+    npy_path: str            # int16 HU, shape = the preset's target_shape, memory-mappable
+    report: str              # Findings + " " + Impressions ("" where a data set has no reports)
+    labels: np.ndarray       # float32 (C,), in the order of `classes`
+    spacing: tuple = ()      # source voxel spacing (mm) in canonical RAS order
+    hu_rule: str = ""        # "rescaled" / "already_hu" / "header" (header scaling trusted)
+    classes: tuple = CTRATE_CLASSES
 
 
 def _preset_settings(preset, shape=None):
@@ -708,6 +279,7 @@ def load_dataset(path, split, preset=None, shape=None, workers=2, cache_dir=None
     preset: a PREPROCESS name, a ModelConfig (its .spacing and .image_size) or a target spacing
     tuple together with `shape`; needed for a raw root, checked against a preprocessed dir.
     """
+    import preprocess  # here, not at the top: preprocess.py imports this file
     path = Path(path)
     want = _preset_settings(preset, shape)[1:] if preset is not None else None
     for d in (path / split, path):
@@ -718,9 +290,9 @@ def load_dataset(path, split, preset=None, shape=None, workers=2, cache_dir=None
                 raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
                                  f"but {want[0]} mm -> {want[1]} was asked for")
     if (path / split / "index.csv").is_file():
-        return load_index(path / split)
+        return preprocess.load_index(path / split)
     if (path / "index.csv").is_file():  # one index for several splits: CT-RATE names say which
-        records = load_index(path)
+        records = preprocess.load_index(path)
         if not any(r.name.startswith(("train", "valid")) for r in records):
             return records  # RAD-ChestCT / a plain folder: no split in the names
         records = [r for r in records if r.name.startswith(split)]
@@ -732,10 +304,8 @@ def load_dataset(path, split, preset=None, shape=None, workers=2, cache_dir=None
                          f"preprocess it; found no index.csv")
     name, spacing, shape = _preset_settings(preset, shape)
     cache_dir = Path(cache_dir) if cache_dir else path.resolve().parent / f"cache_{name}" / split
-    return prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
+    return preprocess.prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
 
-
-# ----------------------------------------------------------------------------- datasets
 
 def _draw_rng(seed, index):
     """A numpy RNG for one __getitem__ call: fresh each call, reproducible under torch seeding.
@@ -829,118 +399,24 @@ def make_loader(dataset, batch_size, shuffle=True, workers=0, seed=0, drop_last=
         generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
         drop_last=shuffle if drop_last is None else drop_last, **extra)
 
+# ----------------------------------------------------------------------------- preprocess.py's names
 
-# ----------------------------------------------------------------------------- tokenizer
-
-def _bert_pipeline(tok):
-    """BERT-style normaliser, pre-tokenizer, [CLS] ... [SEP] post-processor and decoder."""
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=True, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    if cls is None or sep is None:
-        raise ValueError("tokenizer vocabulary lacks [CLS] or [SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tok.decoder = decoders.WordPiece()
-    return tok
+PREPROCESS_NAMES = ("save_npy_atomic", "run_preprocess", "INDEX_FIXED", "write_index", "load_index",
+                    "ctrate_jobs", "prepare_ctrate", "radchest_jobs", "folder_jobs",
+                    "preprocess_main")
 
 
-def train_tokenizer(texts, vocab_size=4096, path=None):
-    """Train a WordPiece tokenizer on `texts` (BERT-style); save it as tokenizer.json to `path`."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    tok = _bert_pipeline(tok)
-    if path is not None:
-        path = Path(path)
-        path = path / "tokenizer.json" if path.is_dir() else path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(str(path))
-    return tok
-
-
-def load_tokenizer(path):
-    """Load a tokenizer.json or a BERT vocab.txt (or a folder holding either)."""
-    path = Path(path)
-    if path.is_dir():
-        hits = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
-        if not hits:
-            raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt")
-        path = hits[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tokenizer file")
-    if path.suffix == ".json":
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
-            raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
-    vocab = models.WordPiece.read_file(str(path))
-    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
-
-
-def tokenizer_from_string(text):
-    """The inverse of Tokenizer.to_str(): how checkpoints carry their tokenizer."""
-    return Tokenizer.from_str(text)
-
-
-def tokenize(tok, texts, max_len=97):
-    """-> (input_ids, attention_mask), LongTensor (B, max_len): [CLS] text [SEP], truncated, padded.
-
-    Sets the tokenizer's truncation/padding to max_len; padding uses the [PAD] id (0 in our vocab).
-    """
-    pad = tok.token_to_id("[PAD]")
-    pad = 0 if pad is None else pad
-    tok.enable_truncation(max_length=max_len)
-    tok.enable_padding(pad_id=pad, pad_token="[PAD]", length=max_len)
-    enc = tok.encode_batch(list(texts))
-    ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
-    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
-    return ids, mask
-
-
-# ----------------------------------------------------------------------------- command line
-
-def preprocess_main(argv=None):
-    """`python data.py preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
-    p = argparse.ArgumentParser(prog="data.py preprocess", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate")
-    p.add_argument("--root", required=True, help="CT-RATE root, .npz dir or NIfTI dir")
-    p.add_argument("--split", choices=("train", "valid"), default="train", help="CT-RATE split")
-    p.add_argument("--out", required=True, help="output dir: volumes/*.npy, index.csv, logs")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
-                   help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
-    p.add_argument("--labels", help="RAD-ChestCT label CSV (default: found under --root)")
-    a = p.parse_args(argv)
-    try:
-        if a.dataset == "ctrate":
-            (jobs, failed), classes = ctrate_jobs(a.root, a.split), CTRATE_CLASSES
-        elif a.dataset == "radchest":
-            (jobs, failed), classes = radchest_jobs(a.root, a.labels), RADCHEST_CLASSES
-        else:
-            (jobs, failed), classes = folder_jobs(a.root), ()
-        t = PREPROCESS[a.preset]
-        records, counts = run_preprocess(jobs, a.out, t["target_spacing"], t["target_shape"],
-                                         a.workers, f"{a.dataset} {a.preset}", failed, classes)
-    except (ValueError, FileNotFoundError) as e:  # a problem with the data set as a whole
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rules = {}
-    for r in records:
-        rules[r.hu_rule] = rules.get(r.hu_rule, 0) + 1
-    print(f"summary: done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}"
-          f" | HU rules {rules} | index {Path(a.out) / 'index.csv'} ({len(records)} volumes)"
-          + (f" | failures listed in {Path(a.out) / 'failed.txt'}" if counts["failed"] else ""))
-    return 0 if records or not counts["failed"] else 1
+def __getattr__(name):
+    """`data.load_index` etc.: preprocess.py imports this file, so its names load on first use."""
+    if name in PREPROCESS_NAMES:
+        import preprocess
+        return getattr(preprocess, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "preprocess":
         sys.exit("usage: python data.py preprocess --root DIR --out DIR [--dataset ctrate|radchest|"
                  "folder] [--split train|valid] [--preset tiny|paper] [--workers N] [--labels CSV]")
-    sys.exit(preprocess_main(sys.argv[2:]))
+    import preprocess
+    sys.exit(preprocess.preprocess_main(sys.argv[2:]))

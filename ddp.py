@@ -10,11 +10,17 @@ The contrastive losses need every rank's embeddings as negatives (as open_clip d
 concatenates them with gradient, so each rank computes the loss of the whole global batch.
 """
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+# PyTorch 2.13 marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
+# functional-collectives API; the public one still works (gloo and NCCL, with gradient), so keep it
+# and do not print the warning at every step.
+warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
 
 
 def launched() -> bool:

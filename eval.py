@@ -18,6 +18,8 @@ modality gap (centroid distance, true vs random pair cosine, linear-probe accura
 Outputs in --out_dir: eval.json (every number, its interval and which rows it uses), metrics.csv,
 scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png
 (matplotlib is optional: without it the plots are skipped with a message).
+Inputs are read by eval_inputs.py and outputs written by eval_report.py; their public names are
+re-exported here, so `eval.load_checkpoint`, `eval.write_result`, ... work.
 
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
@@ -25,12 +27,9 @@ scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png an
     python eval.py --help                                              # every flag
 """
 import argparse
-import csv
-import io
 import json
-import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,16 @@ import torch
 import cmki
 import data as data_lib
 import metrics
+from eval_inputs import (class_setup, load_checkpoint, read_score_csv, read_thresholds,  # noqa: F401
+                         select_labels)
+from eval_report import (THRESHOLDED, format_table, metrics_rows, print_scan,  # noqa: F401
+                         write_plots, write_result)
 from metrics import (auprc, auroc, binary_metrics, calibration_split, confusion_metrics,  # noqa: F401
                      modality_gap, patient_id, retrieval_metrics, roc_corner_threshold)
-from model import BrgSA, ModelConfig
+from model import BrgSA
 
 PROMPT = "There is {}"  # the paper's zero-shot prompt, shared with nothing else in training
 PROTOCOLS = {"brgsa": (PROMPT,), "ctclip": ("{} is present.|{} is not present.",)}
-THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
 
 
 @dataclass
@@ -279,232 +281,7 @@ def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalC
     return result
 
 
-# ----------------------------------------------------------------------------- tables and files
-
-def _fmt(x, digits=3):
-    return "  —  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def format_table(result: dict) -> str:
-    """Markdown: one row per class and the macro mean; retrieval and gap tables when present.
-
-    opt = ROC-corner threshold picked on the evaluated rows (optimistic), cal = threshold picked on
-    the calibration rows and scored on the test rows (see result["rows"])."""
-    has_cal = any(m.get("calibrated") for m in result["per_class"].values())
-    protos = ("roc_corner", "calibrated") if has_cal else ("roc_corner",)
-    heads = [f"{p} {k}" for p in ("opt", "cal")[:len(protos)]
-             for k in ("ACC", "F1", "Prec", "Rec", "Spec")]
-    lines = [f"| {'abnormality':34s} |  pos | {'AUROC [95% CI]':20s} | AUPRC | "
-             + " | ".join(heads) + " |",
-             f"|{'-' * 36}|------|{'-' * 22}|-------|"
-             + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
-
-    def row(name, pos, m):
-        ci = m.get("auc_ci") if not math.isnan(m["auc"]) else None
-        auc = _fmt(m["auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-        cells = [f"{_fmt(m.get(p, {}).get(k)):>{len(h)}s}" for p in protos
-                 for k, h in zip(THRESHOLDED, heads)]
-        return (f"| {name:34s} | {pos:>4} | {auc:20s} | {_fmt(m['auprc'])} | "
-                + " | ".join(cells) + " |")
-
-    for name, m in result["per_class"].items():
-        lines.append(row(name, m["positives"], m))
-    lines.append(row("macro mean", "", result["macro"]))
-    if result.get("retrieval"):
-        first = next(iter(result["retrieval"].values()))["volume_to_report"]
-        ks = [k for k in first if k.startswith("R@")]
-        lines += ["", "| similarity | direction        | " + " | ".join(f"{k:>5s}" for k in ks)
-                  + " |  mAP  |",
-                  "|------------|------------------|" + "|".join("-------" for _ in ks) + "|-------|"]
-        for space, d in result["retrieval"].items():
-            for direction, m in d.items():
-                lines.append(f"| {space:10s} | {direction:16s} | " + " | ".join(_fmt(m[k]) for k in ks)
-                             + f" | {_fmt(m['mAP'])} |")
-    if result.get("modality_gap"):
-        lines += ["", "| embeddings          | centroid dist | cos true pairs | cos random pairs "
-                  "| probe acc |", "|---------------------|---------------|----------------|"
-                  "------------------|-----------|"]
-        for space, m in result["modality_gap"].items():
-            label = "raw (v, t)" if space == "raw" else "bank (v_hat, t_hat)"
-            lines.append(f"| {label:19s} | {_fmt(m['centroid_distance']):>13s} | "
-                         f"{_fmt(m['true_pair_cos']):>14s} | {_fmt(m['random_pair_cos']):>16s} | "
-                         f"{_fmt(m['probe_acc']):>9s} |")
-    return "\n".join(lines)
-
-
-def _jsonable(x):
-    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else float(x)
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _csv_text(header, rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def metrics_rows(result: dict):
-    """Flat per-class rows (and the macro row) for metrics.csv: every number with its interval."""
-    cols = ["auc", "auprc"] + [f"{p}_{k}" for p in ("roc_corner", "calibrated") for k in THRESHOLDED]
-    header = ["class", "positives", "threshold_roc_corner", "threshold_calibrated"]
-    header += [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")]
-    rows = []
-    for name, m in list(result["per_class"].items()) + [("macro mean", result["macro"])]:
-        flat = {k: m.get(k) for k in ("auc", "auprc", "auc_ci", "auprc_ci")}
-        for p in ("roc_corner", "calibrated"):
-            for k, v in (m.get(p) or {}).items():
-                flat[f"{p}_{k}"] = v
-        cells = [name, m.get("positives", ""), flat.get("roc_corner_threshold", ""),
-                 flat.get("calibrated_threshold", "")]
-        for c in cols:
-            ci = flat.get(f"{c}_ci") or ["", ""]
-            cells += [flat.get(c, ""), *ci]
-        rows.append(["" if isinstance(x, float) and math.isnan(x) else x for x in cells])
-    return header, rows
-
-
-def write_result(result: dict, out_dir, plots: bool = False) -> Path:
-    """eval.json (everything but the raw arrays), metrics.csv, and with the arrays: scores.csv,
-    labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = result.get("arrays")
-    summary = {k: v for k, v in result.items() if k != "arrays"}
-    path = out / "eval.json"
-    _write_atomic(path, json.dumps(_jsonable(summary), indent=2))
-    _write_atomic(out / "metrics.csv", _csv_text(*metrics_rows(result)))
-    if arrays is not None:
-        # repr: the shortest text that reads back to the same float, so files re-evaluate exactly
-        for fname, key, fmt in (("scores.csv", "scores", lambda x: repr(float(x))),
-                                ("labels.csv", "labels", str)):
-            rows = [[n] + [fmt(x) for x in r] for n, r in zip(arrays["names"], arrays[key])]
-            _write_atomic(out / fname, _csv_text(["VolumeName"] + list(result["classes"]), rows))
-        if plots:
-            write_plots(result, out)
-    return path
-
-
-def write_plots(result: dict, out: Path) -> list:
-    """ROC curve per class with both operating points, and the 2-D PCA of the modality gap.
-
-    matplotlib is optional: without it the plots are skipped with a message."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval: matplotlib is not installed, skipping the plots (pip install matplotlib)")
-        return []
-    a, classes = result["arrays"], result["classes"]
-    cols = min(6, len(classes))
-    n_rows = -(-len(classes) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.6 * n_rows), squeeze=False)
-    for ax in axes.flat[len(classes):]:
-        ax.axis("off")
-    for j, (c, ax) in enumerate(zip(classes, axes.flat)):
-        main, s, y = a["main_rows"], a["scores"][:, j], a["labels"][:, j]
-        fpr, tpr = metrics.roc_curve(s[main], y[main])
-        ax.plot(fpr, tpr, lw=1.2)
-        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-        m = result["per_class"][c]
-        for proto, rows, marker in (("roc_corner", main, "o"), ("calibrated", ~a["calib_rows"], "s")):
-            ok = m.get(proto) and math.isfinite(m[proto]["threshold"])
-            if ok and 0 < y[rows].sum() < rows.sum():
-                pred = s[rows] > m[proto]["threshold"]
-                ax.plot((pred & (y[rows] == 0)).sum() / (y[rows] == 0).sum(),
-                        (pred & (y[rows] == 1)).sum() / y[rows].sum(), marker, ms=5, label=proto)
-        ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
-        ax.tick_params(labelsize=6)
-    axes.flat[0].legend(fontsize=6, loc="lower right")
-    fig.suptitle("ROC per class (x FPR, y TPR): roc_corner = threshold picked on the evaluated rows "
-                 "(optimistic), calibrated = frozen threshold on the test rows", fontsize=8)
-    fig.tight_layout()
-    written = [out / "roc_curves.png"]
-    fig.savefig(written[0], dpi=110)
-    plt.close(fig)
-    if "gap_points" in a:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
-        for ax, (space, (vi, ti)) in zip(axes, a["gap_points"].items()):
-            x = np.vstack([vi, ti])
-            x = x - x.mean(0)
-            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # joint 2-D PCA of both modalities
-            # Same scale in both panels (unit-norm rows): the shrinking of the gap is seen, not rescaled.
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
-            ax.scatter(*xy[:len(vi)].T, s=6, alpha=0.6, label="image")
-            ax.scatter(*xy[len(vi):].T, s=6, alpha=0.6, label="text")
-            g = result["modality_gap"][space]
-            ax.set_title(f"{'v, t' if space == 'raw' else 'v_hat, t_hat'}: centroid distance "
-                         f"{_fmt(g['centroid_distance'])}, probe {_fmt(g['probe_acc'])}", fontsize=8)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "modality_gap.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def load_checkpoint(path, device):
-    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "model_config", "tokenizer"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: not a BrgSA checkpoint (missing '{key}')")
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in ckpt["model_config"].items()})
-    model = BrgSA(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the stored config: {e}") from None
-    return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
-
-
-def read_score_csv(path) -> tuple:
-    """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if len(rows) < 2:
-        raise ValueError(f"{path}: expected a header and at least one row")
-    header, body = rows[0], rows[1:]
-    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
-    if short is not None:
-        raise ValueError(f"{path}: row {short + 2} has {len(body[short])} fields, "
-                         f"the header has {len(header)}")
-    try:
-        values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64)
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric value ({e})") from None
-    names = [r[0] for r in body]
-    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
-    if dup:
-        raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{path}: NaN or inf values")
-    return names, header[1:], values
-
+# ----------------------------------------------------------------------------- score files and single scans
 
 def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict:
     """Score-file mode: rows matched by volume name, columns by class name (any order)."""
@@ -546,54 +323,6 @@ def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig 
     v = model.visual(x).float()  # (1, d)
     scores = score_volumes(model, tokenizer, v, list(findings), cfg or EvalConfig(), device)[0]
     return dict(zip(findings, scores.tolist()))
-
-
-def read_thresholds(path, protocol: str) -> dict:
-    """{lower-cased class: calibrated threshold} from an eval.json made with the same protocol."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the eval.json ({e})") from None
-    made = (saved.get("protocol") or {}).get("name")
-    if made != protocol:
-        raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
-    return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
-            if (m.get("calibrated") or {}).get("threshold") is not None}
-
-
-def class_setup(name: str, records):
-    """--classes -> (label class names, score_map or None). auto: whatever the records carry."""
-    have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
-    if name == "auto":
-        name = "radchest" if have == getattr(data_lib, "RADCHEST_CLASSES", None) else "records"
-    if name == "records":
-        return list(have), None
-    if name == "ctrate":
-        return list(data_lib.CTRATE_CLASSES), None
-    if name == "radchest":  # 18 CT-RATE prompts, mapped to RAD-ChestCT's 16 classes
-        return list(data_lib.RADCHEST_CLASSES), data_lib.ctrate_to_radchest
-    if name == "ctrate_lt":
-        return list(data_lib.CTRATE_LT_CLASSES), None
-    raise ValueError(f"unknown --classes {name!r}; expected auto, ctrate, ctrate_lt or radchest")
-
-
-def select_labels(records, classes, label_csv=None, what="--data"):
-    """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
-    columns (matched by class name); a clear error names what is missing."""
-    if label_csv:
-        table = data_lib.read_labels(label_csv, classes)
-        missing = [r.name for r in records if r.name not in table]
-        if missing:
-            raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
-                             f"e.g. {missing[:3]}")
-        lab = {r.name: table[r.name] for r in records}
-    else:
-        have = list(records[0].classes)
-        missing = [c for c in classes if c not in have]
-        if missing:
-            raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
-        lab = {r.name: np.asarray(r.labels)[[have.index(c) for c in classes]] for r in records}
-    return [replace(r, labels=lab[r.name], classes=tuple(classes)) for r in records]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -697,15 +426,7 @@ def main(argv=None):
         findings = args.findings or list(data_lib.CTRATE_CLASSES)
         scores = score_scan(model, tokenizer, args.volume, findings, device, cfg)
         thresholds = read_thresholds(args.thresholds, cfg.protocol) if args.thresholds else {}
-        kind = "cosine score, not a probability" if cfg.protocol == "brgsa" else "P(present)"
-        print(f"| {'finding':34s} |  score  | calibrated call |\n"
-              f"|{'-' * 36}|---------|-----------------|")
-        for f, s in scores.items():
-            thr = thresholds.get(f.lower())
-            call = "—" if thr is None else f"{'positive' if s > thr else 'negative'} (> {thr:+.3f})"
-            print(f"| {f:34s} | {s:+.4f} | {call:15s} |")
-        print(f"{args.volume}: {cfg.protocol} protocol ({kind})" + (
-            "" if thresholds else "; give --thresholds eval.json for calibrated calls"))
+        print_scan(args.volume, scores, thresholds, cfg.protocol)
         return scores
     if args.scores or args.labels:
         if not (args.scores and args.labels):

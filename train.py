@@ -82,6 +82,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (summarize.py)")
     vocab_size: int = _f(4096, "WordPiece vocabulary size of the tokenizer trained on the reports")
+    tokenizer: str = _f("", "use this tokenizer.json or vocab.txt instead of training one (to repeat "
+                            "a run exactly: WordPiece training order differs between processes)")
 
 
 TRAIN_PRESETS = {
@@ -131,14 +133,15 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
 
 def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
     """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
-    checkpoint when resuming, from --text_weights' vocab.txt when given, else it is trained."""
+    checkpoint when resuming, from --tokenizer or --text_weights' vocab.txt, else it is trained."""
     reports = sorted({r.report for r in train + valid})
     cache = out / f"summaries_{cfg.summary_backend}.jsonl"
     summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend)
     if ckpt is not None:
         return summaries, ckpt["tokenizer"]
-    if cfg.text_weights:
-        return summaries, data_lib.load_tokenizer(Path(cfg.text_weights) / "vocab.txt").to_str()
+    if cfg.tokenizer or cfg.text_weights:
+        path = cfg.tokenizer or Path(cfg.text_weights) / "vocab.txt"
+        return summaries, data_lib.load_tokenizer(path).to_str()
     texts = [s for r in train for s in summaries.get(r.report, [r.report])]
     return summaries, data_lib.train_tokenizer(texts, cfg.vocab_size, out / "tokenizer.json").to_str()
 
@@ -272,6 +275,52 @@ def build_model(cfg: TrainConfig, mcfg, device, ckpt, log):
     return model.to(device)
 
 
+def global_batch_size(cfg: TrainConfig, n: int, world: int, log) -> int:
+    """--batch_size, lowered to the data set size if needed, as a multiple of world x grad_accum."""
+    split = world * cfg.grad_accum
+    bs = min(cfg.batch_size, n) // split * split
+    if cfg.batch_size % split or bs == 0:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a positive multiple of world size "
+                         f"{world} x --grad_accum={cfg.grad_accum} (and at most {n} reports)")
+    if bs < cfg.batch_size:
+        log(f"train: only {n} training reports, batch size lowered to {bs}")
+    return bs
+
+
+def autocast_dtype(name: str, device) -> torch.dtype:
+    """auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); fp32 on the CPU."""
+    cuda = device.type == "cuda"
+    return {"auto": (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported()
+                     else torch.float16 if cuda else torch.float32),
+            "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def restore(ckpt: dict, opt, scaler) -> tuple:
+    """Optimizer, scaler and RNG states from a checkpoint -> (step, last eval AUROC). The data order
+    needs nothing more: it is a function of (seed, step), see batches and StepSeeded."""
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"])
+    return ckpt["step"], ckpt["last_eval"]
+
+
+def make_loader(cfg, dataset, sampler, tokenizer, max_len, workers, pin):
+    extra = dict(prefetch_factor=cfg.prefetch, persistent_workers=True) if workers > 0 else {}
+    return torch.utils.data.DataLoader(
+        StepSeeded(dataset, cfg.seed), batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+        collate_fn=partial(collate, tokenizer=tokenizer, max_len=max_len), **extra)
+
+
+def wrap(model, cfg: TrainConfig, device, world: int):
+    """-> (the module the step calls, DDP's no_sync or a null context)."""
+    ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
+    wrapped = ddp_model or model
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)  # after DDP, so the compiled graph keeps DDP's hooks
+    return wrapped, ddp_model.no_sync if ddp_model else nullcontext
+
+
 def train_step(model, wrapped, micro, cfg, device, dtype, scaler, no_sync) -> dict:
     """Forward and backward over cfg.grad_accum micro-batches -> the step's mean losses (tensors).
 
@@ -303,10 +352,10 @@ def main(argv=None):
     return result
 
 
-def run(cfg: TrainConfig, rank: int, world: int, device):
-    master, out, log = rank == 0, Path(cfg.out_dir), print if rank == 0 else (lambda *a, **k: None)
+def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
+    """-> (model, tokenizer, train records, held-out records, summaries, checkpoint or None)."""
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint)
@@ -322,51 +371,39 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
     summaries, tok = ddp.broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)
     tokenizer = data_lib.tokenizer_from_string(tok)
     model = build_model(cfg, replace(mcfg, vocab_size=tokenizer.get_vocab_size()), device, ckpt, log)
+    return model, tokenizer, train_recs, valid_recs, summaries, ckpt
 
+
+def run(cfg: TrainConfig, rank: int, world: int, device):
+    master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
+    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
+    model, tokenizer, train_recs, valid_recs, summaries, ckpt = prepare(cfg, master, device,
+                                                                       workers, log)
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
                                          train=True, seed=cfg.seed)
-    split = world * cfg.grad_accum
-    bs = min(cfg.batch_size, len(dataset)) // split * split
-    if cfg.batch_size % split or bs == 0:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a positive multiple of world size "
-                         f"{world} x --grad_accum={cfg.grad_accum} (at most {len(dataset)} reports)")
-    if bs < cfg.batch_size:
-        log(f"train: only {len(dataset)} training reports, batch size lowered to {bs}")
+    bs = global_batch_size(cfg, len(dataset), world, log)
     max_iters = cfg.max_iters or PAPER_EPOCHS * (len(dataset) // bs)
     use_cuda = device.type == "cuda"
-    dtype = {"auto": (torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported()
-                      else torch.float16 if use_cuda else torch.float32),
-             "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    dtype = autocast_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay,
                             fused=use_cuda if cfg.fused_adam is None else cfg.fused_adam)
     step, last_eval = 0, None
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, last_eval = ckpt["step"], ckpt["last_eval"]
-        restore_rng(ckpt["rng"])
+        step, last_eval = restore(ckpt, opt, scaler)
         log(f"train: resumed from {ckpt_path} at step {step}")
     log(f"train: {cfg.preset} preset, {model.num_params() / 1e6:.1f} M parameters, "
         f"{len(dataset)} training reports, {len(valid_recs)} held-out volumes, batch {bs} "
         f"({world} rank(s) x {cfg.grad_accum} micro-batch(es)), {max_iters} steps on {device} "
         f"({str(dtype).split('.')[-1]})", flush=True)
 
-    extra = dict(prefetch_factor=cfg.prefetch, persistent_workers=True) if workers > 0 else {}
-    loader = torch.utils.data.DataLoader(
-        StepSeeded(dataset, cfg.seed),
-        batch_sampler=rank_batches(len(dataset), bs, cfg.seed, step, rank, world, cfg.grad_accum),
-        num_workers=workers, pin_memory=use_cuda, **extra,
-        collate_fn=partial(collate, tokenizer=tokenizer, max_len=model.cfg.max_len))
-    ddp_model = DDP(model, device_ids=[device] if use_cuda else None) if world > 1 else None
-    wrapped = ddp_model or model
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)  # after DDP, so compiled graphs respect its buckets
-    no_sync = ddp_model.no_sync if ddp_model else nullcontext
+    sampler = rank_batches(len(dataset), bs, cfg.seed, step, rank, world, cfg.grad_accum)
+    micro = iter(make_loader(cfg, dataset, sampler, tokenizer, model.cfg.max_len, workers, use_cuda))
+    wrapped, no_sync = wrap(model, cfg, device, world)
     model.train()
-    micro, history, peak = iter(loader), [], peak_flops(device)
+    history, peak = [], peak_flops(device)
     flops, t0 = flops_per_sample(model.cfg), time.time()
     t_log, seen = t0, 0
     while step < max_iters:

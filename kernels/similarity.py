@@ -40,7 +40,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.bank_attention import BLOCK_D, Config, _tile  # shared tile loader and sizing table
+from kernels.bank_attention import BLOCK_D, Config, _tile, _zeros  # shared tile helpers, sizing
 from kernels.bank_attention import pick_config as bank_pick_config
 
 EPS = 1e-12  # F.normalize's clamp of the norm
@@ -145,9 +145,7 @@ def _grad_kernel(A, B, NA, NB, LSE_A, LSE_B, GRAD, DA,   # rows of a vs all of b
     lse_r = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
     coef = tl.load(GRAD).to(ACC) * inv_n  # upstream gradient / N, read on device (no host sync)
     proj = tl.zeros((BLOCK_M,), ACC)  # a^ . da^ = sum_j G_ij S_ij
-    acc = ()
-    for c in tl.static_range(NC):
-        acc = acc + (tl.zeros((BLOCK_M, BLOCK_D), ACC),)
+    acc = _zeros(BLOCK_M, BLOCK_D, NC, ACC)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         s = _cos_logits(A, B, NA, NB, rows, cols, N, d, stride_a, stride_b, inv_tau,

@@ -1,6 +1,11 @@
 """kernels/bank_attention.py through the Triton interpreter: forward and both gradients against a
 float64 reference over odd shapes, both scales, large logits, gradcheck, and the launch plumbing.
 
+Inputs are scaled so that the logits spread over a few units, the regime in which the relative
+tolerances of SPEC section 8 are meaningful: with |S| ~ 30 the softmax is one-hot, dx is a tiny
+difference of large terms, and eager PyTorch itself misses them in fp16/bf16. Large logits are
+checked separately, against eager PyTorch in the same dtype.
+
 Shapes are a covering subset of N in {1, 3, 64, 129}, K in {1, 17, 2048}, d in {8, 33, 768}: every
 value appears, as do the paths they select (bank split + combine for small N and large K, row split
 of dD, several row blocks, one and several output-column groups, masked tails in every dimension).
@@ -30,18 +35,27 @@ def _inputs(N, K, d, dtype, sigma=1.0, seed=0):
     return x, D, dO
 
 
+def _run(fn, x, D, dO, scale):
+    """-> (x_hat, dx, dD) of fn, with gradients in the inputs' dtype."""
+    x, D = x.clone().requires_grad_(), D.clone().requires_grad_()
+    out = fn(x, D, scale)
+    out.backward(dO.to(out.dtype))
+    return out, x.grad, D.grad
+
+
 def _check_against_float64(x, D, dO, scale, tol):
-    xk, Dk = x.clone().requires_grad_(), D.clone().requires_grad_()
-    out = ba.bank_attention(xk, Dk, scale)
-    out.backward(dO)
-    x64, D64 = x.double().requires_grad_(), D.double().requires_grad_()
-    ref = ba.bank_attention_reference(x64, D64, scale)
-    ref.backward(dO.double())
-    assert out.dtype == x.dtype and out.shape == x.shape
-    for name, got, want in (("out", out, ref), ("dx", xk.grad, x64.grad), ("dD", Dk.grad, D64.grad)):
-        assert torch.isfinite(got).all(), f"{name} has inf/NaN"
-        worst, mean = _rel_err(got, want)
+    got = _run(ba.bank_attention, x, D, dO, scale)
+    want = _run(ba.bank_attention_reference, x.double(), D.double(), dO.double(), scale)
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+    for name, g, w in zip(("out", "dx", "dD"), got, want):
+        assert torch.isfinite(g).all(), f"{name} has inf/NaN"
+        worst, mean = _rel_err(g, w)
         assert worst <= tol, f"{name}: max rel err {worst:.2e} (mean {mean:.2e}) > {tol:g}"
+
+
+def _sigma(d: int, scale: float) -> float:
+    """Input std that gives logits s * x.D of std ~2 for standard-normal-shaped x and D."""
+    return math.sqrt(2.0 / (scale * math.sqrt(d)))
 
 
 @pytest.mark.parametrize("N, K, d, dtype, scaled", [
@@ -56,8 +70,9 @@ def _check_against_float64(x, D, dO, scale, tol):
     (129, 17, 768, torch.bfloat16, True),   # d = 768 for dD: two column groups
 ])
 def test_forward_and_grads_match_float64(N, K, d, dtype, scaled):
-    x, D, dO = _inputs(N, K, d, dtype)
-    _check_against_float64(x, D, dO, 1 / math.sqrt(d) if scaled else 1.0, TOL[dtype])
+    scale = 1 / math.sqrt(d) if scaled else 1.0
+    x, D, dO = _inputs(N, K, d, dtype, sigma=_sigma(d, scale))
+    _check_against_float64(x, D, dO, scale, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -74,25 +89,39 @@ def test_single_entry_bank(dtype):
     assert xk.grad.double().abs().max() <= TOL[dtype] * terms
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_logits_stay_finite_and_exact(dtype):
-    # |s x D^T| ~ 1e3: exp would overflow without the max subtraction
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_logits_stay_finite(dtype):
+    # |s x D^T| ~ 1e3: exp overflows without the max subtraction, and a log-sum-exp saved in fp32
+    # (ulp 6e-5 at 1e3) would shift every recomputed P. The softmax is one-hot here, so dx is ~0 and a
+    # relative error means nothing: errors are measured against the size of the terms being summed.
+    # Logits of 1e3 carry an fp32 rounding error of ~1e3 * 2^-24 * sqrt(d) (eager's too), which P
+    # inherits, hence the fp32 bound of 1e-4.
+    tol = max(TOL[dtype], 1e-4)
     x, D, dO = _inputs(64, 17, 33, dtype, sigma=12.0, seed=1)
-    logits = (x.double() @ D.double().t()).abs().max().item()
-    assert logits > 500, logits
-    _check_against_float64(x, D, dO, 1.0, TOL[dtype])
+    x64, D64, dO64 = x.double(), D.double(), dO.double()
+    assert (x64 @ D64.t()).abs().max() > 500
+    got = _run(ba.bank_attention, x, D, dO, 1.0)
+    want = _run(ba.bank_attention_reference, x64, D64, dO64, 1.0)
+    P = torch.softmax(x64 @ D64.t(), dim=-1)  # (N, K)
+    dS_terms = P * (dO64 @ D64.t()).abs()  # |P * dP|, the size of what dS is made of
+    terms = (want[0].abs().max(), (dS_terms @ D64.abs()).max(),
+             (P.t() @ dO64.abs() + dS_terms.t() @ x64.abs()).max())
+    for name, g, w, t in zip(("out", "dx", "dD"), got, want, terms):
+        assert torch.isfinite(g).all(), f"{name} has inf/NaN"
+        err = ((g.double() - w).abs().max() / t).item()
+        assert err <= tol, f"{name}: max error / term size {err:.2e} > {tol:g}"
 
 
 def test_gradcheck_float64():
-    for N, K, d in ((3, 17, 8), (1, 2048, 3), (65, 5, 33)):  # plain, bank split, two row blocks
+    for N, K, d in ((3, 17, 8), (1, 200, 3), (65, 5, 33)):  # plain, bank split, two row blocks
         x, D, _ = _inputs(N, K, d, torch.float64, seed=N)
         f = lambda a, b: ba.bank_attention(a, b, 0.7)  # noqa: E731
         assert torch.autograd.gradcheck(f, (x.requires_grad_(), D.requires_grad_()), fast_mode=True)
 
 
 def test_non_contiguous_and_mixed_dtype_inputs():
-    x, D, dO = _inputs(70, 40, 16, torch.float32)
-    x_nc = torch.cat([x, x], dim=1)[:, ::2]  # strided columns
+    x, D, dO = _inputs(70, 40, 16, torch.float32, sigma=0.5)
+    x_nc = torch.cat([x, x], dim=1)[:, ::2]  # strided columns (a different x, checked as such)
     D_nc = D.t().contiguous().t()  # column-major
     assert not x_nc.is_contiguous() and not D_nc.is_contiguous()
     _check_against_float64(x_nc, D_nc, dO, 0.5, TOL[torch.float32])

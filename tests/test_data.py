@@ -403,6 +403,15 @@ def test_tokenizer_on_real_reports(shared_data, tmp_path):
         data.load_tokenizer(tmp_path / "nothing")
 
 
+def test_tokenizer_training_is_repeatable(shared_data):
+    """The same texts give the same ids (the trainer's own tie order varies from call to call)."""
+    rows = csv.DictReader(open(shared_data / "ctclip_reports_18labels" / "reports_shared.csv",
+                               encoding="utf-8"))
+    texts = [r["report_text"] for r in rows]
+    first, second = (data.train_tokenizer(texts, vocab_size=1000).get_vocab() for _ in range(2))
+    assert first == second
+
+
 # ----------------------------------------------------------------------------- preprocess CLI
 
 def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):

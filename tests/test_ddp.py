@@ -2,6 +2,8 @@
 same global batch (all-gathered negatives), with and without gradient accumulation."""
 import os
 import socket
+import time
+from contextlib import nullcontext
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -14,7 +16,8 @@ import ddp
 import train
 from model import PRESETS, BrgSA
 
-# A very small model: the point is the gradient plumbing, not the encoders.
+# A very small model in float64: the point is the gradient plumbing, not the encoders, and float64
+# makes "equal" mean equal up to summation order (1e-10), not up to float32 noise.
 CFG = replace(PRESETS["tiny"], crop_size=(16, 16, 8), patch_size=(8, 8, 4), vit_width=32,
               vit_depth=1, vit_heads=2, vocab_size=50, max_len=12, text_width=32, text_depth=1,
               text_heads=2, text_mlp=64, embed_dim=24, bank_size=16)
@@ -23,7 +26,7 @@ GLOBAL_BATCH = 8
 
 def global_batch():
     g = torch.Generator().manual_seed(3)
-    volume = torch.randn(GLOBAL_BATCH, 1, *CFG.crop_size, generator=g)
+    volume = torch.randn(GLOBAL_BATCH, 1, *CFG.crop_size, generator=g, dtype=torch.float64)
     ids = torch.randint(1, CFG.vocab_size, (GLOBAL_BATCH, CFG.max_len), generator=g)
     mask = (torch.arange(CFG.max_len) < torch.randint(3, CFG.max_len + 1, (GLOBAL_BATCH, 1),
                                                        generator=g)).long()
@@ -48,7 +51,7 @@ def step_grads(model, wrapped, no_sync, rank, world, accum):
     return losses["total"].item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, accum, path):
+def _worker(rank, world, port, path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmki.USE_KERNELS = False  # eager maths in every rank: the comparison is about the plumbing
@@ -56,11 +59,14 @@ def _worker(rank, world, port, accum, path):
     r, w, device = ddp.setup("cpu")  # exactly what train.main does under torchrun
     assert (r, w, device.type) == (rank, world, "cpu") and ddp.world_size() == world
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's parameters
-    model = BrgSA(CFG)
+    model = BrgSA(CFG).double()
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    loss, grads = step_grads(model, wrapped, wrapped.no_sync, rank, world, accum)
+    results = {}
+    for accum in (1, 2):
+        model.zero_grad(set_to_none=True)
+        results[accum] = step_grads(model, wrapped, wrapped.no_sync, rank, world, accum)
     if rank == 0:
-        torch.save(dict(loss=loss, grads=grads, state=model.state_dict()), path)
+        torch.save(dict(results=results, state=model.state_dict()), path)
     ddp.teardown()
 
 
@@ -70,24 +76,34 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, accum, monkeypatch):
-    path = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, free_port(), accum, str(path)), nprocs=2, join=True)
-    got = torch.load(path, weights_only=True)
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp") / "rank0.pt"
+    ctx = mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=False)
+    deadline = time.time() + 120  # a rank stuck in a collective must fail the test, not hang it
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-rank run did not finish in 120 s")
+    return torch.load(path, weights_only=True)
 
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_match_one_process_on_the_global_batch(two_rank_results, accum, monkeypatch):
+    got_loss, got_grads = two_rank_results["results"][accum]
     monkeypatch.setattr(cmki, "USE_KERNELS", False)
-    model = BrgSA(CFG)
-    model.load_state_dict(got["state"])  # rank 0's init (pre-step: no optimizer step was taken)
-    loss, grads = step_grads(model, model, None, 0, 1, accum)
-    assert abs(loss - got["loss"]) <= 1e-6 * abs(loss), (loss, got["loss"])
+    model = BrgSA(CFG).double()
+    model.load_state_dict(two_rank_results["state"])  # rank 0's init (no optimizer step taken)
+    loss, grads = step_grads(model, model, nullcontext, 0, 1, accum)
+    assert abs(loss - got_loss) <= 1e-12 * abs(loss), (loss, got_loss)
     worst = max(((grads[n] - g).abs().max().item() / (grads[n].abs().max().item() + 1e-12), n)
-                for n, g in got["grads"].items())
-    assert worst[0] <= 1e-5, f"largest relative gradient difference {worst[0]:.2e} in {worst[1]}"
+                for n, g in got_grads.items())
+    assert worst[0] <= 1e-10, f"largest relative gradient difference {worst[0]:.2e} in {worst[1]}"
     # the gather really happened: rank 0's half batch alone has another loss
     model.zero_grad()
-    half, _ = step_grads(model, model, None, 0, 2, accum)
-    assert abs(half - got["loss"]) > 1e-3
+    half, _ = step_grads(model, model, nullcontext, 0, 2, accum)
+    assert abs(half - got_loss) > 1e-3
 
 
 def test_gather_is_identity_without_a_process_group():

@@ -1,0 +1,188 @@
+"""The CSV tables of CT-RATE and RAD-ChestCT: class lists, metadata, reports and labels.
+
+CT-RATE ships one metadata, one report and one label CSV per split (SPEC section 5); volumes are
+matched across them by name, with or without the .nii.gz extension. RAD-ChestCT labels come as
+"<abnormality>*<location>" columns, OR-ed here into its 16 classes (CT-RATE's 18 with the two
+calcification classes merged and Mosaic attenuation dropped), and ctrate_to_radchest maps CT-RATE
+scores onto those classes the same way. A library: data.py re-exports every name, so callers write
+`data.read_labels` etc.; preprocess.py builds its jobs from these tables.
+
+    python -c "import dataset_tables"
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CTRATE_CLASSES = (
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+# RAD-ChestCT's 16 classes (SPEC section 5): the two calcification classes merge, Mosaic drops out
+RADCHEST_CLASSES = (
+    "Medical material", "Calcification", "Cardiomegaly", "Pericardial effusion", "Hiatal hernia",
+    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
+    "Pulmonary fibrotic sequela", "Pleural effusion", "Peribronchial thickening", "Consolidation",
+    "Bronchiectasis", "Interlobular septal thickening",
+)
+# the paper's 15 under-represented abnormalities on CT-RATE validation (prompt order)
+CTRATE_LT_CLASSES = (
+    "Pneumonia", "Pneumothorax", "Empyema", "Tuberculosis", "Pulmonary fibrosis", "Lung cyst",
+    "Bronchial thickening", "Lung mass", "Osteophyte", "Rib fracture", "Atherosclerosis",
+    "Pericardial calcification", "Spondylosis", "Pleural calcification", "Pneumomediastinum",
+)
+
+
+# ----------------------------------------------------------------------------- CSV tables
+
+def read_csv(path, required=()):
+    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
+    return rows
+
+
+def volume_key(name):
+    """'train_1_a_1.nii.gz' -> 'train_1_a_1' (CSV names come with and without the extension)."""
+    name = Path(str(name).strip()).name
+    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
+    """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
+    surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""
+    rows = read_csv(path, (name_column,))
+    fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
+    missing = [c for c in classes if c.strip().lower() not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing class column(s) {missing}")
+    cols = [fields[c.strip().lower()] for c in classes]
+    out = {}
+    for row in rows:
+        try:
+            out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
+    return out
+
+
+def find_split_csv(folder, split):
+    """The one CSV in `folder` for `split` (train -> train*.csv, valid -> valid*/validation*)."""
+    folder = Path(folder)
+    prefixes = ("valid", "validation") if split == "valid" else (split,)
+    hits = sorted(p for p in folder.glob("*.csv") if p.name.lower().startswith(prefixes))
+    if len(hits) != 1:
+        raise FileNotFoundError(f"{folder}: expected one CSV for split '{split}', found "
+                                f"{[p.name for p in hits]}")
+    return hits[0]
+
+
+class CTRateTables:
+    """Metadata, reports and labels of one CT-RATE split, keyed by volume name (no extension)."""
+
+    def __init__(self, root, split):
+        self.root = Path(root)
+        self.meta_csv = find_split_csv(self.root / "metadata", split)
+        self.report_csv = find_split_csv(self.root / "radiology_text_reports", split)
+        self.label_csv = find_split_csv(self.root / "multi_abnormality_labels", split)
+        meta_cols = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
+        self.meta = {volume_key(r["VolumeName"]): r for r in read_csv(self.meta_csv, meta_cols)}
+        rep_cols = ("VolumeName", "Findings_EN", "Impressions_EN")
+        self.reports = {volume_key(r["VolumeName"]): r for r in read_csv(self.report_csv, rep_cols)}
+        self.labels = read_labels(self.label_csv)
+
+    def _row(self, table, csv_path, name):
+        if name not in table:
+            raise ValueError(f"{csv_path}: unknown volume name '{name}' (not listed in this CSV)")
+        return table[name]
+
+    def entry(self, name):
+        """-> dict(report, labels (18,), spacing (3,) in file axis order, slope, intercept)."""
+        m = self._row(self.meta, self.meta_csv, name)
+        try:
+            xy = [float(v) for v in m["XYSpacing"].strip("[]() ").replace(",", " ").split()]
+            spacing = (xy[0], xy[1], float(m["ZSpacing"]))
+            slope, intercept = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"{self.meta_csv}: bad spacing/rescale for '{name}' ({e})") from e
+        r = self._row(self.reports, self.report_csv, name)
+        parts = (r["Findings_EN"], r["Impressions_EN"])
+        report = " ".join(t.strip() for t in parts if t and t.strip())
+        if not report:
+            raise ValueError(f"{self.report_csv}: empty report for '{name}'")
+        labels = self._row(self.labels, self.label_csv, name)
+        return dict(report=report, labels=labels, spacing=spacing, slope=slope, intercept=intercept)
+
+
+# ----------------------------------------------------------------------------- RAD-ChestCT labels
+
+# RAD-ChestCT abnormalities (label columns "<abnormality>*<location>") behind each of its 16 classes
+RADCHEST_DEVICES = ("catheter_or_port", "chest_tube", "clip", "gi_tube", "hardware",
+                    "heart_valve_replacement", "pacemaker_or_defib", "staple", "stent",
+                    "sternotomy", "suture", "tracheal_tube", "breast_implant")
+RADCHEST_SOURCES = {
+    "Medical material": RADCHEST_DEVICES, "Calcification": ("calcification",),
+    "Cardiomegaly": ("cardiomegaly",), "Pericardial effusion": ("pericardial_effusion",),
+    "Hiatal hernia": ("hernia",), "Lymphadenopathy": ("lymphadenopathy",),
+    "Emphysema": ("emphysema",), "Atelectasis": ("atelectasis",),
+    "Lung nodule": ("nodule", "nodulegr1cm"), "Lung opacity": ("opacity",),
+    "Pulmonary fibrotic sequela": ("scarring",), "Pleural effusion": ("pleural_effusion",),
+    "Peribronchial thickening": ("bronchial_wall_thickening",),
+    "Consolidation": ("consolidation",), "Bronchiectasis": ("bronchiectasis",),
+    "Interlobular septal thickening": ("septal_thickening",),
+}
+
+
+def ctrate_to_radchest(scores):
+    """(N, 18) CT-RATE-class scores -> (N, 16) RAD-ChestCT-class scores (numpy or torch).
+
+    Calcification = max(arterial wall, coronary artery wall calcification); Mosaic attenuation is
+    dropped; every other class keeps its own column.
+    """
+    xp = torch if torch.is_tensor(scores) else np
+    col = {c: scores[:, i] for i, c in enumerate(CTRATE_CLASSES)}
+    col["Calcification"] = xp.maximum(col["Arterial wall calcification"],
+                                      col["Coronary artery wall calcification"])
+    return xp.stack([col[c] for c in RADCHEST_CLASSES], 1)
+
+
+def read_radchest_labels(path, name_column="NoteAcc_DEID"):
+    """{volume: float32 (16,)} from a RAD-ChestCT abnormality x location label CSV.
+
+    Columns "<abnormality>*<location>" (or a bare "<abnormality>") are OR-ed per abnormality, then
+    per class over RADCHEST_SOURCES. A class with none of its abnormalities present is an error.
+    """
+    rows = read_csv(path, (name_column,))
+    by_abn = {}
+    for c in (rows[0] if rows else {}):
+        if c != name_column:
+            by_abn.setdefault(c.split("*")[0].strip().lower(), []).append(c)
+    missing = [k for k, v in RADCHEST_SOURCES.items() if not any(a in by_abn for a in v)]
+    if missing:
+        raise ValueError(f"{path}: no label columns for class(es) {missing} "
+                         f"(expected e.g. {RADCHEST_SOURCES[missing[0]][0]}*<location>)")
+    cols = [[c for a in RADCHEST_SOURCES[k] for c in by_abn.get(a, [])] for k in RADCHEST_CLASSES]
+    out = {}
+    for row in rows:
+        try:
+            out[volume_key(row[name_column])] = np.array(
+                [max(float(row[c]) for c in cs) > 0 for cs in cols], np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
+    return out

@@ -1,0 +1,341 @@
+"""The preprocessing cache: raw CT-RATE / RAD-ChestCT / NIfTI folders -> int16 .npy + index.csv.
+
+Each volume goes through data.py's pipeline (SPEC section 5: canonical RAS, HU, trilinear resampling
+to the preset's spacing, centre crop/pad, clip) once, in a process pool, and is stored as a
+memory-mappable int16 .npy (exact: HU is clipped to [-1000, 1000]) so that training never decodes
+gzip or resamples. Runs are resumable (done.jsonl lists finished volumes; .npy files are written
+atomically); a bad volume is reported with its reason, listed in failed.txt and skipped.
+index.csv (name, .npy path, report, source spacing, HU rule, labels) is what data.load_dataset reads.
+
+The dependency runs one way: this file imports data.py; data.py imports it only inside
+load_dataset and resolves the names below as `data.X` on first use (data.__getattr__), so
+`data.load_index`, `data.run_preprocess`, ... keep working and neither import order loops.
+
+    python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
+        --preset paper --workers 8
+"""
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import (PREPROCESS, RADCHEST_SPACING, Record, load_nifti, preprocess_volume,
+                  read_radchest_npz, to_hu)
+from dataset_tables import (CTRATE_CLASSES, RADCHEST_CLASSES, CTRateTables, read_csv,
+                            read_radchest_labels, volume_key)
+
+
+# ----------------------------------------------------------------------------- one volume
+
+def save_npy_atomic(path, arr):
+    """np.save through a temp file + os.replace, so a crash never leaves a half-written .npy."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _read_source(job):
+    """Job dict -> (HU float32 (X, Y, Z) canonical, spacing (3,), rule)."""
+    if job["kind"] == "npz":  # RAD-ChestCT: HU already, fixed spacing, z flipped vs CT-RATE
+        return read_radchest_npz(job["src"], job["spacing"]) + ("already_hu",)
+    raw, spacing = load_nifti(job["src"], spacing=job.get("spacing"))
+    if job.get("slope") is None:  # no metadata: trust the header's scaling
+        return raw, spacing, "header"
+    hu, rule = to_hu(raw, job["slope"], job["intercept"], out=raw)
+    return hu, spacing, rule
+
+
+def _prepare_one(job):
+    """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
+    try:
+        hu, spacing, rule = _read_source(job)
+        vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
+        save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
+        return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
+                    hu_rule=rule)
+    except Exception as e:  # the pool must survive any bad file; the reason goes to the log
+        reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        return dict(name=job["name"], status="failed", reason=reason)
+
+
+def _worker_init():
+    torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
+
+
+# ----------------------------------------------------------------------------- resumable runs
+
+def _check_settings(cache_dir, settings):
+    path = cache_dir / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            raise ValueError(f"{path}: cache was built with {old}, asked for {settings}; "
+                             f"use another cache dir")
+    else:
+        path.write_text(json.dumps(settings))
+
+
+class _Progress:
+    """One status line on stderr: rewritten in place on a terminal, every ~10% otherwise."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.t0 = label, total, time.time()
+        self.tty, self.last, self.shown = sys.stderr.isatty(), -1, -1
+
+    def update(self, n, counts, final=False):
+        step = max(1, self.total // 10)
+        if final and not self.tty and n == self.shown:
+            return  # that line is already out
+        if not (final or self.tty or n // step != self.last):
+            return
+        self.last, self.shown = n // step, n
+        rate = (counts["done"] + counts["failed"]) / max(time.time() - self.t0, 1e-9)
+        msg = (f"[{self.label}] {n}/{self.total} done={counts['done']} skipped={counts['skipped']} "
+               f"failed={counts['failed']} ({rate:.1f} vol/s)")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + msg, end=end, file=sys.stderr, flush=True)
+
+
+def _read_done(path):
+    """{name: result} from done.jsonl; a torn last line (a killed run) is ignored."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                done[d["name"]] = d
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _map(fn, jobs, workers):
+    """fn(job) per job in completion order; a process pool (fork where available) if workers > 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    chunk = max(1, min(16, len(jobs) // (8 * workers)))
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(fn, jobs, chunksize=chunk)
+
+
+def _log_failure(log, name, reason, counts):
+    print(f"[failed] {name}: {reason}", file=sys.stderr, flush=True)
+    log.write(f"{name}\t{reason}\n")
+    log.flush()
+    counts["failed"] += 1
+
+
+def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, label="preprocess",
+                   failed=(), classes=CTRATE_CLASSES):
+    """Preprocess `jobs` into cache_dir (resumable), write index.csv -> (records, counts).
+
+    A job is a dict(name, src, kind "nifti"/"npz", spacing or None, slope, intercept, report,
+    labels). A volume whose .npy exists and is listed in done.jsonl is skipped; a bad volume is
+    reported on stderr with its reason and listed in failed.txt, and the run goes on. `failed`
+    holds (name, reason) pairs already known to be bad (e.g. a volume missing from a CSV).
+    """
+    cache_dir = Path(cache_dir)
+    (cache_dir / "volumes").mkdir(parents=True, exist_ok=True)
+    _check_settings(cache_dir, dict(target_spacing=[float(v) for v in target_spacing],
+                                    target_shape=[int(v) for v in target_shape], dtype="int16"))
+    done = _read_done(cache_dir / "done.jsonl")
+    counts, todo = dict(done=0, skipped=0, failed=0), []
+    for job in jobs:
+        job.update(out=str(cache_dir / "volumes" / f"{job['name']}.npy"),
+                   target_spacing=tuple(target_spacing), target_shape=tuple(target_shape))
+        if job["name"] in done and Path(job["out"]).is_file():
+            counts["skipped"] += 1
+        else:
+            done.pop(job["name"], None)
+            todo.append(job)
+    progress = _Progress(label, len(jobs) + len(failed))
+    log_path = cache_dir / "done.jsonl"
+    torn = log_path.is_file() and not log_path.read_bytes().endswith(b"\n")
+    with open(log_path, "a") as log, open(cache_dir / "failed.txt", "w") as bad:
+        log.write("\n" if torn else "")  # end a line torn by a killed run before appending
+        for name, reason in failed:
+            _log_failure(bad, name, reason, counts)
+        for res in _map(_prepare_one, todo, workers):
+            if res["status"] == "done":
+                done[res["name"]], counts["done"] = res, counts["done"] + 1
+                log.write(json.dumps(res) + "\n")
+                log.flush()
+            else:
+                _log_failure(bad, res["name"], res["reason"], counts)
+            progress.update(sum(counts.values()), counts)
+    progress.update(sum(counts.values()), counts, final=True)
+    records = [Record(j["name"], j["out"], j["report"], j["labels"],
+                      tuple(done[j["name"]]["spacing"]), done[j["name"]]["hu_rule"], tuple(classes))
+               for j in jobs if j["name"] in done]
+    write_index(cache_dir, records)
+    return records, counts
+
+
+# ----------------------------------------------------------------------------- index.csv
+
+INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
+
+
+def write_index(cache_dir, records):
+    """index.csv: volume, npy (relative to cache_dir), report, source spacing, HU rule, labels."""
+    cache_dir = Path(cache_dir)
+    classes = records[0].classes if records else CTRATE_CLASSES
+    tmp = cache_dir / f".index.csv.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(INDEX_FIXED + tuple(classes))
+        for r in records:
+            npy = os.path.relpath(r.npy_path, cache_dir)
+            sp = [f"{v:.10g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
+            w.writerow([r.name, npy, r.report, *sp, r.hu_rule] + [f"{v:g}" for v in r.labels])
+    os.replace(tmp, cache_dir / "index.csv")
+
+
+def load_index(cache_dir):
+    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
+    with open(path, newline="", encoding="utf-8") as f:
+        fields = csv.DictReader(f).fieldnames or []
+    rows = read_csv(path, INDEX_FIXED)
+    classes = tuple(c for c in fields if c not in INDEX_FIXED)
+    records = []
+    for r in rows:
+        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
+        labels = np.array([float(r[c]) for c in classes], np.float32)
+        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
+                              r["hu_rule"], classes))
+    return records
+
+
+# ----------------------------------------------------------------------------- CT-RATE
+
+def _ctrate_root(root):
+    """Accept the CT-RATE root or its `dataset/` sub-folder (the Hugging Face layout)."""
+    root = Path(root)
+    if not (root / "metadata").is_dir() and (root / "dataset" / "metadata").is_dir():
+        return root / "dataset"
+    return root
+
+
+def ctrate_jobs(root, split):
+    """Volumes of one CT-RATE split found on disk -> (jobs, failed (name, reason) pairs)."""
+    root = _ctrate_root(root)
+    tables = CTRateTables(root, split)
+    files = sorted(p for p in (root / split).glob("*/*/*") if p.name.endswith((".nii.gz", ".nii")))
+    if not files:
+        raise FileNotFoundError(f"{root / split}: no volumes in <split>_<p>/<split>_<p>_<s>/")
+    jobs, failed = [], []
+    for f in files:
+        name = volume_key(f.name)
+        try:
+            e = tables.entry(name)
+        except ValueError as err:
+            failed.append((name, str(err)))
+            continue
+        jobs.append(dict(name=name, src=str(f), kind="nifti", spacing=e["spacing"],
+                         slope=e["slope"], intercept=e["intercept"], report=e["report"],
+                         labels=e["labels"]))
+    return jobs, failed
+
+
+def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
+                   target_shape=(256, 256, 128), workers=2):
+    """Preprocess one CT-RATE split into cache_dir (one int16 .npy per volume + index.csv).
+
+    Volumes come from ROOT/<split>/ on disk; spacing, rescaling, report and labels from the split's
+    CSVs (the metadata spacing replaces the header's, SPEC section 5). Already cached volumes are
+    skipped; bad volumes are logged and skipped. -> list[Record] of the volumes that are ready.
+    """
+    jobs, failed = ctrate_jobs(root, split)
+    records, _ = run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers,
+                                label=f"ctrate {split}", failed=failed)
+    return records
+
+
+# ----------------------------------------------------------------------------- RAD-ChestCT, folders
+
+def radchest_jobs(root, labels_csv=None):
+    """RAD-ChestCT .npz volumes under root -> (jobs, failed). Labels from labels_csv or from the
+    *Abnormality_and_Location_Labels*.csv files in root."""
+    root = Path(root)
+    found = sorted(root.rglob("*Abnormality_and_Location*.csv"))
+    csvs = [Path(labels_csv)] if labels_csv else found
+    if not csvs:
+        raise FileNotFoundError(f"{root}: no *Abnormality_and_Location_Labels*.csv (give --labels)")
+    labels = {}
+    for c in csvs:
+        labels.update(read_radchest_labels(c))
+    files = sorted(root.rglob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no .npz volumes")
+    jobs, failed = [], []
+    for f in files:
+        name = volume_key(f.name)
+        if name not in labels:
+            failed.append((name, f"unknown volume name '{name}' (not in {[c.name for c in csvs]})"))
+            continue
+        jobs.append(dict(name=name, src=str(f), kind="npz", spacing=RADCHEST_SPACING, slope=None,
+                         intercept=None, report="", labels=labels[name]))
+    return jobs, failed
+
+
+def folder_jobs(root):
+    """Every NIfTI under root, spacing and scaling from its header, no labels or reports."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii.gz", ".nii")))
+    if not files:
+        raise FileNotFoundError(f"{root}: no .nii/.nii.gz files")
+    jobs = [dict(name=volume_key(str(f.relative_to(root)).replace(os.sep, "__")), src=str(f),
+                 kind="nifti", spacing=None, slope=None, intercept=None, report="",
+                 labels=np.zeros(0, np.float32)) for f in files]
+    return jobs, []
+
+
+# ----------------------------------------------------------------------------- command line
+
+def preprocess_main(argv=None):
+    """`python data.py preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
+    p = argparse.ArgumentParser(prog="data.py preprocess", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate")
+    p.add_argument("--root", required=True, help="CT-RATE root, .npz dir or NIfTI dir")
+    p.add_argument("--split", choices=("train", "valid"), default="train", help="CT-RATE split")
+    p.add_argument("--out", required=True, help="output dir: volumes/*.npy, index.csv, logs")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
+                   help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
+    p.add_argument("--labels", help="RAD-ChestCT label CSV (default: found under --root)")
+    a = p.parse_args(argv)
+    try:
+        if a.dataset == "ctrate":
+            (jobs, failed), classes = ctrate_jobs(a.root, a.split), CTRATE_CLASSES
+        elif a.dataset == "radchest":
+            (jobs, failed), classes = radchest_jobs(a.root, a.labels), RADCHEST_CLASSES
+        else:
+            (jobs, failed), classes = folder_jobs(a.root), ()
+        t = PREPROCESS[a.preset]
+        records, counts = run_preprocess(jobs, a.out, t["target_spacing"], t["target_shape"],
+                                         a.workers, f"{a.dataset} {a.preset}", failed, classes)
+    except (ValueError, FileNotFoundError) as e:  # a problem with the data set as a whole
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rules = {}
+    for r in records:
+        rules[r.hu_rule] = rules.get(r.hu_rule, 0) + 1
+    print(f"summary: done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}"
+          f" | HU rules {rules} | index {Path(a.out) / 'index.csv'} ({len(records)} volumes)"
+          + (f" | failures listed in {Path(a.out) / 'failed.txt'}" if counts["failed"] else ""))
+    return 0 if records or not counts["failed"] else 1

@@ -1,0 +1,106 @@
+"""kernels/similarity.py through the Triton interpreter: the fused symmetric InfoNCE (loss, da, db)
+and the fused cosine scores against float64 references, over odd shapes, dtypes and temperatures.
+"""
+import pytest
+import torch
+
+from kernels import similarity as sim
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, vs float64
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) |got - want| relative to max |want|."""
+    err = (got.double() - want).abs()
+    scale = want.abs().max().clamp_min(1e-30)
+    return (err.max() / scale).item(), (err.mean() / scale).item()
+
+
+def _pairs(N, d, dtype, seed=0, sigma=3.0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(N, d, generator=g) * sigma  # un-normalised, as the projection heads emit
+    b = (a + torch.randn(N, d, generator=g) * sigma) * 0.5  # correlated, so the diagonal matters
+    return a.to(dtype), b.to(dtype)
+
+
+def _loss_and_grads(fn, a, b, tau, upstream):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = fn(a, b, tau)
+    (loss * upstream).backward()
+    return loss, a.grad, b.grad
+
+
+@pytest.mark.parametrize("N, d, dtype, tau", [
+    (1, 8, torch.float32, 0.1),       # a single pair: loss is exactly 0, gradients exactly 0
+    (3, 33, torch.float16, 0.1),
+    (64, 33, torch.bfloat16, 0.1),    # the paper's batch: one tile
+    (129, 8, torch.float32, 0.05),    # three row and column tiles with a ragged tail
+    (65, 768, torch.float32, 0.1),    # the paper's width: 12 accumulator chunks
+    (70, 768, torch.bfloat16, 0.01),  # logits up to 100
+    (17, 100, torch.float16, 1.0),
+])
+def test_contrastive_loss_and_grads_match_float64(N, d, dtype, tau):
+    a, b = _pairs(N, d, dtype, seed=N)
+    upstream = 1.7  # a non-unit upstream gradient reaches the kernel as a device scalar
+    got = _loss_and_grads(sim.contrastive_loss, a, b, tau, upstream)
+    want = _loss_and_grads(sim.contrastive_loss_reference, a.double(), b.double(), tau, upstream)
+    assert got[0].dim() == 0 and got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for name, g, w in zip(("loss", "da", "db"), got, want):
+        assert torch.isfinite(g).all(), f"{name} has inf/NaN"
+        if w.abs().max() < 1e-12:  # N = 1: exactly zero
+            assert g.abs().max() < 1e-6, f"{name} should be 0, got {g.abs().max():.2e}"
+            continue
+        worst, mean = _rel_err(g, w)
+        assert worst <= TOL[dtype], f"{name}: max rel err {worst:.2e} (mean {mean:.2e}) > {TOL[dtype]:g}"
+
+
+def test_gradcheck_float64():
+    for N, d in ((3, 8), (70, 20)):
+        a, b = _pairs(N, d, torch.float64, seed=N)
+        f = lambda x, y: sim.contrastive_loss(x, y, 0.3)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (a.requires_grad_(), b.requires_grad_()), fast_mode=True)
+
+
+def test_tiny_and_zero_vectors_follow_f_normalize():
+    # norms below eps are clamped (F.normalize): the gradient is then da^ / eps, not a projection
+    a, b = _pairs(5, 8, torch.float64, seed=1)
+    a[1] = 0.0
+    a[2] *= 1e-14
+    got = _loss_and_grads(sim.contrastive_loss, a, b, 0.1, 1.0)
+    want = _loss_and_grads(sim.contrastive_loss_reference, a, b, 0.1, 1.0)
+    for name, g, w in zip(("loss", "da", "db"), got, want):
+        assert torch.isfinite(g).all()
+        assert _rel_err(g, w)[0] <= 1e-6, name  # 1/eps = 1e12 amplifies fp64 rounding
+
+
+def test_non_contiguous_inputs():
+    a, b = _pairs(40, 16, torch.float32)
+    a_nc, b_nc = torch.cat([a, a], dim=1)[:, :16], b.t().contiguous().t()  # row stride 32; column-major
+    assert not a_nc.is_contiguous() and not b_nc.is_contiguous()
+    got = sim.contrastive_loss(a_nc, b_nc, 0.1)
+    assert _rel_err(got, sim.contrastive_loss_reference(a.double(), b.double(), 0.1))[0] <= 1e-5
+
+
+@pytest.mark.parametrize("N, C, d, dtype", [
+    (1, 1, 8, torch.float32),
+    (5, 18, 33, torch.float16),   # 18 abnormality prompts
+    (70, 3, 768, torch.bfloat16),
+    (130, 67, 20, torch.float32),
+])
+def test_cosine_scores_match_float64(N, C, d, dtype):
+    a, _ = _pairs(N, d, dtype, seed=C)
+    _, b = _pairs(C, d, dtype, seed=N)
+    got = sim.cosine_scores(a, b)
+    want = sim.cosine_scores_reference(a.double(), b.double())
+    assert got.shape == (N, C) and got.dtype == dtype
+    worst, mean = _rel_err(got, want)
+    assert worst <= TOL[dtype], f"max rel err {worst:.2e} (mean {mean:.2e})"
+
+
+def test_bad_inputs_are_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="both \\(N, d\\)"):
+        sim.contrastive_loss(torch.randn(4, 8), torch.randn(5, 8), 0.1)
+    with pytest.raises(ValueError, match="\\(C, d\\)"):
+        sim.cosine_scores(torch.randn(4, 8), torch.randn(5, 9))
+    with pytest.raises(ValueError, match="non-empty"):
+        sim.contrastive_loss(torch.randn(0, 8), torch.randn(0, 8), 0.1)

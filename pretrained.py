@@ -213,6 +213,8 @@ def load_vit(visual: ViT3D, path) -> LoadReport:
     _assign(visual, mapped, theirs, report)
     report.missing.update({k: "projection to the shared embedding space: trained from scratch"
                            for k in report.missing if k.startswith("head.")})
+    if "input_mean" in report.missing:
+        report.missing["input_mean"] = "the training set's mean volume: set by train.py from the data"
     return report
 
 

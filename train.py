@@ -45,9 +45,9 @@ class TrainConfig:
     synth_dir: str = _f("data_synth", "where the synthetic set is generated when --data is empty")
     synth_n: int = _f(None, "scans in the synthetic set (preset default: tiny 1000, paper 24)")
     out_dir: str = _f("out", "checkpoint, tokenizer, summaries and eval.json go here")
-    max_iters: int = _f(None, "optimizer steps (preset default: tiny 600, paper 39 epochs)")
+    max_iters: int = _f(None, "optimizer steps (preset default: tiny 500, paper 39 epochs)")
     batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, paper 64)")
-    lr: float = _f(None, "learning rate (preset default: tiny 1e-3, paper 5e-5)")
+    lr: float = _f(None, "learning rate (preset default: tiny 5e-4, paper 5e-5)")
     beta1: float = _f(None, "Adam beta1 (preset default: tiny 0.9, paper 0.5)")
     beta2: float = _f(None, "Adam beta2 (preset default: tiny 0.98, paper 0.999)")
     weight_decay: float = _f(None, "decoupled weight decay (preset default: tiny 0.05, paper 1e-6)")
@@ -87,7 +87,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(synth_n=1000, max_iters=600, batch_size=32, lr=1e-3, beta1=0.9, beta2=0.98,
+    "tiny": dict(synth_n=1000, max_iters=500, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                  weight_decay=0.05, warmup_iters=30),
     "paper": dict(synth_n=24, max_iters=None, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
                   weight_decay=1e-6, warmup_iters=0),
@@ -262,12 +262,20 @@ def evaluate(model, tokenizer, valid, device, batch_size: int) -> dict:
     return result
 
 
-def build_model(cfg: TrainConfig, mcfg, device, ckpt, log):
+def mean_volume(records, limit: int = 512) -> torch.Tensor:
+    """Mean model-input volume (1, X, Y, Z) of up to `limit` training volumes, evenly spaced."""
+    picks = records[:: max(1, len(records) // limit)][:limit]
+    return torch.stack([data_lib.load_volume(r.npy_path) for r in picks]).mean(0)
+
+
+def build_model(cfg: TrainConfig, mcfg, device, ckpt, train_recs, log):
     """BrgSA on device: pretrained weights when starting a run, the checkpoint's when resuming."""
     model = BrgSA(mcfg)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     else:
+        if mcfg.input_centering:
+            model.visual.set_input_mean(mean_volume(train_recs))
         if cfg.text_weights:
             log(pretrained.load_bert(model.text, cfg.text_weights).summary())
         if cfg.vit_weights:
@@ -370,7 +378,8 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
         train_recs, valid_recs = load_records(cfg, mcfg, workers)
     summaries, tok = ddp.broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)
     tokenizer = data_lib.tokenizer_from_string(tok)
-    model = build_model(cfg, replace(mcfg, vocab_size=tokenizer.get_vocab_size()), device, ckpt, log)
+    model = build_model(cfg, replace(mcfg, vocab_size=tokenizer.get_vocab_size()), device, ckpt,
+                        train_recs, log)
     return model, tokenizer, train_recs, valid_recs, summaries, ckpt
 
 

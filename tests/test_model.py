@@ -28,13 +28,28 @@ def test_tiny_forward_returns_loss_dict_and_backprops():
 
 
 def test_vit_accepts_crop_and_full_volume_grids():
-    m = ViT3D(SMALL).eval()
-    for size in (SMALL.crop_size, SMALL.image_size):
-        assert m(torch.randn(2, 1, *size)).shape == (2, SMALL.embed_dim)
+    cfg = dataclasses.replace(SMALL, input_centering=False, crop_size=(32, 32, 24))
+    m = ViT3D(cfg).eval()
+    for size in (cfg.crop_size, cfg.image_size):
+        assert m(torch.randn(2, 1, *size)).shape == (2, cfg.embed_dim)
     with pytest.raises(ValueError, match="divisible"):
         m(torch.randn(1, 1, 41, 40, 28))
     with pytest.raises(ValueError, match=r"\(B, 1, X, Y, Z\)"):
         m(torch.randn(1, 40, 40, 28))
+
+
+def test_input_centering_subtracts_the_stored_mean():
+    torch.manual_seed(0)
+    centred = ViT3D(SMALL).eval()
+    plain = ViT3D(dataclasses.replace(SMALL, input_centering=False)).eval()
+    plain.load_state_dict({k: v for k, v in centred.state_dict().items() if k != "input_mean"})
+    mean, x = torch.randn(1, *SMALL.image_size), torch.randn(2, 1, *SMALL.image_size)
+    centred.set_input_mean(mean)
+    assert "input_mean" in centred.state_dict()  # travels with checkpoints
+    torch.testing.assert_close(centred(x), plain(x - mean), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(centred(x), plain(x), atol=1e-3)
+    with pytest.raises(ValueError, match="input centering"):
+        centred(torch.randn(1, 1, 32, 32, 24))
 
 
 def test_paper_preset_size_and_reduced_forward():

@@ -122,7 +122,8 @@ def timm_block(dim, heads):
 
 def test_inflated_2d_vit_matches_timm_blocks(tmp_path):
     torch.manual_seed(0)
-    cfg = replace(PRESETS["tiny"], patch_size=(8, 8, 4), vit_width=48, vit_depth=2, vit_heads=4)
+    cfg = replace(PRESETS["tiny"], input_centering=False, patch_size=(8, 8, 4), vit_width=48,
+                  vit_depth=2, vit_heads=4)
     blocks = nn.ModuleList(timm_block(48, 4) for _ in range(2)).eval()
     norm = nn.LayerNorm(48)
     sd = {f"blocks.{k}": v for k, v in blocks.state_dict().items()}

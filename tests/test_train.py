@@ -35,23 +35,27 @@ def test_bad_preset_is_rejected():
         train.parse_args(["--preset=huge"])
 
 
-def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path):
+def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cmki, "USE_KERNELS", False)  # eager maths: fast (kernels: test_kernels_training)
     out = tmp_path / "run"
-    result = train.main(SMALL + ["--max_iters=12", "--lr=2e-3", "--warmup_iters=0",
+    result = train.main(SMALL + ["--max_iters=40", "--batch_size=12", "--warmup_iters=0",
                                  f"--synth_dir={synth_dir}", f"--out_dir={out}"])
     losses = result["history"]
-    assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, f"loss did not go down: {losses}"
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, f"loss did not go down: {losses}"
     saved = json.loads((out / "eval.json").read_text())
     assert set(saved["auc"]) == set(train.data_lib.CTRATE_CLASSES)
     assert 0.0 <= saved["macro_auc"] <= 1.0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 12 and ckpt["model_config"]["image_size"] == [48, 48, 32]
+    assert ckpt["step"] == 40 and tuple(ckpt["model_config"]["image_size"]) == (48, 48, 32)
 
 
 def test_resume_continues_the_same_run(synth_dir, tmp_path):
     common = SMALL + [f"--synth_dir={synth_dir}", "--ckpt_interval=3", "--warmup_iters=0"]
     straight = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'a'}"])
+    # the same token ids in b: at a 300-piece vocabulary, the trainer's ties decide which pieces make it
+    common.append(f"--tokenizer={tmp_path / 'a' / 'tokenizer.json'}")
     train.main(common + ["--max_iters=3", f"--out_dir={tmp_path / 'b'}"])
     resumed = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'b'}", "--resume"])
     assert resumed["history"] == straight["history"][3:]

@@ -175,6 +175,7 @@ class _Progress:
         self.total, self.cached, self.enabled = total, cached, enabled
         self.n = self.failed = 0
         self.start = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()  # a log file gets whole lines, a terminal one updating line
 
     def step(self, failed: bool) -> None:
         self.n += 1
@@ -183,11 +184,13 @@ class _Progress:
         if self.enabled and (now - self.last > 0.5 or self.n == self.total):
             self.last = now
             rate = self.n / max(now - self.start, 1e-9)
-            print(f"\rsummarize: {self.n}/{self.total} new ({self.cached} cached, {self.failed} failed, "
-                  f"{rate:.1f}/s)", end="", file=sys.stderr, flush=True)
+            line = (f"summarize: {self.n}/{self.total} new ({self.cached} cached, {self.failed} "
+                    f"failed, {rate:.1f}/s)")
+            print("\r" + line if self.tty else line, end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.n:
+        if self.enabled and self.n and self.tty:
             print(file=sys.stderr)
 
 

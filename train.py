@@ -453,11 +453,19 @@ def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, sav
     result = evaluate(model, tokenizer, valid_recs, device, bs)
     result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
+    # The CT-CLIP protocol (present vs not present per class) as a second opinion: it cancels the
+    # per-volume offset that all one-sentence prompts share, which the paper's protocol keeps.
+    ctclip = eval_lib.zero_shot(model, tokenizer, data_lib.eval_loader(valid_recs, bs),
+                                data_lib.CTRATE_CLASSES, device,
+                                eval_lib.EvalConfig(protocol="ctclip", n_boot=0, calib_fraction=0))
+    result["macro_auc_ctclip_protocol"] = ctclip["macro_auc"]
     print(eval_lib.format_table(result))
     path = eval_lib.write_result(result, Path(cfg.out_dir))
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over "
           f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes "
           f"({time.time() - t0:.0f} s of training); {path}, {ckpt_path}")
+    print(f"(CT-CLIP protocol, 'X is present.' vs 'X is not present.': macro AUROC "
+          f"{ctclip['macro_auc']:.4f}; python eval.py --help)")
     return result
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check, in one call of at most ~6 minutes on one CUDA GPU with no network: the kernels'
+# own checks against their references on the GPU, the test suite (kernels through the interpreter,
+# the rest on CPU), kernels/bench.py, and a short `python train.py` on CUDA. Tables and logs go to
+# $OUT (default: out/gpu_check). Commit the bench table as benchmarks/<card>.md with the date.
+#
+#   bash benchmarks/gpu_check.sh
+#
+# The machine's Python must already have torch, triton, numpy, tokenizers and pytest. nibabel is
+# pure Python: if it is missing, put its wheel in .gpu_wheels/ beforehand
+# (pip download nibabel --no-deps -d .gpu_wheels) and it is installed from there, offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+python3 -c "import nibabel" 2>/dev/null || "$PY" -m pip install --quiet --no-index --no-deps .gpu_wheels/*.whl
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+status=0
+step() {  # name, timeout in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$OUT/summary.txt"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   exit $rc" | tee -a "$OUT/summary.txt"
+  [ $rc -eq 0 ] || status=1
+}
+step kernel_bank_attention 60 env TRITON_INTERPRET=0 "$PY" -m kernels.bank_attention
+step kernel_similarity 60 env TRITON_INTERPRET=0 "$PY" -m kernels.similarity
+step bench 150 env TRITON_INTERPRET=0 "$PY" -m kernels.bench --csv "$OUT/kernel_bench.csv"
+step train_cuda 90 env TRITON_INTERPRET=0 "$PY" train.py --device=cuda --synth_n=300 \
+  --max_iters=100 --eval_interval=0 --synth_dir="$OUT/synth" --out_dir="$OUT/train"
+step pytest 150 "$PY" -m pytest -q -x tests
+tail -n 40 "$OUT/bench.log" > "$OUT/bench_table.md"
+rm -rf "$OUT/synth" "$OUT/train/ckpt.pt"
+exit $status

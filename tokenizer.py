@@ -1,17 +1,17 @@
 """The report tokenizer: BERT-style WordPiece through Hugging Face `tokenizers`.
 
-Trained on the training reports (train_tokenizer) or loaded from a tokenizer.json / BERT vocab.txt;
-[CLS] text [SEP], lower-cased, accents stripped, [PAD] = 0, padded and truncated to max_len
-(97 by default). Checkpoints carry the tokenizer as its JSON string. A library:
+Built from the training reports (train_tokenizer: the same texts always give the same ids) or
+loaded from a tokenizer.json / BERT vocab.txt; [CLS] text [SEP], lower-cased, accents stripped,
+[PAD] = 0, padded and truncated to max_len (97 by default). Checkpoints carry the tokenizer as its JSON string. A library:
 data.py re-exports every name, so callers write `data.tokenize` etc.
 
     python -c "import tokenizer"
 """
+from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                        trainers)
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
 
@@ -33,18 +33,26 @@ def _bert_pipeline(tok):
 
 
 def train_tokenizer(texts, vocab_size=4096, path=None):
-    """Train a WordPiece tokenizer on `texts` (BERT-style); save it as tokenizer.json to `path`."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    # The trainer breaks frequency ties in hash-map order, which changes from call to call: give
-    # the learned pieces ids in a fixed order (specials first, then sorted) so that the same texts
-    # give the same ids, and two identical runs the same model.
-    learned = sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + learned)}
+    """Build a WordPiece vocabulary from `texts` (BERT-style); save it as tokenizer.json to `path`.
+
+    The vocabulary is the special tokens, every character seen (alone and as a "##" continuation,
+    so that any word can be spelled), then whole words by frequency, ties in alphabetical order, up
+    to vocab_size; a word outside it is split into the longest known pieces, as BERT does. We do not
+    use tokenizers' WordPieceTrainer: its merges break frequency ties in hash-map order, so every
+    call gives another vocabulary, and two identical training runs would not be identical.
+    """
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=True, lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    if vocab_size < len(pieces):
+        raise ValueError(f"vocab_size={vocab_size} is too small: the special tokens and the "
+                         f"{len(chars)} characters of the texts need {len(pieces)}")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[: vocab_size - len(pieces)]
+    vocab = {p: i for i, p in enumerate(pieces)}
     tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
     if path is not None:
         path = Path(path)

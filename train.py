@@ -82,8 +82,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (summarize.py)")
     vocab_size: int = _f(4096, "WordPiece vocabulary size of the tokenizer trained on the reports")
-    tokenizer: str = _f("", "use this tokenizer.json or vocab.txt instead of training one (to repeat "
-                            "a run exactly: WordPiece training order differs between processes)")
+    tokenizer: str = _f("", "use this tokenizer.json or vocab.txt instead of building one from the "
+                            "training summaries")
 
 
 TRAIN_PRESETS = {

@@ -408,8 +408,12 @@ def test_tokenizer_training_is_repeatable(shared_data):
     rows = csv.DictReader(open(shared_data / "ctclip_reports_18labels" / "reports_shared.csv",
                                encoding="utf-8"))
     texts = [r["report_text"] for r in rows]
-    first, second = (data.train_tokenizer(texts, vocab_size=1000).get_vocab() for _ in range(2))
-    assert first == second
+    first, second = (data.train_tokenizer(texts, vocab_size=1000) for _ in range(2))
+    assert first.get_vocab() == second.get_vocab()
+    ids, _ = data.tokenize(first, ["pneumopericardium zzyzx"])  # words outside the vocabulary
+    assert first.decode(ids[0].tolist()) == "pneumopericardium zzyzx"  # are spelled in pieces
+    with pytest.raises(ValueError, match="too small"):
+        data.train_tokenizer(texts, vocab_size=20)
 
 
 # ----------------------------------------------------------------------------- preprocess CLI

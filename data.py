@@ -415,8 +415,13 @@ def __getattr__(name):
 
 
 if __name__ == "__main__":
+    usage = ("usage: python data.py preprocess --root DIR --out DIR [--dataset ctrate|radchest|folder] "
+             "[--split train|valid] [--preset tiny|paper] [--workers N] [--labels CSV]\n"
+             "       python data.py preprocess --help   # every flag, with its meaning")
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] != "preprocess":
-        sys.exit("usage: python data.py preprocess --root DIR --out DIR [--dataset ctrate|radchest|"
-                 "folder] [--split train|valid] [--preset tiny|paper] [--workers N] [--labels CSV]")
+        sys.exit(usage)
     import preprocess
     sys.exit(preprocess.preprocess_main(sys.argv[2:]))

@@ -336,16 +336,21 @@ class VolumeTextDataset(torch.utils.data.Dataset):
 
     A report with several volumes (reconstructions) picks one at random per draw (train) or the
     first (eval). Text: min(5, n) of the report's summary sentences in random order (train) or all
-    in order (eval); the raw report when it has no summary.
+    in order (eval); the raw report when it has no summary. sentences="random" draws a random
+    count from 1 to min(5, n) instead, so single sentences, shaped like the zero-shot prompts, are
+    seen in training too (not the official rule; the tiny preset's default, see train.py).
     """
 
-    def __init__(self, records, summaries=None, crop_size=None, train=True, seed=0):
+    def __init__(self, records, summaries=None, crop_size=None, train=True, seed=0,
+                 sentences="paper"):
+        if sentences not in ("paper", "random"):
+            raise ValueError(f"sentences must be 'paper' or 'random', got {sentences!r}")
         groups = {}
         for r in records:
             groups.setdefault(r.report, []).append(r)
         self.groups = list(groups.values())
         self.summaries = summaries or {}
-        self.crop_size, self.train, self.seed = crop_size, train, seed
+        self.crop_size, self.train, self.seed, self.sentences = crop_size, train, seed, sentences
 
     def __len__(self):
         return len(self.groups)
@@ -356,7 +361,10 @@ class VolumeTextDataset(torch.utils.data.Dataset):
             return report
         if rng is None:
             return " ".join(sents)
-        pick = rng.permutation(len(sents))[: min(5, len(sents))]
+        k = min(5, len(sents))
+        if self.sentences == "random":
+            k = int(rng.integers(1, k + 1))
+        pick = rng.permutation(len(sents))[:k]
         return " ".join(sents[i] for i in pick)
 
     def __getitem__(self, i):

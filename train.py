@@ -81,6 +81,10 @@ class TrainConfig:
                               "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one loads as is")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (summarize.py)")
+    text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
+                                  "sentences (official); random = a random count from 1 to min(5, n), "
+                                  "so one-sentence texts like the zero-shot prompts are seen "
+                                  "(preset default: tiny random, paper paper)")
     vocab_size: int = _f(4096, "WordPiece vocabulary size of the tokenizer trained on the reports")
     tokenizer: str = _f("", "use this tokenizer.json or vocab.txt instead of building one from the "
                             "training summaries")
@@ -88,9 +92,9 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, max_iters=500, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
-                 weight_decay=0.05, warmup_iters=30),
+                 weight_decay=0.05, warmup_iters=30, text_sampling="random"),
     "paper": dict(synth_n=24, max_iters=None, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
-                  weight_decay=1e-6, warmup_iters=0),
+                  weight_decay=1e-6, warmup_iters=0, text_sampling="paper"),
 }
 PAPER_EPOCHS = 39
 
@@ -390,7 +394,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
                                                                        workers, log)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
-                                         train=True, seed=cfg.seed)
+                                         train=True, seed=cfg.seed, sentences=cfg.text_sampling)
     bs = global_batch_size(cfg, len(dataset), world, log)
     max_iters = cfg.max_iters or PAPER_EPOCHS * (len(dataset) // bs)
     use_cuda = device.type == "cuda"

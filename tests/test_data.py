@@ -354,6 +354,13 @@ def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
     assert item["text"] == " ".join(sents[reports[0]])
     hu = np.load(ev.groups[by_report[reports[0]]][0].npy_path).astype(np.float32)
     torch.testing.assert_close(item["volume"][0], data.normalize(torch.from_numpy(hu)))
+    # sentences="random": 1 to min(5, n) distinct sentences, every count drawn
+    rnd = data.VolumeTextDataset(recs, sents, crop_size=(8, 10, 4), train=True, seed=3,
+                                 sentences="random")
+    counts = [len(set(rnd[by_report[reports[0]]]["text"].split(" ")[1::2])) for _ in range(200)]
+    assert set(counts) == {1, 2, 3, 4, 5}
+    with pytest.raises(ValueError, match="sentences"):
+        data.VolumeTextDataset(recs, sents, sentences="all")
 
 
 def test_datasets_with_loader_workers_are_reproducible(tmp_path):

@@ -45,7 +45,7 @@ class TrainConfig:
     synth_dir: str = _f("data_synth", "where the synthetic set is generated when --data is empty")
     synth_n: int = _f(None, "scans in the synthetic set (preset default: tiny 1000, paper 24)")
     out_dir: str = _f("out", "checkpoint, tokenizer, summaries and eval.json go here")
-    max_iters: int = _f(None, "optimizer steps (preset default: tiny 500, paper 39 epochs)")
+    max_iters: int = _f(None, "optimizer steps (preset default: tiny 800, paper 39 epochs)")
     batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, paper 64)")
     lr: float = _f(None, "learning rate (preset default: tiny 5e-4, paper 5e-5)")
     beta1: float = _f(None, "Adam beta1 (preset default: tiny 0.9, paper 0.5)")
@@ -91,7 +91,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(synth_n=1000, max_iters=500, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
+    "tiny": dict(synth_n=1000, max_iters=800, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                  weight_decay=0.05, warmup_iters=30, text_sampling="random"),
     "paper": dict(synth_n=24, max_iters=None, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
                   weight_decay=1e-6, warmup_iters=0, text_sampling="paper"),

@@ -457,8 +457,8 @@ def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, sav
     result = evaluate(model, tokenizer, valid_recs, device, bs)
     result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
-    # The CT-CLIP protocol (present vs not present per class) as a second opinion: it cancels the
-    # per-volume offset that all one-sentence prompts share, which the paper's protocol keeps.
+    # The CT-CLIP protocol (present vs not present per class) as a second opinion: it compares two
+    # prompts per class instead of ranking volumes by one, so it reacts differently to text biases.
     ctclip = eval_lib.zero_shot(model, tokenizer, data_lib.eval_loader(valid_recs, bs),
                                 data_lib.CTRATE_CLASSES, device,
                                 eval_lib.EvalConfig(protocol="ctclip", n_boot=0, calib_fraction=0))

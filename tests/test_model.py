@@ -38,6 +38,17 @@ def test_vit_accepts_crop_and_full_volume_grids():
         m(torch.randn(1, 40, 40, 28))
 
 
+def test_mean_pooling_ignores_the_cls_token_and_cls_pooling_uses_it():
+    x = torch.randn(2, 1, *SMALL.image_size)
+    for pool, depends in (("mean", False), ("cls", True)):
+        torch.manual_seed(0)
+        m = ViT3D(dataclasses.replace(SMALL, vit_pool=pool, vit_depth=0)).eval()  # no attention
+        before = m(x)
+        with torch.no_grad():
+            m.cls_token.add_(1.0)
+        assert torch.allclose(before, m(x)) != depends, pool
+
+
 def test_input_centering_subtracts_the_stored_mean():
     torch.manual_seed(0)
     centred = ViT3D(SMALL).eval()

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import memory_plan  # noqa: E402
 from model import PRESETS, ViT3D  # noqa: E402
 
-CFG = replace(PRESETS["tiny"], input_centering=False, crop_size=(32, 32, 16), patch_size=(4, 4, 4), vit_width=64,
-              vit_depth=3, vit_heads=4)
+CFG = replace(PRESETS["tiny"], input_centering=False, vit_pool="cls", crop_size=(32, 32, 16),
+              patch_size=(4, 4, 4), vit_width=64, vit_depth=3, vit_heads=4)
 
 
 def saved_bytes(model, x, mixed):

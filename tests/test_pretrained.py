@@ -122,8 +122,8 @@ def timm_block(dim, heads):
 
 def test_inflated_2d_vit_matches_timm_blocks(tmp_path):
     torch.manual_seed(0)
-    cfg = replace(PRESETS["tiny"], input_centering=False, patch_size=(8, 8, 4), vit_width=48,
-                  vit_depth=2, vit_heads=4)
+    cfg = replace(PRESETS["tiny"], input_centering=False, vit_pool="cls", patch_size=(8, 8, 4),
+                  vit_width=48, vit_depth=2, vit_heads=4)
     blocks = nn.ModuleList(timm_block(48, 4) for _ in range(2)).eval()
     norm = nn.LayerNorm(48)
     sd = {f"blocks.{k}": v for k, v in blocks.state_dict().items()}
@@ -161,7 +161,7 @@ def test_inflated_2d_vit_matches_timm_blocks(tmp_path):
 
 
 def test_3d_vit_weights_load_as_is_and_wrong_sizes_fail(tmp_path):
-    cfg = replace(PRESETS["tiny"], vit_width=48, vit_depth=1, vit_heads=4)
+    cfg = replace(PRESETS["tiny"], vit_pool="cls", vit_width=48, vit_depth=1, vit_heads=4)
     src = ViT3D(cfg)
     sd = {("patch_embed.proj." + k[12:] if k.startswith("patch_embed.") else k): v
           for k, v in src.state_dict().items() if not k.startswith("head.")}

@@ -254,7 +254,10 @@ def peak_flops(device) -> float:
 def speed(volumes: int, seconds: float, flops_per_volume: float, peak: float, world: int) -> str:
     vps = volumes / max(seconds, 1e-9)
     mfu = f"{100 * vps * flops_per_volume / (peak * world):.1f}%" if peak else "n/a"
-    return f"{vps:.1f} vol/s | MFU {mfu}"
+    line = f"{vps:.1f} vol/s | MFU {mfu}"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        line += f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"  # this rank's GPU
+    return line
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -238,14 +238,15 @@ def _records_of(loader):
 
 
 def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalConfig = None,
-              calib_loader=None, summaries: dict = None, score_map=None) -> dict:
+              calib_loader=None, summaries: dict = None, score_map=None, embedded=None) -> dict:
     """Zero-shot diagnosis of every volume of loader, plus retrieval and the modality gap when the
     loader's records carry reports. classes name the label columns; prompts are written for them,
-    or, with score_map, for the CT-RATE classes whose (N, 18) scores score_map maps onto them."""
+    or, with score_map, for the CT-RATE classes whose (N, 18) scores score_map maps onto them.
+    embedded: loader's embed_volumes() output when the caller already has it."""
     cfg = cfg or EvalConfig()
     model.eval()
     prompt_classes = data_lib.CTRATE_CLASSES if score_map else classes
-    v, labels, names = embed_volumes(model, loader, device)
+    v, labels, names = embedded if embedded is not None else embed_volumes(model, loader, device)
 
     def scores_of(v_):
         s = score_volumes(model, tokenizer, v_, prompt_classes, cfg, device)

@@ -31,8 +31,8 @@ class ModelConfig:
     vit_width: int = 768
     vit_depth: int = 12
     vit_heads: int = 12
-    vit_pool: str = "cls"                # image embedding: "cls" token (official) or "mean" of patch tokens
-    input_centering: bool = False        # subtract the training set's mean volume first (not in the paper)
+    vit_pool: str = "cls"                # image embedding: "cls" token (official) or "mean" of patches
+    input_centering: bool = False        # subtract the training set's mean volume (not in the paper)
     # text side (BERT-base layout)
     vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
     max_len: int = 97                    # tokens per report; also the pooling divisor (official)

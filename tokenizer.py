@@ -2,8 +2,8 @@
 
 Built from the training reports (train_tokenizer: the same texts always give the same ids) or
 loaded from a tokenizer.json / BERT vocab.txt; [CLS] text [SEP], lower-cased, accents stripped,
-[PAD] = 0, padded and truncated to max_len (97 by default). Checkpoints carry the tokenizer as its JSON string. A library:
-data.py re-exports every name, so callers write `data.tokenize` etc.
+[PAD] = 0, padded and truncated to max_len (97 by default). Checkpoints carry the tokenizer as its
+JSON string. A library: data.py re-exports every name, so callers write `data.tokenize` etc.
 
     python -c "import tokenizer"
 """
@@ -16,10 +16,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
 
 
+def _normalizer():
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=True, lowercase=True)
+
+
 def _bert_pipeline(tok):
     """BERT-style normaliser, pre-tokenizer, [CLS] ... [SEP] post-processor and decoder."""
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=True, lowercase=True)
+    tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -41,9 +45,7 @@ def train_tokenizer(texts, vocab_size=4096, path=None):
     use tokenizers' WordPieceTrainer: its merges break frequency ties in hash-map order, so every
     call gives another vocabulary, and two identical training runs would not be identical.
     """
-    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                      strip_accents=True, lowercase=True)
-    pre = pre_tokenizers.BertPreTokenizer()
+    norm, pre = _normalizer(), pre_tokenizers.BertPreTokenizer()  # as the tokenizer will split
     counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
     chars = sorted({c for w in counts for c in w})
     pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]

@@ -1,25 +1,23 @@
-"""CT data for BrgSA: NIfTI I/O, HU conversion, resampling, crop/pad, normalisation, datasets.
+"""CT data for BrgSA: NIfTI I/O, HU conversion, resampling, crop/pad, normalisation, the report
+tokenizer, and the datasets and loaders over preprocessed caches.
 
 Follows the paper's / official code's preprocessing (SPEC section 5): reorient to canonical RAS
 (nibabel `as_closest_canonical`), HU = raw * slope + intercept where the volume is not already in HU
 (CT-RATE v1 vs v2 "fixed" volumes), trilinear resampling to 1.5 x 1.5 x 3.0 mm, centre crop/pad to
 256 x 256 x 128 (pad -1024 HU), clip to [-1000, 1000], and the official intensity normalisation
-((HU + 1000) / 1000 - 1 - 0.4978) / 0.2449. Preprocessed volumes are cached as memory-mappable int16
-`.npy` files so that training never decodes gzip or resamples.
+((HU + 1000) / 1000 - 1 - 0.4978) / 0.2449. Reports become token ids through a BERT-style WordPiece
+tokenizer (Hugging Face `tokenizers`). Training and evaluation read a preprocessed directory: one
+memory-mappable int16 `.npy` per volume and an index.csv (name, file, report, labels), so they never
+decode gzip or resample. Those directories are written by prepare/preprocess.py:
 
-This file is the data package's front door: every data name is reachable as `data.X`.
-  dataset_tables.py  class lists and the CT-RATE / RAD-ChestCT CSV tables  (imported here)
-  tokenizer.py       the WordPiece report tokenizer                          (imported here)
-  preprocess.py      the preprocessing cache, index.csv and the `preprocess` command; it imports
-                     this file, so its names are resolved on first use (__getattr__ at the end)
-
-    python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
+    python -m prepare.preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
         --preset paper --workers 8
 """
+import csv
 import json
-import sys
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from dataset_tables import (CTRATE_CLASSES, CTRATE_LT_CLASSES, RADCHEST_CLASSES,  # noqa: F401
-                            RADCHEST_DEVICES, RADCHEST_SOURCES, CTRateTables, ctrate_to_radchest,
-                            find_split_csv, read_csv, read_labels, read_radchest_labels, volume_key)
-from tokenizer import (SPECIAL_TOKENS, load_tokenizer, tokenize, tokenizer_from_string,  # noqa: F401
-                       train_tokenizer)
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 PREPROCESS = {
     "tiny": dict(target_spacing=(7.0, 7.0, 10.0), target_shape=(48, 48, 32)),
@@ -40,6 +33,44 @@ PREPROCESS = {
 }
 HU_MIN, HU_MAX, PAD_HU = -1000.0, 1000.0, -1024.0
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # official constants, applied after mapping HU to [-1, 1]
+
+# ----------------------------------------------------------------------------- classes
+
+CTRATE_CLASSES = (
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+# RAD-ChestCT's 16 classes (SPEC section 5): the two calcification classes merge, Mosaic drops out
+RADCHEST_CLASSES = (
+    "Medical material", "Calcification", "Cardiomegaly", "Pericardial effusion", "Hiatal hernia",
+    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
+    "Pulmonary fibrotic sequela", "Pleural effusion", "Peribronchial thickening", "Consolidation",
+    "Bronchiectasis", "Interlobular septal thickening",
+)
+# the paper's 15 under-represented abnormalities on CT-RATE validation (prompt order)
+CTRATE_LT_CLASSES = (
+    "Pneumonia", "Pneumothorax", "Empyema", "Tuberculosis", "Pulmonary fibrosis", "Lung cyst",
+    "Bronchial thickening", "Lung mass", "Osteophyte", "Rib fracture", "Atherosclerosis",
+    "Pericardial calcification", "Spondylosis", "Pleural calcification", "Pneumomediastinum",
+)
+
+
+
+def ctrate_to_radchest(scores):
+    """(N, 18) CT-RATE-class scores -> (N, 16) RAD-ChestCT-class scores (numpy or torch).
+
+    Calcification = max(arterial wall, coronary artery wall calcification); Mosaic attenuation is
+    dropped; every other class keeps its own column.
+    """
+    xp = torch if torch.is_tensor(scores) else np
+    col = {c: scores[:, i] for i, c in enumerate(CTRATE_CLASSES)}
+    col["Calcification"] = xp.maximum(col["Arterial wall calcification"],
+                                      col["Coronary artery wall calcification"])
+    return xp.stack([col[c] for c in RADCHEST_CLASSES], 1)
+
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -239,7 +270,143 @@ def read_radchest_npz(path, spacing=RADCHEST_SPACING):
     return hu, np.asarray(spacing, np.float64)
 
 
-# ----------------------------------------------------------------------------- records and data sets
+# ----------------------------------------------------------------------------- report tokenizer
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
+
+
+def _normalizer():
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=True, lowercase=True)
+
+
+def _bert_pipeline(tok):
+    """BERT-style normaliser, pre-tokenizer, [CLS] ... [SEP] post-processor and decoder."""
+    tok.normalizer = _normalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise ValueError("tokenizer vocabulary lacks [CLS] or [SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def train_tokenizer(texts, vocab_size=4096, path=None):
+    """Build a WordPiece vocabulary from `texts` (BERT-style); save it as tokenizer.json to `path`.
+
+    The vocabulary is the special tokens, every character seen (alone and as a "##" continuation,
+    so that any word can be spelled), then whole words by frequency, ties in alphabetical order, up
+    to vocab_size; a word outside it is split into the longest known pieces, as BERT does. We do not
+    use tokenizers' WordPieceTrainer: its merges break frequency ties in hash-map order, so every
+    call gives another vocabulary, and two identical training runs would not be identical.
+    """
+    norm, pre = _normalizer(), pre_tokenizers.BertPreTokenizer()  # as the tokenizer will split
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    if vocab_size < len(pieces):
+        raise ValueError(f"vocab_size={vocab_size} is too small: the special tokens and the "
+                         f"{len(chars)} characters of the texts need {len(pieces)}")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[: vocab_size - len(pieces)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+    if path is not None:
+        path = Path(path)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(path))
+    return tok
+
+
+def load_tokenizer(path):
+    """Load a tokenizer.json or a BERT vocab.txt (or a folder holding either)."""
+    path = Path(path)
+    if path.is_dir():
+        hits = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
+        if not hits:
+            raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt")
+        path = hits[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    if path.suffix == ".json":
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+            raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
+    vocab = models.WordPiece.read_file(str(path))
+    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+
+
+def tokenizer_from_string(text):
+    """The inverse of Tokenizer.to_str(): how checkpoints carry their tokenizer."""
+    return Tokenizer.from_str(text)
+
+
+def tokenize(tok, texts, max_len=97):
+    """-> (input_ids, attention_mask), LongTensor (B, max_len): [CLS] text [SEP], truncated, padded.
+
+    Sets the tokenizer's truncation/padding to max_len; padding uses the [PAD] id (0 in our vocab).
+    """
+    pad = tok.token_to_id("[PAD]")
+    pad = 0 if pad is None else pad
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(pad_id=pad, pad_token="[PAD]", length=max_len)
+    enc = tok.encode_batch(list(texts))
+    ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- tables and the preprocessed index
+
+def read_csv(path, required=()):
+    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
+    return rows
+
+
+def volume_key(name):
+    """'train_1_a_1.nii.gz' -> 'train_1_a_1' (CSV names come with and without the extension)."""
+    name = Path(str(name).strip()).name
+    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
+    """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
+    surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""
+    rows = read_csv(path, (name_column,))
+    fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
+    missing = [c for c in classes if c.strip().lower() not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing class column(s) {missing}")
+    cols = [fields[c.strip().lower()] for c in classes]
+    out = {}
+    for row in rows:
+        try:
+            out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
+    return out
+
+
 
 @dataclass
 class Record:
@@ -253,7 +420,32 @@ class Record:
     classes: tuple = CTRATE_CLASSES
 
 
-def _preset_settings(preset, shape=None):
+
+INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
+
+
+def load_index(cache_dir):
+    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
+    with open(path, newline="", encoding="utf-8") as f:
+        fields = csv.DictReader(f).fieldnames or []
+    rows = read_csv(path, INDEX_FIXED)
+    classes = tuple(c for c in fields if c not in INDEX_FIXED)
+    records = []
+    for r in rows:
+        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
+        labels = np.array([float(r[c]) for c in classes], np.float32)
+        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
+                              r["hu_rule"], classes))
+    return records
+
+
+# ----------------------------------------------------------------------------- data sets and loaders
+
+def preprocess_settings(preset, shape=None):
     """A PREPROCESS name, an object with .spacing/.image_size (ModelConfig) or a spacing tuple."""
     if isinstance(preset, str):
         if preset not in PREPROCESS:
@@ -270,41 +462,40 @@ def _preset_settings(preset, shape=None):
     return tag, spacing, shape
 
 
-def load_dataset(path, split, preset=None, shape=None, workers=2, cache_dir=None):
-    """Records of one split from a preprocessed dir or a raw CT-RATE-layout root.
+def find_index(path, split):
+    """The preprocessed dir of `split` under `path` (<path>/<split> or <path> itself), or None."""
+    for d in (Path(path) / split, Path(path)):
+        if (d / "index.csv").is_file():
+            return d
+    return None
 
-    path: a preprocessed dir (<path>/<split>/index.csv, or <path>/index.csv whose CT-RATE names are
-    filtered by the split prefix) or a raw CT-RATE root, which is preprocessed (resumably) into
-    cache_dir, default <root>/../cache_<preset>/<split>.
-    preset: a PREPROCESS name, a ModelConfig (its .spacing and .image_size) or a target spacing
-    tuple together with `shape`; needed for a raw root, checked against a preprocessed dir.
+
+def load_dataset(path, split, preset=None, shape=None):
+    """Records of one split of a preprocessed dir (written by prepare/preprocess.py).
+
+    path: <path>/<split>/index.csv, or <path>/index.csv whose CT-RATE names are filtered by the
+    split prefix. preset: a PREPROCESS name, a ModelConfig (its .spacing and .image_size) or a
+    target spacing tuple together with `shape`; when given, it must match the dir's settings.json.
     """
-    import preprocess  # here, not at the top: preprocess.py imports this file
     path = Path(path)
-    want = _preset_settings(preset, shape)[1:] if preset is not None else None
-    for d in (path / split, path):
-        if (d / "index.csv").is_file() and want and (d / "settings.json").is_file():
-            have = json.loads((d / "settings.json").read_text())
-            have = tuple(have["target_spacing"]), tuple(have["target_shape"])
-            if have != want:
-                raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
-                                 f"but {want[0]} mm -> {want[1]} was asked for")
-    if (path / split / "index.csv").is_file():
-        return preprocess.load_index(path / split)
-    if (path / "index.csv").is_file():  # one index for several splits: CT-RATE names say which
-        records = preprocess.load_index(path)
-        if not any(r.name.startswith(("train", "valid")) for r in records):
-            return records  # RAD-ChestCT / a plain folder: no split in the names
-        records = [r for r in records if r.name.startswith(split)]
-        if not records:
-            raise ValueError(f"{path / 'index.csv'}: no volume of split '{split}'")
-        return records
-    if preset is None:
-        raise ValueError(f"{path}: a raw data set needs a preset (or spacing and shape) to "
-                         f"preprocess it; found no index.csv")
-    name, spacing, shape = _preset_settings(preset, shape)
-    cache_dir = Path(cache_dir) if cache_dir else path.resolve().parent / f"cache_{name}" / split
-    return preprocess.prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
+    d = find_index(path, split)
+    if d is None:
+        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory); make one with "
+                                f"python -m prepare.preprocess --root {path} --out DIR")
+    if preset is not None and (d / "settings.json").is_file():
+        want = preprocess_settings(preset, shape)[1:]
+        have = json.loads((d / "settings.json").read_text())
+        have = tuple(have["target_spacing"]), tuple(have["target_shape"])
+        if have != want:
+            raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
+                             f"but {want[0]} mm -> {want[1]} was asked for")
+    records = load_index(d)
+    if d == path / split or not any(r.name.startswith(("train", "valid")) for r in records):
+        return records  # RAD-ChestCT / a plain folder: no split in the names
+    records = [r for r in records if r.name.startswith(split)]  # one index for several splits
+    if not records:
+        raise ValueError(f"{d / 'index.csv'}: no volume of split '{split}'")
+    return records
 
 
 def _draw_rng(seed, index):
@@ -406,30 +597,3 @@ def make_loader(dataset, batch_size, shuffle=True, workers=0, seed=0, drop_last=
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
         generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
         drop_last=shuffle if drop_last is None else drop_last, **extra)
-
-# ----------------------------------------------------------------------------- preprocess.py's names
-
-PREPROCESS_NAMES = ("save_npy_atomic", "run_preprocess", "INDEX_FIXED", "write_index", "load_index",
-                    "ctrate_jobs", "prepare_ctrate", "radchest_jobs", "folder_jobs",
-                    "preprocess_main")
-
-
-def __getattr__(name):
-    """`data.load_index` etc.: preprocess.py imports this file, so its names load on first use."""
-    if name in PREPROCESS_NAMES:
-        import preprocess
-        return getattr(preprocess, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    usage = ("usage: python data.py preprocess --root DIR --out DIR [--dataset ctrate|radchest|folder] "
-             "[--split train|valid] [--preset tiny|paper] [--workers N] [--labels CSV]\n"
-             "       python data.py preprocess --help   # every flag, with its meaning")
-    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
-        print(usage)
-        sys.exit(0)
-    if len(sys.argv) < 2 or sys.argv[1] != "preprocess":
-        sys.exit(usage)
-    import preprocess
-    sys.exit(preprocess.preprocess_main(sys.argv[2:]))

@@ -7,7 +7,7 @@ Two zero-shot protocols (SPEC section 3); prompt embeddings are computed once, n
           similarities / tau (CT-CLIP's rule, on the same BrgSA similarity).
 User templates and per-class synonym lists make a prompt ensemble: the mean of the prompts' scores.
 
-Metrics (metrics.py) per class and as a macro mean: AUROC, AUPRC, and ACC / weighted F1 / precision
+Metrics per class and as a macro mean: AUROC, AUPRC, and ACC / weighted F1 / precision
 / recall / specificity at two thresholds: `roc_corner`, the ROC-corner threshold picked on the
 evaluated rows themselves (the field's convention: optimistic), and `calibrated`, the same rule
 applied on a separate, patient-disjoint calibration split and then frozen (the honest number).
@@ -18,8 +18,15 @@ modality gap (centroid distance, true vs random pair cosine, linear-probe accura
 Outputs in --out_dir: eval.json (every number, its interval and which rows it uses), metrics.csv,
 scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png
 (matplotlib is optional: without it the plots are skipped with a message).
-Inputs are read by eval_inputs.py and outputs written by eval_report.py; their public names are
-re-exported here, so `eval.load_checkpoint`, `eval.write_result`, ... work.
+The metrics are plain numpy (no scipy / scikit-learn), each checked in tests/test_eval.py against a
+brute-force reference:
+    AUROC = P(s_pos > s_neg) + 1/2 P(s_pos = s_neg)     (Mann-Whitney U / (n_pos n_neg), ties half)
+    AUPRC = sum_k (R_k - R_{k-1}) P_k                     (average precision over distinct scores)
+    ROC-corner threshold: the operating point closest to (FPR, TPR) = (0, 1); predict score > threshold.
+One engine computes every threshold-based number: a class's scores are sorted once and cut into runs
+of equal value; a row of weights (how often each volume was drawn) is summed per run, and cumulative
+sums give AUROC, AUPRC and the confusion matrix at every candidate threshold. A block of bootstrap
+resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array passes per class.
 
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
@@ -27,9 +34,14 @@ re-exported here, so `eval.load_checkpoint`, `eval.write_result`, ... work.
     python eval.py --help                                              # every flag
 """
 import argparse
+import csv
+import io
 import json
+import math
+import re
 import sys
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +49,12 @@ import torch
 
 import cmki
 import data as data_lib
-import metrics
-from eval_inputs import (class_setup, load_checkpoint, read_score_csv, read_thresholds,  # noqa: F401
-                         select_labels)
-from eval_report import (THRESHOLDED, format_table, metrics_rows, print_scan,  # noqa: F401
-                         write_plots, write_result)
-from metrics import (auprc, auroc, binary_metrics, calibration_split, confusion_metrics,  # noqa: F401
-                     modality_gap, patient_id, retrieval_metrics, roc_corner_threshold)
-from model import BrgSA
+from model import BrgSA, ModelConfig
+from prepare import summarize
+from prepare.preprocess import ensure_cache
 
+RETRIEVAL_KS = (1, 5, 10, 50, 100)
+THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
 PROMPT = "There is {}"  # the paper's zero-shot prompt, shared with nothing else in training
 PROTOCOLS = {"brgsa": (PROMPT,), "ctclip": ("{} is present.|{} is not present.",)}
 
@@ -61,6 +70,405 @@ class EvalConfig:
     boot_unit: str = "patient"   # resample patients (reconstructions move together) or volumes
     level: float = 0.95          # confidence level of the percentile intervals
     seed: int = 0                # calibration split, bootstrap and linear probe
+
+
+# ----------------------------------------------------------------------------- metrics: the engine
+
+class Runs:
+    """The scores of one class sorted ascending and cut into runs of equal value."""
+
+    def __init__(self, scores: np.ndarray):
+        self.order = np.argsort(scores, kind="mergesort")
+        s = np.asarray(scores, dtype=np.float64)[self.order]
+        self.starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
+        self.values = s[self.starts]  # (G,) the distinct scores, ascending
+
+    def sums(self, w: np.ndarray, y: np.ndarray):
+        """(B, N) per-volume weights, (N,) bool labels -> (G, B) positive and total weight per run.
+
+        Runs go along the first axis so that the cumulative sums below run down contiguous rows,
+        vectorised over the B resamples (several times faster than along the last axis)."""
+        ws = w.T[self.order]  # (N, B), sorted by score
+        pos = ws * y[self.order][:, None]
+        if len(self.starts) == len(ws):  # no ties: every run is one volume
+            return pos, ws
+        return np.add.reduceat(pos, self.starts, axis=0), np.add.reduceat(ws, self.starts, axis=0)
+
+
+def _div(a, b):
+    """a / b elementwise, nan where b == 0 (no warning)."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    out = np.full(a.shape, np.nan)
+    np.divide(a, b, out=out, where=b != 0)
+    return out
+
+
+def ranked_metrics(scores, labels, weights, threshold_only: bool = False) -> dict:
+    """AUROC, AUPRC and the ROC-corner operating point of one class for each row of weights.
+
+    scores, labels (N,); weights (B, N) >= 0 (float32 is exact for draw counts and twice as fast).
+    -> dict of (B,) arrays: auc, auprc, threshold, tp, fp, fn, tn (the weighted confusion matrix at
+    that threshold). nan where a weight row holds no positive or no negative.
+    """
+    runs = Runs(scores)
+    P, T = runs.sums(weights, np.asarray(labels).astype(bool))  # (G, B) positive / all weight per run
+    cum_p, cum_t = np.cumsum(P, 0), np.cumsum(T, 0)  # weight with score <= each run's value
+    cum_n = cum_t - cum_p
+    n_pos, n_neg = cum_p[-1].astype(np.float64), cum_n[-1].astype(np.float64)
+    ok = (n_pos > 0) & (n_neg > 0)
+    inv_pos, inv_neg = 1.0 / np.where(ok, n_pos, 1.0), 1.0 / np.where(ok, n_neg, 1.0)
+    out = {}
+    if not threshold_only:
+        # Each positive beats the negatives of lower runs and ties half of its own run's negatives.
+        u = np.einsum("gb,gb->b", P, cum_n - 0.5 * (T - P), dtype=np.float64)
+        out["auc"] = np.where(ok, u * inv_pos * inv_neg, np.nan)
+        # Predicting "score >= run k" keeps every run from k up: precision at each recall step.
+        kept_pos, kept = cum_p[-1] - cum_p + P, cum_t[-1] - cum_t + T
+        prec = np.divide(kept_pos, kept, out=np.zeros_like(kept), where=kept > 0)
+        out["auprc"] = np.where(n_pos > 0, np.einsum("gb,gb->b", P, prec, dtype=np.float64)
+                                / np.where(n_pos > 0, n_pos, 1.0), np.nan)
+    # Candidates, ascending: below every score (all positive: FPR = TPR = 1, distance 1), then
+    # "score > run k" for each run k, which misses cum_p[k] positives and rejects cum_n[k] negatives.
+    d = np.square(cum_p * inv_pos.astype(cum_p.dtype))
+    d += np.square(1.0 - cum_n * inv_neg.astype(cum_n.dtype))
+    k = np.argmin(d, axis=0)  # first minimum: the lowest threshold wins ties
+    cols = np.arange(d.shape[1])
+    take = d[k, cols] < 1.0  # a tie with "all positive" (distance 1) goes to "all positive"
+    missed = np.where(take, cum_p[k, cols], 0.0)
+    rejected = np.where(take, cum_n[k, cols], 0.0)
+    out.update(threshold=np.where(ok, np.where(take, runs.values[k], runs.values[0] - 1.0), np.nan),
+               tp=np.where(ok, n_pos - missed, np.nan), fp=np.where(ok, n_neg - rejected, np.nan),
+               fn=np.where(ok, missed, np.nan), tn=np.where(ok, rejected, np.nan))
+    return out
+
+
+def confusion_at(scores, labels, thresholds, weights) -> dict:
+    """Weighted confusion matrix of `score > threshold`; thresholds (B,), weights (B, N) -> (B,) each."""
+    y = np.asarray(labels).astype(bool)
+    thr = np.asarray(thresholds, np.float64)
+    pred = (np.asarray(scores, np.float64)[None, :] > thr[:, None]).astype(weights.dtype)  # (B, N)
+    n_pos = weights[:, y].sum(1, dtype=np.float64)
+    n_neg = weights[:, ~y].sum(1, dtype=np.float64)
+    tp = np.einsum("bn,bn->b", pred[:, y], weights[:, y], dtype=np.float64)
+    fp = np.einsum("bn,bn->b", pred[:, ~y], weights[:, ~y], dtype=np.float64)
+    out = dict(tp=tp, fp=fp, fn=n_pos - tp, tn=n_neg - fp)
+    return {k: np.where(np.isnan(thr), np.nan, v) for k, v in out.items()}
+
+
+def confusion_metrics(tp, fp, fn, tn) -> dict:
+    """ACC, weighted F1 (each class's F1 weighted by its support), precision, recall, specificity.
+
+    Precision is 0 when nothing is predicted positive (scikit-learn's zero_division=0); recall and
+    specificity are nan when the rows hold no positive / no negative.
+    """
+    tp, fp, fn, tn = (np.asarray(a, np.float64) for a in (tp, fp, fn, tn))
+    n = tp + fp + fn + tn
+    f1_pos = np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn))
+    f1_neg = np.nan_to_num(_div(2 * tn, 2 * tn + fn + fp))
+    precision = np.where(tp + fp > 0, _div(tp, tp + fp), 0.0)
+    out = dict(acc=_div(tp + tn, n), f1=_div(f1_pos * (tp + fn) + f1_neg * (tn + fp), n),
+               precision=np.where(np.isnan(n), np.nan, precision),
+               recall=_div(tp, tp + fn), specificity=_div(tn, tn + fp))
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics: single-shot helpers
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve, ties counted half; nan when only one class is present."""
+    return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["auc"][0])
+
+
+def auprc(scores, labels) -> float:
+    """Average precision (area under the precision-recall step curve); nan without a positive."""
+    return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["auprc"][0])
+
+
+def roc_corner_threshold(scores, labels) -> float:
+    """Threshold whose (FPR, TPR) lies closest to (0, 1); predictions are `score > threshold`.
+
+    Every distinct score is a candidate (the official scripts scan a 0..1 grid, which assumes
+    probabilities; cosine scores live in [-1, 1]). Ties in distance go to the lowest threshold.
+    """
+    return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["threshold"][0])
+
+
+def binary_metrics(pred, labels) -> dict:
+    """Metrics of fixed 0/1 predictions (see confusion_metrics) as plain floats."""
+    pred, y = np.asarray(pred).astype(bool), np.asarray(labels).astype(bool)
+    m = confusion_metrics((pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum(), (~pred & ~y).sum())
+    return {k: float(v) for k, v in m.items()}
+
+
+def roc_curve(scores, labels):
+    """-> (fpr, tpr) arrays from (0, 0) to (1, 1), one point per distinct score (for plots)."""
+    runs = Runs(scores)
+    P, T = runs.sums(np.ones((1, len(scores))), np.asarray(labels).astype(bool))
+    P, N = P[::-1, 0], (T - P)[::-1, 0]  # descending score
+    tpr = np.r_[0.0, np.cumsum(P)] / max(P.sum(), 1.0)
+    fpr = np.r_[0.0, np.cumsum(N)] / max(N.sum(), 1.0)
+    return fpr, tpr
+
+
+# ----------------------------------------------------------------------------- metrics: bootstrap
+
+def bootstrap_weights(groups, strata, n_boot: int, rng) -> np.ndarray:
+    """(n_boot, N) draw counts: within each stratum, its groups are drawn with replacement.
+
+    groups (N,) int: the resampling unit of each row (a patient, or the row itself); strata (N,) int:
+    the parts resampled separately (calibration and test rows keep their sizes). A volume's weight
+    is the number of times its group was drawn, so reconstructions of one patient move together.
+    """
+    groups, strata = np.asarray(groups), np.asarray(strata)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    counts = np.zeros((n_boot, len(uniq)), np.float32)  # small integers: exact in float32
+    group_stratum = np.zeros(len(uniq), dtype=strata.dtype)
+    group_stratum[inv] = strata
+    for s in np.unique(group_stratum):
+        members = np.flatnonzero(group_stratum == s)  # group indices of this stratum
+        draws = members[rng.integers(0, len(members), (n_boot, len(members)))]  # (B, P_s)
+        flat = (draws + len(uniq) * np.arange(n_boot)[:, None]).ravel()
+        counts += np.bincount(flat, minlength=n_boot * len(uniq)).reshape(n_boot, len(uniq))
+    return counts[:, inv]
+
+
+def percentile_ci(samples, level: float = 0.95, axis: int = 0):
+    """Percentile interval of bootstrap samples, ignoring nan (resamples without both classes)."""
+    a = (1.0 - level) / 2.0 * 100.0
+    with warnings.catch_warnings():  # a class with no valid resample gets a nan interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(np.asarray(samples, np.float64), [a, 100.0 - a], axis=axis)
+    return lo, hi
+
+
+def _diagnosis_block(scores, labels, w, main, calib, test) -> dict:
+    """All diagnosis metrics of every class for a block of weight rows w (B, N) -> (B, C) arrays."""
+    B, C = len(w), scores.shape[1]
+    out = dict(auc=np.empty((B, C)), auprc=np.empty((B, C)))
+    protos = ("roc_corner", "calibrated") if calib is not None else ("roc_corner",)
+    conf = {p: {k: np.empty((B, C)) for k in ("threshold", "tp", "fp", "fn", "tn")} for p in protos}
+    # Each metric only looks at its own rows: slice them once per block, not per class.
+    parts = {name: (rows, w[:, rows]) for name, rows in
+             (("main", main), ("calib", calib), ("test", test)) if rows is not None}
+    for j in range(C):
+        s, y = scores[:, j], labels[:, j]
+        rows, wr = parts["main"]
+        r = ranked_metrics(s[rows], y[rows], wr)
+        out["auc"][:, j], out["auprc"][:, j] = r["auc"], r["auprc"]
+        for k in conf["roc_corner"]:
+            conf["roc_corner"][k][:, j] = r[k]
+        if calib is not None:  # threshold from the calibration rows, frozen, scored on the test rows
+            rows, wr = parts["calib"]
+            thr = ranked_metrics(s[rows], y[rows], wr, threshold_only=True)["threshold"]
+            conf["calibrated"]["threshold"][:, j] = thr
+            rows, wr = parts["test"]
+            for k, v in confusion_at(s[rows], y[rows], thr, wr).items():
+                conf["calibrated"][k][:, j] = v
+    for p in protos:
+        c = conf[p]
+        out[p] = dict(threshold=c["threshold"],
+                      **confusion_metrics(c["tp"], c["fp"], c["fn"], c["tn"]))
+    out.setdefault("calibrated", None)
+    return out
+
+
+def diagnosis(scores, labels, main, calib, test, units, strata, n_boot=1000, seed=0, block=250):
+    """Point estimates and bootstrap samples of every diagnosis metric.
+
+    scores, labels (N, C); main, calib, test (N,) bool row masks: AUROC, AUPRC and the ROC-corner
+    operating point use `main`; the calibrated threshold is picked on `calib` (None: no calibrated
+    metrics) and scored on `test`. units (N,) int: the bootstrap's resampling unit per row;
+    strata (N,) int: parts resampled separately. The calibration resample and the test resample
+    are drawn together, so an interval covers the threshold's own sampling noise as well.
+    -> (point: dict of (C,) arrays, boot: dict of (n_boot, C) arrays or None).
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+    masks = [None if m is None else np.asarray(m, bool) for m in (main, calib, test)]
+    point = _diagnosis_block(scores, labels, np.ones((1, len(scores))), *masks)
+    point = {k: (v[0] if isinstance(v, np.ndarray) else v and {kk: vv[0] for kk, vv in v.items()})
+             for k, v in point.items()}
+    if n_boot <= 0:
+        return point, None
+    rng = np.random.default_rng(seed)
+    parts = [_diagnosis_block(scores, labels, bootstrap_weights(units, strata, min(block, n_boot - a),
+                                                                rng), *masks)
+             for a in range(0, n_boot, block)]
+    boot = {}
+    for k, v in parts[0].items():
+        if isinstance(v, np.ndarray):
+            boot[k] = np.concatenate([p[k] for p in parts])
+        else:
+            boot[k] = v and {kk: np.concatenate([p[k][kk] for p in parts]) for kk in v}
+    return point, boot
+
+
+def _nanmean(a, axis):
+    with warnings.catch_warnings():  # a class with no finite value gives nan, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def summarize_diagnosis(point, boot, classes, positives, level: float = 0.95) -> dict:
+    """diagnosis() output -> {"per_class": {class: {...}}, "macro": {...}} of plain floats.
+
+    Each metric `k` gets `k_ci` = [lo, hi] when boot is given. The macro mean is over the classes
+    with a finite value; its interval is the percentile interval of the per-resample macro mean.
+    """
+    def entry(p, b, j):
+        out = {"value": float(_nanmean(p, 0) if j is None else p[j])}
+        if b is not None:
+            lo, hi = percentile_ci(_nanmean(b, 1) if j is None else b[:, j], level)
+            out["ci"] = [float(lo), float(hi)]
+        return out
+
+    def block(j):
+        m = {}
+        for key in ("auc", "auprc"):
+            e = entry(point[key], boot and boot[key], j)
+            m.update({key: e["value"], **({f"{key}_ci": e["ci"]} if "ci" in e else {})})
+        for proto in ("roc_corner", "calibrated"):
+            if point.get(proto) is None:
+                continue
+            m[proto] = {} if j is None else {"threshold": float(point[proto]["threshold"][j])}
+            for key in ("acc", "f1", "precision", "recall", "specificity"):
+                e = entry(point[proto][key], boot and boot[proto][key], j)
+                m[proto].update({key: e["value"], **({f"{key}_ci": e["ci"]} if "ci" in e else {})})
+        return m
+
+    per_class = {c: dict(positives=int(positives[j]), **block(j)) for j, c in enumerate(classes)}
+    return dict(per_class=per_class, macro=block(None))
+
+
+# ----------------------------------------------------------------------------- metrics: calibration split
+
+_CTRATE_NAME = re.compile(r"^([A-Za-z]+_\d+)_[A-Za-z]+_\d+$")
+
+
+def patient_id(name: str) -> str:
+    """CT-RATE names are {split}_{patient}_{scan}_{recon}: 'valid_12_a_2' -> 'valid_12'.
+
+    Other names (RAD-ChestCT, custom sets) are their own patient.
+    """
+    m = _CTRATE_NAME.match(str(name))
+    return m.group(1) if m else str(name)
+
+
+def calibration_split(groups, labels, fraction: float, seed: int = 0) -> np.ndarray:
+    """Bool mask (N,) of calibration rows: a seeded, group-level (patient) fraction of the rows.
+
+    Patients are stratified by the rarest class they are positive for and sampled systematically
+    (every 1/fraction-th patient of the stratum-sorted, shuffled list, random start): the overall
+    share is the fraction to within one patient, and each stratum of n patients gives
+    floor or ceil of n * fraction of them, so rare classes land in both parts where possible.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels) > 0
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+    pos = np.zeros((len(uniq), labels.shape[1]), bool)
+    np.logical_or.at(pos, inv, labels)  # (P, C): patient positive for class
+    rarity = np.where(pos, pos.sum(0)[None, :], len(uniq) + 1)  # patients with no positive: last
+    rarest = np.argmin(rarity, 1)  # the stratum: a patient's rarest positive class
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(uniq)), rarest, rarity.min(1)))  # by stratum, shuffled within
+    calib = np.zeros(len(uniq), bool)
+    if fraction > 0:
+        picks = np.arange(rng.random() / fraction, len(uniq), 1.0 / fraction).astype(int)
+        calib[order[picks]] = True
+    return calib[inv]
+
+
+# ----------------------------------------------------------------------------- metrics: retrieval
+
+def retrieval_metrics(sim, relevant, ks=RETRIEVAL_KS, block: int = 512) -> dict:
+    """Recall@K and mean average precision of ranking items by similarity, per query.
+
+    sim (Q, G) similarities, relevant (Q, G) bool. Ties are ranked pessimistically (an item's rank
+    counts every item scoring at least as high), so a constant similarity retrieves nothing
+    for free. Recall@K: fraction of queries with a relevant item in the top K. Queries without a
+    relevant item are left out (counted in n_queries_without_match).
+    """
+    sim, relevant = np.asarray(sim, np.float64), np.asarray(relevant, bool)
+    q, g = np.nonzero(relevant)
+    rank = np.empty(len(q), np.int64)
+    for a in range(0, len(q), block):  # (block, G) comparisons at a time
+        b = slice(a, a + block)
+        rank[b] = (sim[q[b]] >= sim[q[b], g[b]][:, None]).sum(1)
+    # Precision at each relevant item = (# relevant of its query ranked at or above it) / rank.
+    key = q * (sim.shape[1] + 1) + rank
+    srt = np.sort(key)
+    hits = np.searchsorted(srt, key, "right") - np.searchsorted(srt, q * (sim.shape[1] + 1), "left")
+    queries = np.unique(q)
+    n_rel = np.bincount(q, minlength=len(sim))[queries]
+    ap = np.bincount(q, weights=hits / rank, minlength=len(sim))[queries] / n_rel
+    best = np.full(len(sim), np.iinfo(np.int64).max)
+    np.minimum.at(best, q, rank)
+    best = best[queries]
+    out = {f"R@{k}": float(np.mean(best <= k)) if len(queries) else float("nan") for k in ks}
+    out.update(mAP=float(ap.mean()) if len(queries) else float("nan"), n_queries=int(len(queries)),
+               n_items=int(sim.shape[1]), n_queries_without_match=int(len(sim) - len(queries)))
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics: modality gap
+
+def l2_normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def linear_probe_accuracy(a, b, groups=None, seed: int = 0, steps: int = 500, l2: float = 1e-4):
+    """Held-out accuracy of logistic regression telling rows of `a` (image) from rows of `b` (text).
+
+    Pairs are split in half by group (a pair's image and text stay on the same side); full-batch
+    Nesterov gradient descent with step 1/L, L an upper bound of the loss curvature. 0.5 means the
+    two modalities are linearly indistinguishable, 1.0 that a hyperplane separates them.
+    """
+    n = len(a)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    if len(uniq) < 2:
+        return float("nan")
+    train_g = np.random.default_rng(seed).permutation(len(uniq))[: len(uniq) // 2]
+    train = np.isin(inv, train_g)
+    x = np.vstack([a, b])
+    y = np.r_[np.zeros(n), np.ones(n)]
+    tr, te = np.r_[train, train], ~np.r_[train, train]
+    mu = x[tr].mean(0)
+    x = np.hstack([x - mu, np.ones((2 * n, 1))])  # centred, bias column
+    lipschitz = 0.25 * np.mean((x[tr] ** 2).sum(1)) + l2
+    w = z = np.zeros(x.shape[1])
+    for k in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x[tr] @ z, -50, 50)))
+        w_next = z - (x[tr].T @ (p - y[tr]) / tr.sum() + l2 * z) / lipschitz
+        z = w_next + k / (k + 3) * (w_next - w)
+        w = w_next
+    return float(np.mean((x[te] @ w > 0) == (y[te] > 0.5)))
+
+
+def modality_gap(a, b, groups=None, seed: int = 0) -> dict:
+    """Gap between paired embeddings a_i (image) and b_i (text), on L2-normalised rows.
+
+    centroid_distance: || mean(a_n) - mean(b_n) || (Liang et al. 2022, "Mind the Gap");
+    true_pair_cos: mean cos(a_i, b_i); random_pair_cos: mean cos(a_i, b_j) over every pair of
+    different groups (exactly the expectation of a random pairing, computed from group sums in
+    O(N d), no N x N matrix); probe_acc: linear_probe_accuracy.
+    """
+    an, bn = l2_normalize(a), l2_normalize(b)
+    n = len(an)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    _, inv = np.unique(groups, return_inverse=True)
+    sa, sb = np.zeros((inv.max() + 1, an.shape[1])), np.zeros((inv.max() + 1, an.shape[1]))
+    np.add.at(sa, inv, an)
+    np.add.at(sb, inv, bn)
+    sizes = np.bincount(inv)
+    same_sum = np.einsum("gd,gd->", sa, sb)  # sum of cos over pairs inside a group (true pairs too)
+    n_other = n * n - (sizes ** 2).sum()
+    other = (an.sum(0) @ bn.sum(0) - same_sum) / n_other if n_other else float("nan")
+    return dict(centroid_distance=float(np.linalg.norm(an.mean(0) - bn.mean(0))),
+                true_pair_cos=float(np.einsum("nd,nd->n", an, bn).mean()),
+                random_pair_cos=float(other),
+                probe_acc=linear_probe_accuracy(an, bn, groups, seed))
 
 
 # ----------------------------------------------------------------------------- prompts and scores
@@ -164,13 +572,13 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
         raise ValueError(f"boot_unit must be 'patient' or 'volume', got {cfg.boot_unit!r}")
     unit = np.unique(groups if cfg.boot_unit == "patient" else np.arange(len(scores)),
                      return_inverse=True)[1]
-    point, boot = metrics.diagnosis(scores, labels, main, is_cal if is_cal.any() else None, test,
+    point, boot = diagnosis(scores, labels, main, is_cal if is_cal.any() else None, test,
                                     unit, is_cal.astype(int), cfg.n_boot, cfg.seed)
     result = dict(n_volumes=int(n), classes=list(classes),
                   rows=dict(n_main=int(main.sum()), n_calib=int(is_cal.sum()), n_test=int(test.sum()),
                             **_rows_note(int(main.sum()), int(is_cal.sum()), int(test.sum()), cfg,
                                          calib is not None)),
-                  **metrics.summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
+                  **summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
     for j, m in enumerate(result["per_class"].values()):
         if m.get("calibrated"):  # what the calibrated numbers rest on, per class
             m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
@@ -193,7 +601,6 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
 def report_texts(reports: list, summaries: dict = None) -> list:
     """The text each volume's report is embedded as: its summary sentences joined (as training
     sees them at evaluation), or the raw report when it has no summary."""
-    import summarize  # only needed when reports are given
     out, summaries = [], dict(summaries or {})
     for r in reports:
         if r not in summaries:
@@ -226,7 +633,7 @@ def retrieval_and_gap(model: BrgSA, v: torch.Tensor, t: torch.Tensor, report_ids
     pairs = {"raw": (v, t[report_ids]), "bank": (v_hat, t_hat[report_ids])}
     gap = {k: modality_gap(a.cpu().numpy(), b.cpu().numpy(), report_ids, seed)
            for k, (a, b) in pairs.items()}
-    points = {k: (metrics.l2_normalize(a.cpu().numpy()), metrics.l2_normalize(b.cpu().numpy()))
+    points = {k: (l2_normalize(a.cpu().numpy()), l2_normalize(b.cpu().numpy()))
               for k, (a, b) in pairs.items()}
     return retrieval, gap, points
 
@@ -282,6 +689,103 @@ def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalC
     return result
 
 
+# ----------------------------------------------------------------------------- what eval.py reads
+
+def load_checkpoint(path, device):
+    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "model_config", "tokenizer"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not a BrgSA checkpoint (missing '{key}')")
+    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in ckpt["model_config"].items()})
+    model = BrgSA(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the stored config: {e}") from None
+    return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
+
+
+def read_score_csv(path) -> tuple:
+    """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header and at least one row")
+    header, body = rows[0], rows[1:]
+    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if short is not None:
+        raise ValueError(f"{path}: row {short + 2} has {len(body[short])} fields, "
+                         f"the header has {len(header)}")
+    try:
+        values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"{path}: non-numeric value ({e})") from None
+    names = [r[0] for r in body]
+    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    if dup:
+        raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}: NaN or inf values")
+    return names, header[1:], values
+
+
+def read_thresholds(path, protocol: str) -> dict:
+    """{lower-cased class: calibrated threshold} from an eval.json made with the same protocol."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the eval.json ({e})") from None
+    made = (saved.get("protocol") or {}).get("name")
+    if made != protocol:
+        raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
+    return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
+            if (m.get("calibrated") or {}).get("threshold") is not None}
+
+
+def class_setup(name: str, records):
+    """--classes -> (label class names, score_map or None). auto: whatever the records carry."""
+    have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
+    if name == "auto":
+        name = "radchest" if have == data_lib.RADCHEST_CLASSES else "records"
+    if name == "records":
+        return list(have), None
+    if name == "ctrate":
+        return list(data_lib.CTRATE_CLASSES), None
+    if name == "radchest":  # 18 CT-RATE prompts, mapped to RAD-ChestCT's 16 classes
+        return list(data_lib.RADCHEST_CLASSES), data_lib.ctrate_to_radchest
+    if name == "ctrate_lt":
+        return list(data_lib.CTRATE_LT_CLASSES), None
+    raise ValueError(f"unknown --classes {name!r}; expected auto, ctrate, ctrate_lt or radchest")
+
+
+def select_labels(records, classes, label_csv=None, what="--data"):
+    """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
+    columns (matched by class name); a clear error names what is missing."""
+    if label_csv:
+        table = data_lib.read_labels(label_csv, classes)
+        missing = [r.name for r in records if r.name not in table]
+        if missing:
+            raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
+                             f"e.g. {missing[:3]}")
+        lab = {r.name: table[r.name] for r in records}
+    else:
+        have = list(records[0].classes)
+        missing = [c for c in classes if c not in have]
+        if missing:
+            raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
+        lab = {r.name: np.asarray(r.labels)[[have.index(c) for c in classes]] for r in records}
+    return [replace(r, labels=lab[r.name], classes=tuple(classes)) for r in records]
+
+
 # ----------------------------------------------------------------------------- score files and single scans
 
 def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict:
@@ -324,6 +828,199 @@ def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig 
     v = model.visual(x).float()  # (1, d)
     scores = score_volumes(model, tokenizer, v, list(findings), cfg or EvalConfig(), device)[0]
     return dict(zip(findings, scores.tolist()))
+
+
+# ----------------------------------------------------------------------------- what eval.py writes: tables
+
+def _fmt(x, digits=3):
+    return "  —  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """Markdown: one row per class and the macro mean; retrieval and gap tables when present.
+
+    opt = ROC-corner threshold picked on the evaluated rows (optimistic), cal = threshold picked on
+    the calibration rows and scored on the test rows (see result["rows"])."""
+    has_cal = any(m.get("calibrated") for m in result["per_class"].values())
+    protos = ("roc_corner", "calibrated") if has_cal else ("roc_corner",)
+    heads = [f"{p} {k}" for p in ("opt", "cal")[:len(protos)]
+             for k in ("ACC", "F1", "Prec", "Rec", "Spec")]
+    lines = [f"| {'abnormality':34s} |  pos | {'AUROC [95% CI]':20s} | AUPRC | "
+             + " | ".join(heads) + " |",
+             f"|{'-' * 36}|------|{'-' * 22}|-------|"
+             + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
+
+    def row(name, pos, m):
+        ci = m.get("auc_ci") if not math.isnan(m["auc"]) else None
+        auc = _fmt(m["auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        cells = [f"{_fmt(m.get(p, {}).get(k)):>{len(h)}s}" for p in protos
+                 for k, h in zip(THRESHOLDED, heads)]
+        return (f"| {name:34s} | {pos:>4} | {auc:20s} | {_fmt(m['auprc'])} | "
+                + " | ".join(cells) + " |")
+
+    for name, m in result["per_class"].items():
+        lines.append(row(name, m["positives"], m))
+    lines.append(row("macro mean", "", result["macro"]))
+    if result.get("retrieval"):
+        first = next(iter(result["retrieval"].values()))["volume_to_report"]
+        ks = [k for k in first if k.startswith("R@")]
+        lines += ["", "| similarity | direction        | " + " | ".join(f"{k:>5s}" for k in ks)
+                  + " |  mAP  |",
+                  "|------------|------------------|" + "|".join("-------" for _ in ks) + "|-------|"]
+        for space, d in result["retrieval"].items():
+            for direction, m in d.items():
+                lines.append(f"| {space:10s} | {direction:16s} | " + " | ".join(_fmt(m[k]) for k in ks)
+                             + f" | {_fmt(m['mAP'])} |")
+    if result.get("modality_gap"):
+        lines += ["", "| embeddings          | centroid dist | cos true pairs | cos random pairs "
+                  "| probe acc |", "|---------------------|---------------|----------------|"
+                  "------------------|-----------|"]
+        for space, m in result["modality_gap"].items():
+            label = "raw (v, t)" if space == "raw" else "bank (v_hat, t_hat)"
+            lines.append(f"| {label:19s} | {_fmt(m['centroid_distance']):>13s} | "
+                         f"{_fmt(m['true_pair_cos']):>14s} | {_fmt(m['random_pair_cos']):>16s} | "
+                         f"{_fmt(m['probe_acc']):>9s} |")
+    return "\n".join(lines)
+
+
+def print_scan(volume, scores: dict, thresholds: dict, protocol: str):
+    """Single-scan mode's table: each finding's score and, given calibrated thresholds, its call."""
+    kind = "cosine score, not a probability" if protocol == "brgsa" else "P(present)"
+    print(f"| {'finding':34s} |  score  | calibrated call |\n"
+          f"|{'-' * 36}|---------|-----------------|")
+    for f, s in scores.items():
+        thr = thresholds.get(f.lower())
+        call = "—" if thr is None else f"{'positive' if s > thr else 'negative'} (> {thr:+.3f})"
+        print(f"| {f:34s} | {s:+.4f} | {call:15s} |")
+    print(f"{volume}: {protocol} protocol ({kind})" + (
+        "" if thresholds else "; give --thresholds eval.json for calibrated calls"))
+
+
+# ----------------------------------------------------------------------------- what eval.py writes: files
+
+def _jsonable(x):
+    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _csv_text(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def metrics_rows(result: dict):
+    """Flat per-class rows (and the macro row) for metrics.csv: every number with its interval."""
+    cols = ["auc", "auprc"] + [f"{p}_{k}" for p in ("roc_corner", "calibrated") for k in THRESHOLDED]
+    header = ["class", "positives", "threshold_roc_corner", "threshold_calibrated"]
+    header += [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")]
+    rows = []
+    for name, m in list(result["per_class"].items()) + [("macro mean", result["macro"])]:
+        flat = {k: m.get(k) for k in ("auc", "auprc", "auc_ci", "auprc_ci")}
+        for p in ("roc_corner", "calibrated"):
+            for k, v in (m.get(p) or {}).items():
+                flat[f"{p}_{k}"] = v
+        cells = [name, m.get("positives", ""), flat.get("roc_corner_threshold", ""),
+                 flat.get("calibrated_threshold", "")]
+        for c in cols:
+            ci = flat.get(f"{c}_ci") or ["", ""]
+            cells += [flat.get(c, ""), *ci]
+        rows.append(["" if isinstance(x, float) and math.isnan(x) else x for x in cells])
+    return header, rows
+
+
+def write_result(result: dict, out_dir, plots: bool = False) -> Path:
+    """eval.json (everything but the raw arrays), metrics.csv, and with the arrays: scores.csv,
+    labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = result.get("arrays")
+    summary = {k: v for k, v in result.items() if k != "arrays"}
+    path = out / "eval.json"
+    _write_atomic(path, json.dumps(_jsonable(summary), indent=2))
+    _write_atomic(out / "metrics.csv", _csv_text(*metrics_rows(result)))
+    if arrays is not None:
+        # repr: the shortest text that reads back to the same float, so files re-evaluate exactly
+        for fname, key, fmt in (("scores.csv", "scores", lambda x: repr(float(x))),
+                                ("labels.csv", "labels", str)):
+            rows = [[n] + [fmt(x) for x in r] for n, r in zip(arrays["names"], arrays[key])]
+            _write_atomic(out / fname, _csv_text(["VolumeName"] + list(result["classes"]), rows))
+        if plots:
+            write_plots(result, out)
+    return path
+
+
+def write_plots(result: dict, out: Path) -> list:
+    """ROC curve per class with both operating points, and the 2-D PCA of the modality gap.
+
+    matplotlib is optional: without it the plots are skipped with a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval: matplotlib is not installed, skipping the plots (pip install matplotlib)")
+        return []
+    a, classes = result["arrays"], result["classes"]
+    cols = min(6, len(classes))
+    n_rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.6 * n_rows), squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for j, (c, ax) in enumerate(zip(classes, axes.flat)):
+        main, s, y = a["main_rows"], a["scores"][:, j], a["labels"][:, j]
+        fpr, tpr = roc_curve(s[main], y[main])
+        ax.plot(fpr, tpr, lw=1.2)
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        m = result["per_class"][c]
+        for proto, rows, marker in (("roc_corner", main, "o"), ("calibrated", ~a["calib_rows"], "s")):
+            ok = m.get(proto) and math.isfinite(m[proto]["threshold"])
+            if ok and 0 < y[rows].sum() < rows.sum():
+                pred = s[rows] > m[proto]["threshold"]
+                ax.plot((pred & (y[rows] == 0)).sum() / (y[rows] == 0).sum(),
+                        (pred & (y[rows] == 1)).sum() / y[rows].sum(), marker, ms=5, label=proto)
+        ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("ROC per class (x FPR, y TPR): roc_corner = threshold picked on the evaluated rows "
+                 "(optimistic), calibrated = frozen threshold on the test rows", fontsize=8)
+    fig.tight_layout()
+    written = [out / "roc_curves.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+    if "gap_points" in a:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+        for ax, (space, (vi, ti)) in zip(axes, a["gap_points"].items()):
+            x = np.vstack([vi, ti])
+            x = x - x.mean(0)
+            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # joint 2-D PCA of both modalities
+            # Same scale in both panels (unit-norm rows): the shrinking of the gap is seen, not rescaled.
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
+            ax.scatter(*xy[:len(vi)].T, s=6, alpha=0.6, label="image")
+            ax.scatter(*xy[len(vi):].T, s=6, alpha=0.6, label="text")
+            g = result["modality_gap"][space]
+            ax.set_title(f"{'v, t' if space == 'raw' else 'v_hat, t_hat'}: centroid distance "
+                         f"{_fmt(g['centroid_distance'])}, probe {_fmt(g['probe_acc'])}", fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "modality_gap.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
 
 
 # ----------------------------------------------------------------------------- command line
@@ -390,13 +1087,14 @@ def eval_config(args) -> EvalConfig:
 
 def _run_model(args, cfg, device):
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    records = data_lib.load_dataset(args.data, args.split, model.cfg, workers=max(args.workers, 1))
+    records = data_lib.load_dataset(ensure_cache(args.data, args.split, model.cfg, workers=max(args.workers, 1)),
+                                    args.split, model.cfg)
     classes, score_map = class_setup(args.classes, records)
     records = select_labels(records, classes, args.label_csv)
     calib_loader = None
     if args.calib_data:
-        calib = data_lib.load_dataset(args.calib_data, args.calib_split, model.cfg,
-                                      workers=max(args.workers, 1))
+        calib = data_lib.load_dataset(ensure_cache(args.calib_data, args.calib_split, model.cfg,
+                                                   workers=max(args.workers, 1)), args.calib_split, model.cfg)
         calib = select_labels(calib, classes, args.label_csv, "--calib_data")
         overlap = {r.name for r in calib} & {r.name for r in records}
         if overlap:
@@ -406,7 +1104,6 @@ def _run_model(args, cfg, device):
     loader = data_lib.eval_loader(records, args.batch_size, args.workers)
     summaries = None
     if args.summaries:  # the training run's cache: retrieval embeds exactly the texts it trained on
-        import summarize
         cache = summarize.load_cache(args.summaries)
         keys = {r.report: summarize.report_key(r.report) for r in records}
         summaries = {text: cache[k] for text, k in keys.items() if k in cache}

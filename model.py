@@ -12,7 +12,7 @@ Follows section 3 of Lai et al. (arXiv 2501.03565) and the official code:
     python model.py        # prints the parameter count of each preset
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

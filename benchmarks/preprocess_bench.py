@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from prepare.preprocess import save_npy_atomic  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_volumes"
 SHAPE, SPACING = (512, 512, 300), (0.75, 0.75, 1.0)
@@ -59,7 +60,7 @@ def time_ours(src, out):
     t.append(time.perf_counter())
     vol = data.preprocess_volume(hu, spacing, PAPER["target_spacing"], PAPER["target_shape"])
     t.append(time.perf_counter())
-    data.save_npy_atomic(out, np.rint(vol).astype(np.int16))
+    save_npy_atomic(out, np.rint(vol).astype(np.int16))
     t.append(time.perf_counter())
     assert rule == "rescaled" and vol.shape == PAPER["target_shape"]
     stages = dict(zip(("read", "hu", "resample+crop+clip", "save"), np.diff(t)))

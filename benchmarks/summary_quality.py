@@ -1,7 +1,7 @@
 """How well do report summaries keep the 18 CT-RATE findings? Measured on 400 real reports.
 
 The data is CT-CLIP's report-classifier set (../shared/data/ctclip_reports_18labels, CC BY-NC-SA,
-manual labels). For each label, a report counts as predicted positive when `summarize.finding_classes`
+manual labels). For each label, a report counts as predicted positive when `summarize_rules.finding_classes`
 finds the class in the text; recall and precision are computed against the manual labels twice:
 on the full report text (the ceiling a summary can reach with the same vocabulary) and on the summary.
 A summary should lose little recall relative to the full text (BrgSA wants every finding kept) and
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import summarize  # noqa: E402  (after the path set-up above)
+from prepare import summarize, summarize_llm, summarize_rules  # noqa: E402  (after the path set-up above)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ctclip_reports_18labels" / "reports_shared.csv"
 
@@ -24,16 +24,16 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ctclip_reports_18labels" / "re
 def load_reports(path: Path) -> tuple[list[str], list[set[str]]]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    missing = [c for c in ["report_text", *summarize.CLASSES] if c not in rows[0]]
+    missing = [c for c in ["report_text", *summarize_rules.CLASSES] if c not in rows[0]]
     if missing:
         raise SystemExit(f"{path}: missing columns {missing}")
-    return [r["report_text"] for r in rows], [{c for c in summarize.CLASSES if r[c] == "1"} for r in rows]
+    return [r["report_text"] for r in rows], [{c for c in summarize_rules.CLASSES if r[c] == "1"} for r in rows]
 
 
 def scores(predicted: list[set[str]], truth: list[set[str]]) -> dict[str, tuple[float, float]]:
     """Per class (recall, precision); precision of a class never predicted counts as 1."""
     out = {}
-    for c in summarize.CLASSES:
+    for c in summarize_rules.CLASSES:
         tp = sum(c in p and c in t for p, t in zip(predicted, truth))
         pos = sum(c in t for t in truth)
         pred = sum(c in p for p in predicted)
@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="reports CSV with the 18 label columns")
     ap.add_argument("--backend", default="rules", choices=["rules", "llm"], help="summary backend")
     ap.add_argument("--cache", type=Path, default=None, help="JSONL summary cache (needed for llm)")
-    ap.add_argument("--url", default=summarize.LLM_DEFAULTS["url"], help="llm: endpoint base URL")
-    ap.add_argument("--model", default=summarize.LLM_DEFAULTS["model"], help="llm: model name")
-    ap.add_argument("--api_key_env", default=summarize.LLM_DEFAULTS["api_key_env"],
+    ap.add_argument("--url", default=summarize_llm.LLM_DEFAULTS["url"], help="llm: endpoint base URL")
+    ap.add_argument("--model", default=summarize_llm.LLM_DEFAULTS["model"], help="llm: model name")
+    ap.add_argument("--api_key_env", default=summarize_llm.LLM_DEFAULTS["api_key_env"],
                     help="llm: environment variable holding the API key")
     ap.add_argument("--workers", type=int, default=8, help="llm: requests in flight")
     ap.add_argument("--errors", type=int, default=0, help="print this many example errors per label")
@@ -65,14 +65,14 @@ def main() -> None:
                                         workers=args.workers, progress=args.backend == "llm", **llm)
     if len(summaries) < len(texts):
         print(f"{len(texts) - len(summaries)} reports have no summary (failed); they count as misses")
-    full = [summarize.finding_classes(t) for t in texts]
-    summ = [summarize.finding_classes(" ".join(summaries[t])) if summaries.get(t) else set() for t in texts]
+    full = [summarize_rules.finding_classes(t) for t in texts]
+    summ = [summarize_rules.finding_classes(" ".join(summaries[t])) if summaries.get(t) else set() for t in texts]
     s_full, s_sum = scores(full, truth), scores(summ, truth)
 
     print(f"{len(texts)} reports, backend={args.backend}, "
           f"{sum(map(len, summaries.values())) / len(texts):.1f} summary sentences per report")
     print(f"{'label':34s} {'n+':>4s} | {'full R':>6s} {'full P':>6s} | {'summ R':>6s} {'summ P':>6s}")
-    for c in summarize.CLASSES:
+    for c in summarize_rules.CLASSES:
         n = sum(c in t for t in truth)
         (rf, pf), (rs, ps) = s_full[c], s_sum[c]
         print(f"{c:34s} {n:4d} | {rf:6.3f} {pf:6.3f} | {rs:6.3f} {ps:6.3f}")
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"summary recall / full-text recall = {rs / rf:.3f} (target >= 0.90); "
           f"summary macro precision = {ps:.3f} (target >= 0.85)")
     if args.errors:
-        for c in summarize.CLASSES:
+        for c in summarize_rules.CLASSES:
             fn = [t for t, p, y in zip(texts, summ, truth) if c in y and c not in p][:args.errors]
             fp = [(t, summaries[t]) for t, p, y in zip(texts, summ, truth)
                   if c not in y and c in p][:args.errors]

@@ -1,11 +1,10 @@
-"""Tests for data.py: NIfTI I/O and orientation, HU rules, resampling, caches, datasets, tokenizer.
+"""Tests for data.py: NIfTI I/O and orientation, HU rules, resampling, datasets, loaders, tokenizer.
 
 Real volumes and reports come from ../shared/data (skipped when absent); everything else is built
 in tmp_path from seeded synthetic arrays.   Run: python -m pytest tests/test_data.py -q
 """
 import csv
 import gzip
-import json
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import data
+from prepare import preprocess
 
 
 def write_nifti(path, arr, affine, slope=None, inter=None):
@@ -196,7 +196,7 @@ def test_bad_volumes_raise_named_errors(tmp_path):
         data.preprocess_volume(np.zeros((4, 4, 4)), (1.0, 0.0, 1.0))
 
 
-# ----------------------------------------------------------------------------- CT-RATE layout
+# ----------------------------------------------------------------------------- datasets
 
 def make_ctrate(root, split="train", n_patients=4, style="v1", seed=0, shape=(24, 20, 12)):
     """A miniature CT-RATE tree; patient 0 has two reconstructions sharing one report.
@@ -246,79 +246,9 @@ def write_csv(path, rows):
 T_SPACING, T_SHAPE = (4.0, 4.0, 8.0), (12, 12, 6)
 
 
-@pytest.mark.parametrize("style", ["v1", "v2"])
-def test_prepare_ctrate_and_cache_reuse(tmp_path, style, capsys):
-    truth = make_ctrate(tmp_path / "ct", "valid", style=style)
-    cache = tmp_path / "cache"
-    recs = data.prepare_ctrate(tmp_path / "ct", "valid", cache, T_SPACING, T_SHAPE, workers=2)
-    assert sorted(r.name for r in recs) == sorted(truth)
-    for r in recs:
-        hu, labels, report = truth[r.name]
-        assert r.hu_rule == ("rescaled" if style == "v1" else "already_hu")
-        np.testing.assert_allclose(r.spacing, [2.0, 2.5, 4.0])  # metadata, not the 1 mm header
-        np.testing.assert_array_equal(r.labels, labels)
-        assert r.report == report
-        ras = hu[::-1, ::-1, :].astype(np.float32)  # the header says LPS
-        want = data.preprocess_volume(ras, (2.0, 2.5, 4.0), T_SPACING, T_SHAPE)
-        got = np.load(r.npy_path, mmap_mode="r")
-        assert got.dtype == np.int16 and got.shape == T_SHAPE
-        err = np.abs(got - want)  # int16 storage rounds to the nearest HU
-        assert err.max() <= 0.5 + 1e-3, f"max err {err.max()} HU, mean {err.mean()}"
-    back = {r.name: r for r in data.load_index(cache)}
-    assert set(back) == set(truth)
-    for r in recs:
-        np.testing.assert_array_equal(back[r.name].labels, r.labels)
-        assert back[r.name].report == r.report and back[r.name].hu_rule == r.hu_rule
-        np.testing.assert_allclose(back[r.name].spacing, r.spacing)
-    mtimes = {p: p.stat().st_mtime_ns for p in (cache / "volumes").glob("*.npy")}
-    capsys.readouterr()
-    again = data.prepare_ctrate(tmp_path / "ct", "valid", cache, T_SPACING, T_SHAPE, workers=1)
-    assert f"skipped={len(truth)}" in capsys.readouterr().err
-    assert len(again) == len(recs)
-    assert {p: p.stat().st_mtime_ns for p in (cache / "volumes").glob("*.npy")} == mtimes
-    with pytest.raises(ValueError, match="settings|built with"):
-        data.prepare_ctrate(tmp_path / "ct", "valid", cache, (5.0, 5.0, 8.0), T_SHAPE, workers=1)
-
-
-def test_prepare_ctrate_logs_and_skips_bad_volumes(tmp_path, capsys):
-    truth = make_ctrate(tmp_path, "train", n_patients=5)
-    vol = tmp_path / "train" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz"
-    vol.write_bytes(vol.read_bytes()[:200])  # truncated download
-    stray = tmp_path / "train" / "train_9" / "train_9_a"
-    stray.mkdir(parents=True)
-    (stray / "train_9_a_1.nii.gz").write_bytes((tmp_path / "train" / "train_1" / "train_1_a" /
-                                                "train_1_a_1.nii.gz").read_bytes())
-    recs = data.prepare_ctrate(tmp_path, "train", tmp_path / "c", T_SPACING, T_SHAPE, workers=2)
-    err = capsys.readouterr().err
-    assert sorted(r.name for r in recs) == sorted(set(truth) - {"train_2_a_1"})
-    assert "train_2_a_1" in err and "train_2_a_1.nii.gz" in err
-    assert "train_9_a_1" in err and "train_metadata.csv" in err and "unknown volume" in err
-    assert "failed=2" in err
-    assert (tmp_path / "c" / "failed.txt").read_text().count("\n") == 2
-
-
-def test_ctrate_csv_errors_name_file_and_column(tmp_path):
-    make_ctrate(tmp_path, "train", n_patients=2)
-    tables = data.CTRateTables(tmp_path, "train")
-    with pytest.raises(ValueError, match=r"train_reports\.csv.*unknown volume name 'x_1'|"
-                                         r"train_metadata\.csv.*unknown volume name 'x_1'"):
-        tables.entry("x_1")
-    lab = tmp_path / "multi_abnormality_labels" / "train_predicted_labels.csv"
-    rows = list(csv.DictReader(open(lab)))
-    for r in rows:
-        r.pop("Cardiomegaly")
-    write_csv(lab, rows)
-    with pytest.raises(ValueError, match=r"train_predicted_labels\.csv.*Cardiomegaly"):
-        data.CTRateTables(tmp_path, "train")
-    with pytest.raises(FileNotFoundError, match="valid"):
-        data.CTRateTables(tmp_path, "valid")
-
-
-# ----------------------------------------------------------------------------- datasets
-
 def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
     truth = make_ctrate(tmp_path / "ct", "train", n_patients=3)
-    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
+    recs = preprocess.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
     reports = sorted({r.report for r in recs})
     sents = {reports[0]: [f"Finding {i}." for i in range(7)], reports[1]: ["A.", "B.", "C."]}
     ds = data.VolumeTextDataset(recs, sents, crop_size=(8, 10, 4), train=True, seed=3)
@@ -365,7 +295,7 @@ def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
 
 def test_datasets_with_loader_workers_are_reproducible(tmp_path):
     make_ctrate(tmp_path / "ct", "train", n_patients=4)
-    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
+    recs = preprocess.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
     ds = data.VolumeTextDataset(recs, {}, crop_size=(6, 6, 4), train=True, seed=1)
 
     def run():
@@ -423,200 +353,6 @@ def test_tokenizer_training_is_repeatable(shared_data):
         data.train_tokenizer(texts, vocab_size=20)
 
 
-# ----------------------------------------------------------------------------- preprocess CLI
-
-def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):
-    make_ctrate(tmp_path / "v1", "train", n_patients=4, style="v1", seed=1)
-    truth = make_ctrate(tmp_path / "v2", "train", n_patients=4, style="v2", seed=1)
-    # both trees hold the same HU: v1 needs the intercept, v2 must not get it twice
-    v1 = tmp_path / "v1" / "train" / "train_3" / "train_3_a" / "train_3_a_1.nii.gz"
-    v1.write_bytes(v1.read_bytes()[:300])  # truncated
-    args = ["--dataset", "ctrate", "--split", "train", "--preset", "tiny", "--workers", "2"]
-    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v1", "--out", f"{tmp_path}/o1"]) == 0
-    out = capsys.readouterr()
-    assert "done=4 skipped=0 failed=1" in out.out and "train_3_a_1.nii.gz" in out.err
-    assert "'rescaled': 4" in out.out
-    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
-    assert "done=5 skipped=0 failed=0" in capsys.readouterr().out
-    r1 = {r.name: r for r in data.load_index(tmp_path / "o1")}
-    r2 = {r.name: r for r in data.load_index(tmp_path / "o2")}
-    assert set(r2) == set(truth) and set(r1) == set(truth) - {"train_3_a_1"}
-    for name in r1:
-        assert r1[name].hu_rule == "rescaled" and r2[name].hu_rule == "already_hu"
-        a, b = np.load(r1[name].npy_path), np.load(r2[name].npy_path)
-        assert a.shape == data.PREPROCESS["tiny"]["target_shape"]
-        np.testing.assert_array_equal(a, b)
-        assert -1000 <= a.min() and a.max() <= 1000
-        assert (a < -900).any() and (np.abs(a - 40) < 30).any()  # air and soft tissue
-    # resume: a stray temp file from a killed run, one finished .npy never logged, one deleted
-    vols = tmp_path / "o2" / "volumes"
-    (vols / ".train_1_a_1.npy.999.tmp").write_bytes(b"half")
-    (vols / "train_2_a_1.npy").unlink()
-    done = (tmp_path / "o2" / "done.jsonl").read_text().splitlines()
-    (tmp_path / "o2" / "done.jsonl").write_text(
-        "\n".join(l for l in done if "train_0_a_2" not in l) + "\n{\"name\": \"tor")
-    keep = {p.name: p.stat().st_mtime_ns for p in vols.glob("*.npy")}
-    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
-    assert "done=2 skipped=3 failed=0" in capsys.readouterr().out
-    now = {p.name: p.stat().st_mtime_ns for p in vols.glob("*.npy")}
-    assert set(now) == set(keep) | {"train_2_a_1.npy"}
-    assert [n for n in keep if now[n] != keep[n]] == ["train_0_a_2.npy"]
-    assert len(data.load_index(tmp_path / "o2")) == 5
-    assert data.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
-    assert "done=0 skipped=5 failed=0" in capsys.readouterr().out  # the torn log line was ended
-
-
-def test_preprocess_cli_runs_as_a_script_and_reports_bad_roots(tmp_path):
-    import subprocess
-    import sys
-    make_ctrate(tmp_path / "ct", "valid", n_patients=2)
-    cmd = [sys.executable, "data.py", "preprocess", "--root", str(tmp_path / "ct"), "--split",
-           "valid", "--out", str(tmp_path / "o"), "--preset", "tiny", "--workers", "1"]
-    repo = data.Path(data.__file__).parent
-    res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "done=3 skipped=0 failed=0" in res.stdout, res.stderr
-    res = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere")] + cmd[5:], cwd=repo,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "error:" in res.stderr and "nowhere" in res.stderr
-
-
-def test_load_dataset_raw_root_preprocessed_dir_and_configs(tmp_path):
-    truth = make_ctrate(tmp_path / "set" / "dataset", "train", n_patients=2)
-    recs = data.load_dataset(tmp_path / "set" / "dataset", "train", "tiny", workers=1)
-    assert sorted(r.name for r in recs) == sorted(truth)
-    assert (tmp_path / "set" / "cache_tiny" / "train" / "index.csv").is_file()
-
-    class Cfg:  # stands in for model.ModelConfig
-        spacing, image_size = (7.0, 7.0, 10.0), (48, 48, 32)
-
-    again = data.load_dataset(tmp_path / "set" / "dataset", "train", Cfg())  # same cache
-    assert [r.npy_path for r in again] == [r.npy_path for r in recs]
-    custom = data.load_dataset(tmp_path / "set" / "dataset", "train", (5.0, 5.0, 8.0), (8, 8, 4), 1)
-    assert "cache_5x5x8mm_8x8x4" in custom[0].npy_path
-    assert np.load(custom[0].npy_path).shape == (8, 8, 4)
-    assert len(data.load_dataset(tmp_path / "set" / "cache_tiny", "train")) == len(truth)
-    flat = data.load_dataset(tmp_path / "set" / "cache_tiny" / "train", "train")
-    assert len(flat) == len(truth)
-    with pytest.raises(ValueError, match="no volume of split 'valid'"):
-        data.load_dataset(tmp_path / "set" / "cache_tiny" / "train", "valid")
-    with pytest.raises(ValueError, match="unknown preset"):
-        data.load_dataset(tmp_path / "set" / "dataset", "train", "huge")
-    with pytest.raises(ValueError, match="needs a preset"):
-        data.load_dataset(tmp_path / "set" / "dataset", "train")
-    with pytest.raises(ValueError, match=r"preprocessed at \(7.0, 7.0, 10.0\)"):
-        data.load_dataset(tmp_path / "set" / "cache_tiny", "train", "paper")  # tiny cache
-
-
-# ----------------------------------------------------------------------------- RAD-ChestCT, folders
-
-def write_radchest(root, names, rng, shape=(20, 24, 22)):
-    """.npz volumes (slices, rows, cols) in HU with a marker, and an abnormality*location CSV."""
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        ct = np.full(shape, -1000, np.int16)
-        ct[:, 4:20, 3:19] = 40
-        ct[2, 5, 7] = 900  # slice 2 (superior), row 5 (anterior), column 7 (patient right)
-        np.savez_compressed(root / f"{n}.npz", ct=ct)
-    abns = sorted({a for v in data.RADCHEST_SOURCES.values() for a in v} | {"other_path"})
-    cols = [f"{a}*{loc}" for a in abns for loc in ("lung", "heart")]
-    rows, truth = [], {}
-    for n in names:
-        row = {c: int(rng.random() < 0.08) for c in cols}
-        rows.append(dict(NoteAcc_DEID=n, **row))
-        truth[n] = np.array([any(row[f"{a}*{loc}"] for a in data.RADCHEST_SOURCES[k]
-                                 for loc in ("lung", "heart")) for k in data.RADCHEST_CLASSES],
-                            np.float32)
-    write_csv(root / "imgtest_Abnormality_and_Location_Labels.csv", rows)
-    return truth
-
-
-def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
-    rng = np.random.default_rng(4)
-    truth = write_radchest(tmp_path / "rad", [f"tst{i:05d}" for i in range(6)], rng)
-    hu, sp = data.read_radchest_npz(tmp_path / "rad" / "tst00000.npz")
-    assert hu.shape == (22, 24, 20) and hu.dtype == np.float32  # (X, Y, Z) <- (slices, rows, cols)
-    np.testing.assert_allclose(sp, [0.8, 0.8, 0.8])
-    assert tuple(np.argwhere(hu == 900)[0]) == (22 - 1 - 7, 24 - 1 - 5, 20 - 1 - 2)  # RAS
-    np.savez(tmp_path / "rad" / "tst00006.npz", volume=np.zeros((4, 4, 4)))  # wrong key
-    (tmp_path / "rad" / "tst00007.npz").write_bytes(b"PK\x03\x04 broken")
-    np.savez(tmp_path / "rad" / "tst00008.npz", ct=np.zeros((4, 4), np.int16))
-    np.savez(tmp_path / "rad" / "zzz.npz", ct=np.zeros((4, 4, 4), np.int16))  # not in the CSV
-    for n in ("tst00006", "tst00007", "tst00008"):
-        truth[n] = np.zeros(16, np.float32)
-    label_csv = tmp_path / "rad" / "imgtest_Abnormality_and_Location_Labels.csv"
-    rows = list(csv.DictReader(open(label_csv)))
-    rows += [dict(rows[0], NoteAcc_DEID=n) for n in ("tst00006", "tst00007", "tst00008")]
-    write_csv(label_csv, rows)
-    out = tmp_path / "o"
-    code = data.preprocess_main(["--dataset", "radchest", "--root", str(tmp_path / "rad"), "--out",
-                                 str(out), "--preset", "tiny", "--workers", "2"])
-    o = capsys.readouterr()
-    assert code == 0 and "done=6 skipped=0 failed=4" in o.out, o.out + o.err
-    for what in ("no array 'ct'", "not a readable .npz", "3-D 'ct' array",
-                 "unknown volume name 'zzz'"):
-        assert what in o.err
-    recs = data.load_index(out)
-    assert len(recs) == 6 and recs[0].classes == data.RADCHEST_CLASSES
-    for r in recs:
-        np.testing.assert_array_equal(r.labels, truth[r.name])
-        assert r.hu_rule == "already_hu" and r.spacing == (0.8, 0.8, 0.8)
-    assert sum(r.labels.sum() for r in recs) > 5  # the test draws some positives
-
-
-def test_radchest_label_rules_and_score_mapping(tmp_path):
-    cols = ["NoteAcc_DEID", "nodulegr1cm*lung", "stent*heart", "calcification*aorta",
-            "calcification*heart", "scarring*lung", "hernia*stomach"]
-    others = [a for k, v in data.RADCHEST_SOURCES.items() for a in v[:1]
-              if k not in ("Lung nodule", "Medical material", "Calcification",
-                           "Pulmonary fibrotic sequela", "Hiatal hernia")]
-    rows = [dict(zip(cols, ["a", 1, 0, 0, 1, 0, 0]), **{o: 0 for o in others}),
-            dict(zip(cols, ["b", 0, 1, 0, 0, 1, 1]), **{o: 0 for o in others})]
-    write_csv(tmp_path / "l.csv", rows)
-    lab = data.read_radchest_labels(tmp_path / "l.csv")
-    idx = {c: i for i, c in enumerate(data.RADCHEST_CLASSES)}
-    assert set(np.flatnonzero(lab["a"])) == {idx["Lung nodule"], idx["Calcification"]}
-    assert set(np.flatnonzero(lab["b"])) == {
-        idx["Medical material"], idx["Pulmonary fibrotic sequela"], idx["Hiatal hernia"]}
-    for r in rows:
-        r.pop("scarring*lung")
-    write_csv(tmp_path / "m.csv", rows)
-    with pytest.raises(ValueError, match=r"m\.csv.*Pulmonary fibrotic sequela"):
-        data.read_radchest_labels(tmp_path / "m.csv")
-    s = np.random.default_rng(0).normal(size=(5, 18)).astype(np.float32)
-    m = data.ctrate_to_radchest(s)
-    assert m.shape == (5, 16) and len(data.RADCHEST_CLASSES) == 16
-    c = data.CTRATE_CLASSES.index
-    np.testing.assert_array_equal(m[:, idx["Calcification"]], np.maximum(
-        s[:, c("Arterial wall calcification")], s[:, c("Coronary artery wall calcification")]))
-    for k in data.RADCHEST_CLASSES:
-        if k != "Calcification":
-            np.testing.assert_array_equal(m[:, idx[k]], s[:, c(k)])
-    torch.testing.assert_close(data.ctrate_to_radchest(torch.from_numpy(s)), torch.from_numpy(m))
-
-
-def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
-    src = shared_data / "ct_volumes"
-    folder = tmp_path / "in" / "sub"
-    folder.mkdir(parents=True)
-    for n in ("pyradiomics_lung1_ct_ds2.nii.gz", "invesalius_cranium_ct0051_ct_ds2.nii.gz"):
-        (folder / n).write_bytes((src / n).read_bytes())
-    lung_bytes = (src / "pyradiomics_lung1_ct_ds2.nii.gz").read_bytes()
-    (tmp_path / "in" / "broken.nii.gz").write_bytes(lung_bytes[:5000])
-    code = data.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "in"), "--out",
-                                 str(tmp_path / "o"), "--preset", "tiny", "--workers", "2"])
-    o = capsys.readouterr()
-    assert code == 0 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
-    recs = {r.name: r for r in data.load_index(tmp_path / "o")}
-    assert set(recs) == {"sub__pyradiomics_lung1_ct_ds2", "sub__invesalius_cranium_ct0051_ct_ds2"}
-    lung = recs["sub__pyradiomics_lung1_ct_ds2"]
-    head = recs["sub__invesalius_cranium_ct0051_ct_ds2"]
-    np.testing.assert_allclose(lung.spacing, [1.140625, 1.140625, 5.0])
-    np.testing.assert_allclose(head.spacing, [1.914, 1.914, 1.5], atol=1e-3)
-    assert lung.labels.shape == (0,) and lung.hu_rule == "header"
-    v = np.load(lung.npy_path)
-    assert (v < -700).mean() > 0.2 and (np.abs(v) < 100).mean() > 0.05  # lungs and soft tissue
-
-
 # ----------------------------------------------------------------------------- labels, loaders
 
 def test_ctrate_lt_labels_by_name(shared_data, tmp_path):
@@ -636,7 +372,7 @@ def test_ctrate_lt_labels_by_name(shared_data, tmp_path):
 
 def test_make_loader_workers_seeded(tmp_path):
     make_ctrate(tmp_path / "ct", "train", n_patients=5)
-    recs = data.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
+    recs = preprocess.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
     ds = data.VolumeTextDataset(recs, {}, crop_size=(8, 8, 4), train=True, seed=0)
     names = []
     for _ in range(2):

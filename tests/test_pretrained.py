@@ -1,5 +1,5 @@
-"""pretrained.py: BERT and timm-style ViT weights load into our encoders and compute the same function
-as the reference implementations (transformers' BertModel; timm's Block) on random weights."""
+"""prepare/pretrained.py: BERT and timm-style ViT weights load into our encoders and compute the same
+function as the reference implementations (transformers' BertModel; timm's Block) on random weights."""
 import json
 from dataclasses import replace
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import pretrained
+from prepare import pretrained
 from model import PRESETS, ViT3D, TextEncoder, sincos_3d
 
 TOL = 1e-5

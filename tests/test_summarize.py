@@ -1,5 +1,5 @@
-"""Tests for summarize.py: rule-based summaries (negation, normalisation, real report sentences), the
-LLM client against a local chat-completions server (retries, timeouts, bad replies, key hygiene) and
+"""Tests for prepare/summarize.py and its rules and LLM backends: rule-based summaries (negation,
+normalisation, real report sentences), the LLM client against a local chat-completions server (retries, timeouts, bad replies, key hygiene) and
 the resumable cache (torn lines, SIGKILL and Ctrl-C mid-run). Longer than 400 lines because the local
 server and the crash tests need their own scaffolding; each section reads on its own.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import summarize as S
+from prepare import summarize, summarize_llm, summarize_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-0123456789abcdef-SECRET"
@@ -31,7 +31,7 @@ SECRET = "sk-test-0123456789abcdef-SECRET"
 def test_split_sentences_abbreviations_lists_newlines():
     text = ("1. Pleural effusion on the right. 2. A nodule of 5 mm. in size, e.g. in the apex.\n"
             "Aorta diameter 3.5 cm. \"\" Hiatal hernia; emphysema")
-    assert S.split_sentences(text) == [
+    assert summarize_rules.split_sentences(text) == [
         "Pleural effusion on the right", "A nodule of 5 mm. in size, e.g. in the apex",
         "Aorta diameter 3.5 cm", "Hiatal hernia", "emphysema"]
 
@@ -56,7 +56,7 @@ def test_split_sentences_abbreviations_lists_newlines():
     ("Pleural effusion has resolved.", set()),
 ])
 def test_negation_scope(text, expected):
-    assert S.finding_classes(text) == expected
+    assert summarize_rules.finding_classes(text) == expected
 
 
 # The phrasings the synthetic report generator uses, with the class each must map to.
@@ -93,23 +93,23 @@ NORMAL = ("Trachea and both main bronchi are open. Heart contour and size are no
 
 @pytest.mark.parametrize("sentence, cls", SYNTHETIC.items())
 def test_synthetic_phrasing_normalised_to_class_name(sentence, cls):
-    summary = S.summarize(sentence + " " + NORMAL)
-    assert S.finding_classes(sentence + " " + NORMAL) == {cls}
+    summary = summarize.summarize(sentence + " " + NORMAL)
+    assert summarize_rules.finding_classes(sentence + " " + NORMAL) == {cls}
     assert len(summary) == 1 and cls.lower() in summary[0].lower(), summary
-    assert S.finding_classes(" ".join(summary)) == {cls}
+    assert summarize_rules.finding_classes(" ".join(summary)) == {cls}
 
 
 def test_summary_keeps_qualifiers_and_drops_normals_and_measurements():
     report = ("Minimal pleural effusion on the right. Thoracic aorta diameter is 38 mm. "
               "Subsegmental atelectasis in the left lung lower lobe. Left-facing scoliosis is observed. "
               "Correlation with clinical findings is recommended. " + NORMAL)
-    assert S.summarize(report) == ["Subsegmental atelectasis in the left lower lobe.",
+    assert summarize.summarize(report) == ["Subsegmental atelectasis in the left lower lobe.",
                                    "Minimal right pleural effusion.", "Left-facing scoliosis."]
 
 
 def test_no_finding_gives_one_sentence_never_empty():
-    assert S.summarize(NORMAL) == [S.NO_FINDING]
-    assert S.finding_classes(S.NO_FINDING) == set()
+    assert summarize.summarize(NORMAL) == [summarize_rules.NO_FINDING]
+    assert summarize_rules.finding_classes(summarize_rules.NO_FINDING) == set()
 
 
 @pytest.mark.parametrize("bad, error, words", [
@@ -118,12 +118,12 @@ def test_no_finding_gives_one_sentence_never_empty():
 ])
 def test_bad_input_errors(bad, error, words):
     with pytest.raises(error, match=words):
-        S.summarize(bad)
+        summarize.summarize(bad)
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
-        S.summarize("Emphysema.", backend="gpt")
+        summarize.summarize("Emphysema.", backend="gpt")
 
 
 def _real_reports(shared_data):
@@ -156,21 +156,21 @@ REAL_SENTENCES = {
 @pytest.mark.parametrize("sentence, expected", REAL_SENTENCES.items())
 def test_real_report_sentences(shared_data, sentence, expected):
     assert any(sentence in r["report_text"] for r in _real_reports(shared_data)), "not a real sentence"
-    assert S.finding_classes(sentence) == expected
-    summary = S.summarize(sentence)
+    assert summarize_rules.finding_classes(sentence) == expected
+    summary = summarize.summarize(sentence)
     if expected:
         assert all(any(c.lower() in s.lower() for s in summary) for c in expected), summary
     else:
-        assert summary == [S.NO_FINDING]
+        assert summary == [summarize_rules.NO_FINDING]
 
 
 def test_real_reports_quality_floor(shared_data):
     """Regression guard for benchmarks/summary_quality.py: summaries keep the labelled findings."""
     rows = _real_reports(shared_data)
-    full = [S.finding_classes(r["report_text"]) for r in rows]
-    summ = [S.finding_classes(" ".join(S.summarize(r["report_text"]))) for r in rows]
+    full = [summarize_rules.finding_classes(r["report_text"]) for r in rows]
+    summ = [summarize_rules.finding_classes(" ".join(summarize.summarize(r["report_text"]))) for r in rows]
     recall, precision, recall_full = [], [], []
-    for c in S.CLASSES:
+    for c in summarize_rules.CLASSES:
         y = [r[c] == "1" for r in rows]
         tp = sum(c in p and t for p, t in zip(summ, y))
         recall.append(tp / sum(y))
@@ -268,7 +268,7 @@ def llm_server():
 def _client(fake, **kw):
     opts = dict(url=fake.url, model="test-model", api_key_env="TEST_LLM_KEY", timeout=5.0, retries=3,
                 backoff=0.01, max_backoff=0.05, seed=0)
-    return S.LLMClient(**{**opts, **kw})
+    return summarize_llm.LLMClient(**{**opts, **kw})
 
 
 def test_llm_normal_reply_and_request_shape(llm_server, monkeypatch):
@@ -280,7 +280,7 @@ def test_llm_normal_reply_and_request_shape(llm_server, monkeypatch):
     assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {SECRET}"
     body = req["body"]
     assert body["model"] == "test-model" and body["temperature"] == 0
-    assert body["messages"][0] == {"role": "system", "content": S.PROMPT}
+    assert body["messages"][0] == {"role": "system", "content": summarize_llm.PROMPT}
     assert body["messages"][1] == {"role": "user", "content": "Effusion on the right. Big heart."}
 
 
@@ -325,31 +325,31 @@ def test_llm_dropped_connection_is_retried(llm_server):
 
 def test_llm_gives_up_after_retries_and_never_retries_400(llm_server):
     llm_server.script = [("status", 500, "{}")] * 3
-    with pytest.raises(S.SummaryError, match="HTTP 500.*after 3 attempts"):
+    with pytest.raises(summarize_llm.SummaryError, match="HTTP 500.*after 3 attempts"):
         _client(llm_server, retries=2).summarize("Emphysema.")
     llm_server.script = [("status", 400, '{"error": "bad model"}')]
-    with pytest.raises(S.SummaryError, match="HTTP 400"):
+    with pytest.raises(summarize_llm.SummaryError, match="HTTP 400"):
         _client(llm_server).summarize("Emphysema.")
     assert len(llm_server.requests) == 4
 
 
 @pytest.mark.parametrize("content, ok", [
-    ('["A.", "B."]', ["A.", "B."]), ("```json\n[\"A.\"]\n```", ["A."]), ("```\n[]\n```", [S.NO_FINDING]),
+    ('["A.", "B."]', ["A.", "B."]), ("```json\n[\"A.\"]\n```", ["A."]), ("```\n[]\n```", [summarize_rules.NO_FINDING]),
     ('{"sentences": ["A."]}', None), ('["A.", 3]', None), ("A. B.", None), ('["A."', None),
 ])
 def test_parse_reply_is_strict(content, ok):
     if ok is None:
-        with pytest.raises(S.SummaryError):
-            S.parse_reply(content)
+        with pytest.raises(summarize_llm.SummaryError):
+            summarize_llm.parse_reply(content)
     else:
-        assert S.parse_reply(content) == ok
+        assert summarize_llm.parse_reply(content) == ok
 
 
 def test_llm_malformed_reply_is_recorded_and_run_continues(llm_server, tmp_path):
     cache = tmp_path / "s.jsonl"
     texts = ["Report one.", "BAD report.", "Report three."]
     opts = dict(url=llm_server.url, model="test-model", backoff=0.01)
-    summaries, errors, counts = S.run_batch(texts, cache, "llm", workers=2, progress=False, **opts)
+    summaries, errors, counts = summarize.run_batch(texts, cache, "llm", workers=2, progress=False, **opts)
     assert counts == {"done": 2, "cached": 0, "failed": 1}
     assert set(errors) == {"BAD report."} and "not JSON" in errors["BAD report."]
     assert summaries["Report one."] == ["Finding of Report one.."]
@@ -357,15 +357,15 @@ def test_llm_malformed_reply_is_recorded_and_run_continues(llm_server, tmp_path)
     assert sorted("error" in r for r in lines) == [False, False, True]
     # the error is retried on the next run (now answered properly); the others come from the cache
     llm_server.script = [("ok", '["Fixed."]')]
-    summaries, errors, counts = S.run_batch(texts, cache, "llm", workers=2, progress=False, **opts)
+    summaries, errors, counts = summarize.run_batch(texts, cache, "llm", workers=2, progress=False, **opts)
     assert counts == {"done": 1, "cached": 2, "failed": 0} and summaries["BAD report."] == ["Fixed."]
-    assert S.load_cache(cache)[S.report_key("BAD report.")] == ["Fixed."]
+    assert summarize.load_cache(cache)[summarize.report_key("BAD report.")] == ["Fixed."]
 
 
 def test_llm_concurrency_is_bounded(llm_server):
     llm_server.delay = 0.1
     texts = [f"Report {i}." for i in range(6)]
-    summaries, _, _ = S.run_batch(texts, None, "llm", workers=2, progress=False, url=llm_server.url)
+    summaries, _, _ = summarize.run_batch(texts, None, "llm", workers=2, progress=False, url=llm_server.url)
     assert len(summaries) == 6 and llm_server.max_in_flight == 2
 
 
@@ -373,12 +373,12 @@ def test_api_key_never_in_errors_logs_or_cache(llm_server, monkeypatch, tmp_path
     monkeypatch.setenv("TEST_LLM_KEY", SECRET)
     echo = '{"error": "invalid key: {auth}"}'  # a server that echoes the header back
     llm_server.script = [("status", 401, echo)]
-    with pytest.raises(S.SummaryError) as info:
+    with pytest.raises(summarize_llm.SummaryError) as info:
         _client(llm_server).summarize("Emphysema.")
     assert "401" in str(info.value) and SECRET not in str(info.value) and "***" in str(info.value)
     llm_server.script = [("status", 503, echo)] * 10
     cache = tmp_path / "s.jsonl"
-    _, errors, _ = S.run_batch(["Emphysema.", "Atelectasis."], cache, "llm", workers=1, url=llm_server.url,
+    _, errors, _ = summarize.run_batch(["Emphysema.", "Atelectasis."], cache, "llm", workers=1, url=llm_server.url,
                                api_key_env="TEST_LLM_KEY", retries=1, backoff=0.001)
     out = capsys.readouterr()
     assert len(errors) == 2 and all(r["auth"] == f"Bearer {SECRET}" for r in llm_server.requests)
@@ -400,15 +400,15 @@ def _write_csv(path, texts, columns=("report_text",)):
 def test_cache_torn_last_line_is_ignored_and_repaired(tmp_path):
     texts = ["Emphysema.", "Cardiomegaly.", "Hiatal hernia.", "Pleural effusion."]
     cache = tmp_path / "s.jsonl"
-    S.run_batch(texts[:2], cache, progress=False)
+    summarize.run_batch(texts[:2], cache, progress=False)
     with open(cache, "a") as f:
-        f.write('{"key": "%s", "source": "rules", "summ' % S.report_key(texts[2]))  # killed mid-write
-    assert set(S.load_cache(cache)) == {S.report_key(t) for t in texts[:2]}
-    summaries, _, counts = S.run_batch(texts, cache, progress=False)
+        f.write('{"key": "%s", "source": "rules", "summ' % summarize.report_key(texts[2]))  # killed mid-write
+    assert set(summarize.load_cache(cache)) == {summarize.report_key(t) for t in texts[:2]}
+    summaries, _, counts = summarize.run_batch(texts, cache, progress=False)
     assert counts == {"done": 2, "cached": 2, "failed": 0} and summaries["Cardiomegaly."] == ["Cardiomegaly."]
     lines = cache.read_text().splitlines()
     assert sum(1 for line in lines if _parses(line)) == 4 and len(lines) == 5
-    assert S.run_batch(texts, cache, progress=False)[2] == {"done": 0, "cached": 4, "failed": 0}
+    assert summarize.run_batch(texts, cache, progress=False)[2] == {"done": 0, "cached": 4, "failed": 0}
 
 
 def _parses(line):
@@ -421,10 +421,10 @@ def _parses(line):
 
 def test_cache_is_per_backend(tmp_path, llm_server):
     cache = tmp_path / "s.jsonl"
-    S.run_batch(["Emphysema."], cache, "rules", progress=False)
-    _, _, counts = S.run_batch(["Emphysema."], cache, "llm", progress=False, url=llm_server.url)
+    summarize.run_batch(["Emphysema."], cache, "rules", progress=False)
+    _, _, counts = summarize.run_batch(["Emphysema."], cache, "llm", progress=False, url=llm_server.url)
     assert counts["done"] == 1 and len(llm_server.requests) == 1
-    assert S.load_cache(cache, "rules")[S.report_key("Emphysema.")] == ["Emphysema."]
+    assert summarize.load_cache(cache, "rules")[summarize.report_key("Emphysema.")] == ["Emphysema."]
 
 
 def test_sigkill_mid_run_then_resume_does_only_missing(llm_server, tmp_path):
@@ -432,19 +432,19 @@ def test_sigkill_mid_run_then_resume_does_only_missing(llm_server, tmp_path):
     texts = [f"Report number {i}." for i in range(20)]
     reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
     _write_csv(reports, texts)
-    cmd = [sys.executable, str(ROOT / "summarize.py"), str(reports), "--out", str(cache), "--backend", "llm",
+    cmd = [sys.executable, "-m", "prepare.summarize", str(reports), "--out", str(cache), "--backend", "llm",
            "--url", llm_server.url, "--model", "test-model", "--workers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while (not cache.exists() or cache.read_text().count("\n") < 4) and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(S.load_cache(cache, "llm:test-model"))
+    finished = len(summarize.load_cache(cache, "llm:test-model"))
     assert 4 <= finished < 20
     llm_server.requests.clear()
     llm_server.delay = 0.0
-    summaries, _, counts = S.run_batch(texts, cache, "llm", progress=False, url=llm_server.url,
+    summaries, _, counts = summarize.run_batch(texts, cache, "llm", progress=False, url=llm_server.url,
                                        model="test-model")
     assert counts == {"done": 20 - finished, "cached": finished, "failed": 0}
     assert len(llm_server.requests) == 20 - finished and len(summaries) == 20
@@ -454,34 +454,34 @@ def test_cli_ct_rate_columns_and_counts(tmp_path, capsys):
     reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
     _write_csv(reports, ["Minimal pleural effusion.", "Minimal pleural effusion.", "No nodule."],
                columns=("Findings_EN", "Impressions_EN"))
-    assert S.main([str(reports), "--out", str(cache), "--quiet"]) == 0
+    assert summarize.main([str(reports), "--out", str(cache), "--quiet"]) == 0
     assert "3 rows, 2 unique reports: 2 done, 0 cached, 0 failed" in capsys.readouterr().out
-    cached = S.load_cache(cache)
-    assert cached[S.report_key("Minimal pleural effusion. Impression.")] == ["Minimal pleural effusion."]
+    cached = summarize.load_cache(cache)
+    assert cached[summarize.report_key("Minimal pleural effusion. Impression.")] == ["Minimal pleural effusion."]
 
 
 def test_cli_bad_csv_errors(tmp_path):
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("report_text\nPleural effusion \xe9\n".encode("latin-1"))
     with pytest.raises(SystemExit, match="latin1.csv.*UTF-8"):
-        S.main([str(bad), "--out", str(tmp_path / "s.jsonl")])
+        summarize.main([str(bad), "--out", str(tmp_path / "s.jsonl")])
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("VolumeName,text\nv1,Emphysema.\n")
     with pytest.raises(SystemExit, match="wrong.csv.*report_text.*Findings_EN"):
-        S.main([str(wrong), "--out", str(tmp_path / "s.jsonl")])
+        summarize.main([str(wrong), "--out", str(tmp_path / "s.jsonl")])
 
 
 def test_cli_empty_report_is_a_recorded_failure(tmp_path, capsys):
     reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
     _write_csv(reports, ["Emphysema.", "   "])
-    assert S.main([str(reports), "--out", str(cache), "--quiet"]) == 1
+    assert summarize.main([str(reports), "--out", str(cache), "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "1 done, 0 cached, 1 failed" in captured.out
     assert "vol_1" in captured.err and "empty" in captured.err
 
 
 def test_cli_help_explains_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "summarize.py"), "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "prepare.summarize", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     for flag in ["--out", "--backend", "--url", "--model", "--api_key_env", "--workers", "--timeout",
                  "--retries", "--text_column"]:
@@ -493,9 +493,9 @@ def test_ctrl_c_stops_promptly_and_keeps_finished_reports(llm_server, tmp_path):
     texts = [f"Report number {i}." for i in range(40)]
     reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
     _write_csv(reports, texts)
-    cmd = [sys.executable, str(ROOT / "summarize.py"), str(reports), "--out", str(cache), "--backend", "llm",
+    cmd = [sys.executable, "-m", "prepare.summarize", str(reports), "--out", str(cache), "--backend", "llm",
            "--url", llm_server.url, "--model", "m", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while (not cache.exists() or cache.read_text().count("\n") < 3) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -503,14 +503,14 @@ def test_ctrl_c_stops_promptly_and_keeps_finished_reports(llm_server, tmp_path):
     assert proc.wait(timeout=10) == 130 and "rerun to resume" in proc.stderr.read()
     lines = cache.read_text().splitlines()
     assert 3 <= len(lines) < 40 and all(_parses(line) for line in lines)
-    _, _, counts = S.run_batch(texts, cache, "llm", progress=False, url=llm_server.url, model="m")
+    _, _, counts = summarize.run_batch(texts, cache, "llm", progress=False, url=llm_server.url, model="m")
     assert counts == {"done": 40 - len(lines), "cached": len(lines), "failed": 0}
 
 
 def test_summarize_all_maps_texts_and_rejects_non_str(tmp_path):
     texts = ["Emphysema.", "Enlarged heart.", "Emphysema."]
-    out = S.summarize_all(texts, cache_path=tmp_path / "s.jsonl", progress=False)
+    out = summarize.summarize_all(texts, cache_path=tmp_path / "s.jsonl", progress=False)
     assert out == {"Emphysema.": ["Emphysema."], "Enlarged heart.": ["Cardiomegaly."]}
-    assert S.load_cache(tmp_path / "s.jsonl") == {S.report_key(t): out[t] for t in out}
+    assert summarize.load_cache(tmp_path / "s.jsonl") == {summarize.report_key(t): out[t] for t in out}
     with pytest.raises(TypeError, match=r"texts\[1\]"):
-        S.summarize_all(["Emphysema.", None], progress=False)
+        summarize.summarize_all(["Emphysema.", None], progress=False)

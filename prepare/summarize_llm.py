@@ -1,4 +1,4 @@
-"""The LLM backend of summarize.py: any OpenAI-compatible chat-completions endpoint.
+"""The LLM backend of prepare/summarize.py: any OpenAI-compatible chat-completions endpoint.
 
 Follows the paper's semantic summarization by GPT-4o: a fixed prompt asks for one short finding per
 sentence with the 18 CT-RATE class names as the preferred wording; the reply must be a JSON list of
@@ -6,9 +6,8 @@ strings (parsed strictly). Works with vLLM, llama.cpp, Ollama or a hosted API, s
 only (urllib): temperature 0, a timeout, retries with exponential backoff and jitter on 408 / 409 /
 425 / 429 / 5xx, and an API key read from the environment, sent only as a Bearer header and
 scrubbed from every error message.
-summarize.py re-exports every public name (`summarize.LLMClient`, `summarize.PROMPT`, ...).
 
-    python summarize.py reports.csv --out summaries.jsonl --backend llm --url http://127.0.0.1:8000/v1
+    python -m prepare.summarize reports.csv --out summaries.jsonl --backend llm --url http://127.0.0.1:8000/v1
 """
 import http.client
 import json
@@ -20,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
-from summarize_rules import CLASSES, NO_FINDING, _check_text
+from prepare.summarize_rules import CLASSES, NO_FINDING, check_text
 
 PROMPT = (
     "You summarise chest CT radiology reports for training a vision-language model.\n"
@@ -82,7 +81,7 @@ class LLMClient:
     def summarize(self, text: str) -> list[str]:
         payload = {"model": self.model, "temperature": 0,
                    "messages": [{"role": "system", "content": PROMPT},
-                                {"role": "user", "content": _check_text(text)}]}
+                                {"role": "user", "content": check_text(text)}]}
         reply = self._post(json.dumps(payload).encode("utf-8"))
         try:
             content = reply["choices"][0]["message"]["content"]

@@ -7,11 +7,7 @@ gzip or resamples. Runs are resumable (done.jsonl lists finished volumes; .npy f
 atomically); a bad volume is reported with its reason, listed in failed.txt and skipped.
 index.csv (name, .npy path, report, source spacing, HU rule, labels) is what data.load_dataset reads.
 
-The dependency runs one way: this file imports data.py; data.py imports it only inside
-load_dataset and resolves the names below as `data.X` on first use (data.__getattr__), so
-`data.load_index`, `data.run_preprocess`, ... keep working and neither import order loops.
-
-    python data.py preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
+    python -m prepare.preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
         --preset paper --workers 8
 """
 import argparse
@@ -26,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (PREPROCESS, RADCHEST_SPACING, Record, load_nifti, preprocess_volume,
-                  read_radchest_npz, to_hu)
-from dataset_tables import (CTRATE_CLASSES, RADCHEST_CLASSES, CTRateTables, read_csv,
-                            read_radchest_labels, volume_key)
+from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
+                  find_index, load_nifti, preprocess_settings, preprocess_volume, read_radchest_npz,
+                  to_hu, volume_key)
+from prepare.tables import CTRateTables, read_radchest_labels
 
 
 # ----------------------------------------------------------------------------- one volume
@@ -184,9 +180,6 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
 
 # ----------------------------------------------------------------------------- index.csv
 
-INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
-
-
 def write_index(cache_dir, records):
     """index.csv: volume, npy (relative to cache_dir), report, source spacing, HU rule, labels."""
     cache_dir = Path(cache_dir)
@@ -200,25 +193,6 @@ def write_index(cache_dir, records):
             sp = [f"{v:.10g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
             w.writerow([r.name, npy, r.report, *sp, r.hu_rule] + [f"{v:g}" for v in r.labels])
     os.replace(tmp, cache_dir / "index.csv")
-
-
-def load_index(cache_dir):
-    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / "index.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
-    with open(path, newline="", encoding="utf-8") as f:
-        fields = csv.DictReader(f).fieldnames or []
-    rows = read_csv(path, INDEX_FIXED)
-    classes = tuple(c for c in fields if c not in INDEX_FIXED)
-    records = []
-    for r in rows:
-        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
-        labels = np.array([float(r[c]) for c in classes], np.float32)
-        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
-                              r["hu_rule"], classes))
-    return records
 
 
 # ----------------------------------------------------------------------------- CT-RATE
@@ -266,6 +240,24 @@ def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
     return records
 
 
+def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None):
+    """A preprocessed dir for `split` of `path` -> the dir data.load_dataset reads.
+
+    path is returned as it is when it already holds an index.csv; a raw CT-RATE root is
+    preprocessed (resumably) into cache_dir, default <root>/../cache_<preset>/<split>.
+    preset: a data.PREPROCESS name, a ModelConfig, or a target spacing together with `shape`.
+    """
+    if find_index(path, split) is not None:
+        return Path(path)
+    if preset is None:
+        raise ValueError(f"{path}: a raw data set needs a preset (or spacing and shape) to "
+                         f"preprocess it; found no index.csv")
+    name, spacing, shape = preprocess_settings(preset, shape)
+    cache_dir = Path(cache_dir) if cache_dir else Path(path).resolve().parent / f"cache_{name}" / split
+    prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
+    return cache_dir
+
+
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
 
 def radchest_jobs(root, labels_csv=None):
@@ -308,8 +300,9 @@ def folder_jobs(root):
 # ----------------------------------------------------------------------------- command line
 
 def preprocess_main(argv=None):
-    """`python data.py preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
-    p = argparse.ArgumentParser(prog="data.py preprocess", description=__doc__.split("\n")[0])
+    """`python -m prepare.preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
+    p = argparse.ArgumentParser(prog="python -m prepare.preprocess", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate")
     p.add_argument("--root", required=True, help="CT-RATE root, .npz dir or NIfTI dir")
     p.add_argument("--split", choices=("train", "valid"), default="train", help="CT-RATE split")
@@ -339,3 +332,7 @@ def preprocess_main(argv=None):
           f" | HU rules {rules} | index {Path(a.out) / 'index.csv'} ({len(records)} volumes)"
           + (f" | failures listed in {Path(a.out) / 'failed.txt'}" if counts["failed"] else ""))
     return 0 if records or not counts["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(preprocess_main())

@@ -1,86 +1,22 @@
-"""The CSV tables of CT-RATE and RAD-ChestCT: class lists, metadata, reports and labels.
+"""The CSV tables of CT-RATE and RAD-ChestCT: metadata, reports and labels, for prepare/preprocess.py.
 
 CT-RATE ships one metadata, one report and one label CSV per split (SPEC section 5); volumes are
 matched across them by name, with or without the .nii.gz extension. RAD-ChestCT labels come as
 "<abnormality>*<location>" columns, OR-ed here into its 16 classes (CT-RATE's 18 with the two
 calcification classes merged and Mosaic attenuation dropped), and ctrate_to_radchest maps CT-RATE
-scores onto those classes the same way. A library: data.py re-exports every name, so callers write
-`data.read_labels` etc.; preprocess.py builds its jobs from these tables.
+scores onto those classes the same way. The class lists, CSV reading
+and label tables shared with evaluation live in data.py.
 
-    python -c "import dataset_tables"
+    python -c "import prepare.tables"   # a library; prepare/preprocess.py is the command line
 """
-import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 
-CTRATE_CLASSES = (
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
-    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-)
-# RAD-ChestCT's 16 classes (SPEC section 5): the two calcification classes merge, Mosaic drops out
-RADCHEST_CLASSES = (
-    "Medical material", "Calcification", "Cardiomegaly", "Pericardial effusion", "Hiatal hernia",
-    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
-    "Pulmonary fibrotic sequela", "Pleural effusion", "Peribronchial thickening", "Consolidation",
-    "Bronchiectasis", "Interlobular septal thickening",
-)
-# the paper's 15 under-represented abnormalities on CT-RATE validation (prompt order)
-CTRATE_LT_CLASSES = (
-    "Pneumonia", "Pneumothorax", "Empyema", "Tuberculosis", "Pulmonary fibrosis", "Lung cyst",
-    "Bronchial thickening", "Lung mass", "Osteophyte", "Rib fracture", "Atherosclerosis",
-    "Pericardial calcification", "Spondylosis", "Pleural calcification", "Pneumomediastinum",
-)
+from data import RADCHEST_CLASSES, read_csv, read_labels, volume_key
 
 
 # ----------------------------------------------------------------------------- CSV tables
-
-def read_csv(path, required=()):
-    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            fields = reader.fieldnames or []
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    missing = [c for c in required if c not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
-    return rows
-
-
-def volume_key(name):
-    """'train_1_a_1.nii.gz' -> 'train_1_a_1' (CSV names come with and without the extension)."""
-    name = Path(str(name).strip()).name
-    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
-    """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
-    surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""
-    rows = read_csv(path, (name_column,))
-    fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
-    missing = [c for c in classes if c.strip().lower() not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing class column(s) {missing}")
-    cols = [fields[c.strip().lower()] for c in classes]
-    out = {}
-    for row in rows:
-        try:
-            out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
-    return out
-
 
 def find_split_csv(folder, split):
     """The one CSV in `folder` for `split` (train -> train*.csv, valid -> valid*/validation*)."""
@@ -147,19 +83,6 @@ RADCHEST_SOURCES = {
     "Consolidation": ("consolidation",), "Bronchiectasis": ("bronchiectasis",),
     "Interlobular septal thickening": ("septal_thickening",),
 }
-
-
-def ctrate_to_radchest(scores):
-    """(N, 18) CT-RATE-class scores -> (N, 16) RAD-ChestCT-class scores (numpy or torch).
-
-    Calcification = max(arterial wall, coronary artery wall calcification); Mosaic attenuation is
-    dropped; every other class keeps its own column.
-    """
-    xp = torch if torch.is_tensor(scores) else np
-    col = {c: scores[:, i] for i, c in enumerate(CTRATE_CLASSES)}
-    col["Calcification"] = xp.maximum(col["Arterial wall calcification"],
-                                      col["Coronary artery wall calcification"])
-    return xp.stack([col[c] for c in RADCHEST_CLASSES], 1)
 
 
 def read_radchest_labels(path, name_column="NoteAcc_DEID"):

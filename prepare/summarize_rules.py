@@ -1,13 +1,12 @@
-"""The rule-based summarizer of summarize.py (backend "rules", the offline default).
+"""The rule-based summarizer of prepare/summarize.py (backend "rules", the offline default).
 
 Stands in for the paper's GPT-4o semantic summarization: sentence split -> clause split -> negation
 detection -> every positive finding of the 18 CT-RATE classes becomes one short sentence that
 contains the class name (with side, location and severity qualifiers); other positive findings are
 kept as shortened clauses; normal statements and measurements are dropped. Deterministic, standard
-library only. summarize.py re-exports every public name (`summarize.split_sentences`,
-`summarize.finding_classes`, `summarize.CLASSES`, ...).
+library only.
 
-    python -c "import summarize_rules"   # a library; summarize.py is the command line
+    python -c "import prepare.summarize_rules"   # a library; prepare/summarize.py is the command line
 """
 import re
 
@@ -353,7 +352,7 @@ def _similar(a: str, b: str) -> bool:
     return len(wa & wb) >= 0.6 * max(1, min(len(wa), len(wb)))
 
 
-def _check_text(text) -> str:
+def check_text(text) -> str:
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -368,7 +367,7 @@ def _check_text(text) -> str:
 
 def finding_classes(text: str) -> set[str]:
     """The classes among CLASSES that a text mentions positively (negation-aware)."""
-    return {name for s in split_sentences(_check_text(text)) for c in split_clauses(s)
+    return {name for s in split_sentences(check_text(text)) for c in split_clauses(s)
             for name, _ in _clause_findings(c)}
 
 
@@ -377,7 +376,7 @@ def summarize_rules(text: str) -> list[str]:
     other positive findings as short clauses; duplicates (findings + impression) are merged."""
     best: dict[str, str] = {}  # class -> its most specific rendering
     others: list[str] = []
-    for sentence in split_sentences(_check_text(text)):
+    for sentence in split_sentences(check_text(text)):
         for clause in split_clauses(sentence):
             findings = _clause_findings(clause)
             for name, match in findings:

@@ -1,17 +1,18 @@
 """The synthetic reports of phantom.py: CT-RATE-style findings and impressions written from labels.
 
 One finding per positive sentence, worded with the class name or a common synonym so that the
-rule-based summarizer (summarize.py) can keep and normalise it; a random subset of negations and
+rule-based summarizer (prepare/summarize_rules.py) can keep and normalise it; a random subset of negations and
 normal statements; section order as in a CT-RATE report. No template starts "There is" (the
-zero-shot prompt of eval.py). phantom.py re-exports every public name (`phantom.compose_report`).
+zero-shot prompt of eval.py).
 
-    python -c "import phantom_reports"   # a library; phantom.py is the command line
+    python -c "import prepare.phantom_reports"   # a library; prepare/phantom.py is the command line
 """
 import numpy as np
 
-from phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIOMEGALY, CLASSES, CONSOLIDATION,
-                           CORONARY, EMPHYSEMA, FIBROSIS, HERNIA, LYMPH, MATERIAL, MOSAIC, NODULE,
-                           OPACITY, PERIBRONCHIAL, PERICARDIAL, PLEURAL, SEPTAL)
+from prepare.phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIOMEGALY, CLASSES,
+                                   CONSOLIDATION, CORONARY, EMPHYSEMA, FIBROSIS, HERNIA, LYMPH,
+                                   MATERIAL, MOSAIC, NODULE, OPACITY, PERIBRONCHIAL, PERICARDIAL,
+                                   PLEURAL, SEPTAL)
 
 WORDS = dict(
     deg=["mild", "minimal", "moderate", "marked", "slight"],

@@ -3,9 +3,9 @@ and timm-style ViT weights (a 2-D ImageNet ViT-B/16 inflated to 3-D, or a 3-D Vi
 names) into ViT3D. Every load reports what was loaded, what of ours stayed initialised (missing) and
 what of theirs was not used (unexpected), each with the reason.
 
-    python pretrained.py --bert DIR                  # DIR: config.json, model.safetensors or
-                                                     #      pytorch_model.bin, vocab.txt
-    python pretrained.py --vit FILE --preset paper   # FILE: .safetensors, .pth or .bin
+    python -m prepare.pretrained --bert DIR                  # DIR: config.json, model.safetensors or
+                                                            #      pytorch_model.bin, vocab.txt
+    python -m prepare.pretrained --vit FILE --preset paper   # FILE: .safetensors, .pth or .bin
 
 Files are read without extra dependencies: safetensors by its documented layout (8-byte little-endian
 header length, JSON header, raw little-endian tensors), pickles with torch.load(weights_only=True).

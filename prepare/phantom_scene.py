@@ -4,10 +4,9 @@ Each scan is a procedural chest (body wall, ribs, spine, lungs, airways, heart, 
 drawn in millimetres, so one scene can be sampled on any grid (a second reconstruction is the same
 scene on another grid with other noise). Each of the 18 CT-RATE abnormalities paints a signature big
 enough to survive the tiny preset's 7 x 7 x 10 mm voxels. The class list and its indices live here
-because every painter is keyed by them; phantom.py re-exports every public name (`phantom.Grid`,
-`phantom.render_volume`, `phantom.CLASSES`, ...).
+because every painter is keyed by them.
 
-    python -c "import phantom_scene"   # a library; phantom.py is the command line
+    python -c "import prepare.phantom_scene"   # a library; prepare/phantom.py is the command line
 """
 import numpy as np
 

@@ -13,11 +13,10 @@ Training then draws min(5, n) of those sentences per report. This file offers tw
 Results are cached in a JSONL file keyed by sha256(report text), appended and fsynced per report, so a
 crash loses nothing and a rerun only does the missing reports.
 
-The backends live in summarize_rules.py and summarize_llm.py; this file holds the dispatcher,
-the cache, batch runs and the command line, and re-exports the backends' public names, so
-`summarize.split_sentences`, `summarize.LLMClient`, ... work.
+The backends live in prepare/summarize_rules.py and prepare/summarize_llm.py; this file holds the
+dispatcher, the cache, batch runs and the command line.
 
-    python summarize.py reports.csv --out summaries.jsonl [--backend llm --url http://127.0.0.1:8000/v1]
+    python -m prepare.summarize reports.csv --out summaries.jsonl [--backend llm --url http://127.0.0.1:8000/v1]
 """
 import argparse
 import concurrent.futures
@@ -30,10 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from summarize_llm import (LLM_DEFAULTS, PROMPT, RETRY_STATUS, LLMClient, SummaryError,  # noqa: F401
-                           parse_reply)
-from summarize_rules import (CLASSES, NO_FINDING, _check_text, finding_classes,  # noqa: F401
-                             render_finding, split_clauses, split_sentences, summarize_rules)
+from prepare.summarize_llm import LLM_DEFAULTS, LLMClient, SummaryError
+from prepare.summarize_rules import check_text, summarize_rules
 
 
 def summarize(text: str, backend: str = "rules", **llm_options) -> list[str]:
@@ -41,7 +38,7 @@ def summarize(text: str, backend: str = "rules", **llm_options) -> list[str]:
 
     backend "rules" is offline and deterministic; "llm" calls an OpenAI-compatible endpoint
     (options: url, model, api_key_env, timeout, retries; see LLMClient)."""
-    text = _check_text(text)
+    text = check_text(text)
     if backend == "rules":
         return summarize_rules(text)
     if backend == "llm":

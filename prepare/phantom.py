@@ -10,12 +10,11 @@ and never contain the zero-shot prompt "There is {name}". Output follows the CT-
 NIfTI volumes in the v1 convention (HU = raw - 1024, slope/intercept in the metadata CSV) with an
 LPS-style affine, metadata, reports and 18-label CSVs. A fixed seed gives byte-identical files.
 
-The scene (anatomy, findings, rendering) lives in phantom_scene.py and the report templates in
-phantom_reports.py; this file draws the labels, writes the files and runs the command line, and
-re-exports their public names, so `phantom.render_volume`, `phantom.compose_report`, ... work.
+The scene (anatomy, findings, rendering) lives in prepare/phantom_scene.py and the report templates
+in prepare/phantom_reports.py; this file draws the labels, writes the files and runs the command line.
 
-    python phantom.py --out data/phantom --n 1000 --seed 0
-    python phantom.py --out data/real_text --reports ../shared/data/ctclip_reports_18labels/reports_shared.csv
+    python -m prepare.phantom --out data/phantom --n 1000 --seed 0
+    python -m prepare.phantom --out data/real_text --reports ../shared/data/ctclip_reports_18labels/reports_shared.csv
 """
 import argparse
 import csv
@@ -28,12 +27,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from phantom_reports import (CLINICAL, IMPRESSION, NEGATIVE, NORMAL, POSITIVE, SECTIONS,  # noqa: F401
-                             TECHNIQUE, WORDS, compose_report)
-from phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIOMEGALY, CLASSES,  # noqa: F401
-                           CONSOLIDATION, CORONARY, EMPHYSEMA, FIBROSIS, FIELD_HALF_MM, FOV_MM, HERNIA,
-                           LYMPH, MATERIAL, MOSAIC, NODULE, OPACITY, PARENCHYMA, PERIBRONCHIAL,
-                           PERICARDIAL, PLEURAL, SEPTAL, Grid, draw_spacing, render_volume)
+from prepare.phantom_reports import compose_report
+from prepare.phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIOMEGALY, CLASSES,
+                                   CONSOLIDATION, CORONARY, EMPHYSEMA, FIBROSIS, HERNIA, LYMPH,
+                                   MATERIAL, MOSAIC, NODULE, OPACITY, PERIBRONCHIAL, PERICARDIAL,
+                                   PLEURAL, SEPTAL, draw_spacing, render_volume)
 
 INTERCEPT = -1024                # CT-RATE v1: raw = HU - intercept, slope 1
 SECOND_RECON_P = 0.1             # share of scans that get a second reconstruction of the same scene

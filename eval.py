@@ -1087,14 +1087,15 @@ def eval_config(args) -> EvalConfig:
 
 def _run_model(args, cfg, device):
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    records = data_lib.load_dataset(ensure_cache(args.data, args.split, model.cfg, workers=max(args.workers, 1)),
-                                    args.split, model.cfg)
+    records = data_lib.load_dataset(ensure_cache(args.data, args.split, model.cfg, workers=max(args.workers, 1),
+                                                 out_dir=args.out_dir), args.split, model.cfg)
     classes, score_map = class_setup(args.classes, records)
     records = select_labels(records, classes, args.label_csv)
     calib_loader = None
     if args.calib_data:
         calib = data_lib.load_dataset(ensure_cache(args.calib_data, args.calib_split, model.cfg,
-                                                   workers=max(args.workers, 1)), args.calib_split, model.cfg)
+                                                   workers=max(args.workers, 1), out_dir=args.out_dir),
+                                      args.calib_split, model.cfg)
         calib = select_labels(calib, classes, args.label_csv, "--calib_data")
         overlap = {r.name for r in calib} & {r.name for r in records}
         if overlap:

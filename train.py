@@ -135,7 +135,8 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
             phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2))
     splits = []
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
-        cache = ensure_cache(root, split, mcfg, workers=2)
+        cache = ensure_cache(root, split, mcfg, workers=2,
+                             out_dir=cfg.out_dir if cfg.data else None)  # the user's root: cache under out_dir
         splits.append(data_lib.load_dataset(cache, split, mcfg))
     return tuple(splits)
 

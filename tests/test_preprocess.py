@@ -167,6 +167,20 @@ def test_ensure_cache_and_load_dataset(tmp_path):
         data.load_dataset(tmp_path / "set" / "cache_tiny", "train", "paper")  # tiny cache
 
 
+def test_ensure_cache_goes_under_out_dir_not_beside_the_data(tmp_path):
+    root = tmp_path / "ro" / "dataset"
+    truth = make_ctrate(root, "valid", n_patients=2)
+    cache = preprocess.ensure_cache(root, "valid", "tiny", workers=1, out_dir=tmp_path / "run")
+    assert cache == tmp_path / "run" / "cache_tiny" / "dataset" / "valid"
+    assert not (tmp_path / "ro" / "cache_tiny").exists()
+    assert sorted(r.name for r in data.load_dataset(cache, "valid", "tiny")) == sorted(truth)
+    beside = preprocess.ensure_cache(root, "valid", "tiny", workers=1)  # no out_dir: beside
+    assert beside == (tmp_path / "ro" / "cache_tiny" / "valid").resolve()
+    # an existing cache beside the data (train.py's synthetic set) is reused, not rebuilt
+    assert preprocess.ensure_cache(root, "valid", "tiny", out_dir=tmp_path / "other") == beside
+    assert not (tmp_path / "other").exists()
+
+
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
 
 def write_radchest(root, names, rng, shape=(20, 24, 22)):

@@ -406,6 +406,22 @@ def volume_key(name):
     return name
 
 
+def label_columns(path):
+    """(volume-name column, class columns) of a labels CSV: the name column is VolumeName when
+    present, else the first column; every other column is a class (any name)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    name = "VolumeName" if "VolumeName" in header else (header[0] if header else None)
+    classes = tuple(c for c in header if c != name)
+    if not classes:
+        raise ValueError(f"{path}: expected a header with a volume-name column and at least one "
+                         f"class column, got {header}")
+    return name, classes
+
+
 def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
     """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
     surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
-                  find_index, load_nifti, preprocess_settings, preprocess_volume, read_csv,
+                  find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume, read_csv,
                   read_radchest_npz, to_hu, volume_key)
 from prepare.tables import CTRateTables, read_radchest_labels
 
@@ -321,26 +321,24 @@ def folder_jobs(root, labels_csv=None):
 def read_folder_labels(path):
     """A labels CSV of one's own -> ({volume key: float32 (C,)}, class names).
 
-    The volume column is VolumeName when present, else the first; the rest are classes with 0/1
-    values. Names are keyed like folder volumes (extension dropped, "/" -> "__").
+    Columns as data.label_columns reads them (VolumeName or the first column names the volume,
+    every other column is a 0/1 class); names are keyed like folder volumes (extension dropped,
+    "/" -> "__").
     """
+    name_col, classes = label_columns(path)
     rows = read_csv(path)
-    header = list(rows[0]) if rows else []
-    name_col = "VolumeName" if "VolumeName" in header else (header[0] if header else None)
-    classes = tuple(c for c in header if c != name_col)
-    if not rows or not classes:
-        raise ValueError(f"{path}: expected a header (volume name, then one 0/1 column per class) "
-                         f"and at least one row")
+    if not rows:
+        raise ValueError(f"{path}: no label rows")
     table = {}
     for i, row in enumerate(rows, start=2):
+        values = [row[c] for c in classes]
         try:
-            lab = np.array([float(row[c]) for c in classes], np.float32)
+            lab = np.array([float(v) for v in values], np.float32)
         except (TypeError, ValueError):
+            lab = None
+        if lab is None or not np.isin(lab, (0.0, 1.0)).all():
             raise ValueError(f"{path}: line {i} ('{row[name_col]}'): labels must be 0 or 1, "
-                             f"got {[row[c] for c in classes]}") from None
-        if not np.isin(lab, (0.0, 1.0)).all():
-            raise ValueError(f"{path}: line {i} ('{row[name_col]}'): labels must be 0 or 1, "
-                             f"got {[row[c] for c in classes]}")
+                             f"got {values}")
         table[volume_key(row[name_col].strip().replace("/", "__"))] = lab
     return table, classes
 

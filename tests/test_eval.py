@@ -775,3 +775,11 @@ def test_linear_probe_tracks_separability():
     shift[0] = 0.5  # a partial overlap: accuracy Phi(0.5) ~ 0.69 for the best hyperplane
     acc = E.linear_probe_accuracy(x - shift, x[rng.permutation(300)] + shift, seed=0)
     assert 0.6 < acc < 0.78
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    assert help_lacks_defaults("options:\n  --x X   the x\n  --y Y   y\n    (default: 1)\n") == ["--x"]
+    with pytest.raises(SystemExit):
+        E.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--label_csv" in out and "--calib_split" in out and help_lacks_defaults(out) == []

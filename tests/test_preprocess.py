@@ -291,3 +291,10 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
     assert (v < -700).mean() > 0.2 and (np.abs(v) < 100).mean() > 0.05  # lungs and soft tissue
 
 
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    with pytest.raises(SystemExit):
+        preprocess.preprocess_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.count("usage:") == 1 and "--labels" in out and help_lacks_defaults(out) == []

@@ -52,6 +52,19 @@ def _read_source(job):
     return hu, spacing, rule
 
 
+CHEST_LUNG_MIN = 0.05  # lung_fraction below which a scan is flagged: 0.18-0.21 on the real chest CT
+                       # in ../shared/data (paper / tiny grid), 0.03 on its head CT
+
+
+def lung_fraction(vol):
+    """Share of lung-density voxels (-950 < HU < -600) in the central half of the in-plane field of
+    view of a preprocessed (X, Y, Z) volume: a chest CT shows its lungs there, a head scan hardly
+    any. A cheap plausibility check that flags, never drops."""
+    X, Y = vol.shape[:2]
+    c = vol[X // 4: X - X // 4, Y // 4: Y - Y // 4]
+    return float(np.count_nonzero((c > -950) & (c < -600)) / max(c.size, 1))
+
+
 def _prepare_one(job):
     """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
     try:
@@ -59,7 +72,7 @@ def _prepare_one(job):
         vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
         return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
-                    hu_rule=rule)
+                    hu_rule=rule, lung_fraction=round(lung_fraction(vol), 4))
     except Exception as e:  # the pool must survive any bad file; the reason goes to the log
         reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
         return dict(name=job["name"], status="failed", reason=reason)
@@ -167,6 +180,10 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
         for res in _map(_prepare_one, todo, workers):
             if res["status"] == "done":
                 done[res["name"]], counts["done"] = res, counts["done"] + 1
+                if res["lung_fraction"] < CHEST_LUNG_MIN:
+                    print(f"[warning] {res['name']}: {100 * res['lung_fraction']:.1f}% lung-density "
+                          f"voxels in the central field of view: not a chest CT? (kept)",
+                          file=sys.stderr, flush=True)
                 log.write(json.dumps(res) + "\n")
                 log.flush()
             else:

@@ -280,6 +280,9 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
                                  str(tmp_path / "o"), "--preset", "tiny", "--workers", "2"])
     o = capsys.readouterr()
     assert code == 0 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
+    # the head CT is kept but flagged; the chest CT is not
+    assert "[warning] sub__invesalius_cranium_ct0051_ct_ds2:" in o.err and "not a chest CT?" in o.err
+    assert "[warning] sub__pyradiomics" not in o.err
     recs = {r.name: r for r in data.load_index(tmp_path / "o")}
     assert set(recs) == {"sub__pyradiomics_lung1_ct_ds2", "sub__invesalius_cranium_ct0051_ct_ds2"}
     lung = recs["sub__pyradiomics_lung1_ct_ds2"]

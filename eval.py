@@ -29,6 +29,9 @@ sums give AUROC, AUPRC and the confusion matrix at every candidate threshold. A 
 resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array passes per class.
 
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
+    python eval.py --ckpt out/ckpt.pt --data cache/mine --out_dir eval_mine  # own scans: made by
+        # python -m prepare.preprocess --dataset folder --root DIR --labels CSV --out cache/mine;
+        # prompts "There is {class}" for the CSV's class columns
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
     python eval.py --help                                              # every flag

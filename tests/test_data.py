@@ -177,6 +177,19 @@ def test_fast_reader_is_bitwise_nibabels_reader(shared_data, monkeypatch, inflat
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("inflater", ["default", "zlib"])
+def test_reader_checks_the_gzip_crc(monkeypatch, tmp_path, inflater):
+    import zlib
+    if inflater == "zlib":
+        monkeypatch.setattr(data, "INFLATE", zlib)
+    path = write_nifti(tmp_path / "v.nii.gz", chest((12, 10, 6), np.random.default_rng(2)), np.eye(4))
+    blob = bytearray(path.read_bytes())
+    blob[-6] ^= 0xFF  # a byte of the CRC-32 in the gzip trailer
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="crc.nii.gz: cannot read the voxel data"):
+        data.load_nifti(tmp_path / "crc.nii.gz")
+
+
 def test_reader_falls_back_to_zlib_without_isal(monkeypatch, tmp_path):
     """No `isal` package: the standard library inflates, and a truncated file is still caught."""
     import sys

@@ -121,11 +121,7 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
     if wrong is not None:
         raise TypeError(f"texts[{wrong}] is {type(texts[wrong]).__name__}, expected str")
     unique = list(dict.fromkeys(texts))
-    if names is not None and len(names) != len(texts):
-        raise ValueError(f"names has {len(names)} entries for {len(texts)} texts")
-    names_of: dict[str, list[str]] = {}
-    for n, t in zip(names or (), texts):
-        names_of.setdefault(t, []).append(str(n))
+    names_of = _names_by_text(texts, names)
     cache_path = Path(cache_path) if cache_path else None
     if backend not in ("rules", "llm"):
         raise ValueError(f"unknown backend {backend!r}; expected 'rules' or 'llm'")
@@ -169,6 +165,16 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
             writer.close()
     counts = {"done": len(todo) - len(errors), "cached": len(unique) - len(todo), "failed": len(errors)}
     return summaries, errors, counts
+
+
+def _names_by_text(texts: list[str], names: list[str] | None) -> dict[str, list[str]]:
+    """{text: the names of every row holding it}; {} without names."""
+    if names is not None and len(names) != len(texts):
+        raise ValueError(f"names has {len(names)} entries for {len(texts)} texts")
+    out: dict[str, list[str]] = {}
+    for n, t in zip(names or (), texts):
+        out.setdefault(t, []).append(str(n))
+    return out
 
 
 def _attempt(work, text: str) -> tuple[list[str] | None, str | None]:

@@ -29,6 +29,9 @@ sums give AUROC, AUPRC and the confusion matrix at every candidate threshold. A 
 resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array passes per class.
 
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
+    python eval.py --ckpt out/ckpt.pt --data cache/mine --out_dir eval_mine  # own scans: made by
+        # python -m prepare.preprocess --dataset folder --root DIR --labels CSV --out cache/mine;
+        # prompts "There is {class}" for the CSV's class columns
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
     python eval.py --help                                              # every flag
@@ -477,6 +480,8 @@ def prompt_set(classes, cfg: EvalConfig) -> list:
     """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template."""
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    if not len(classes):
+        raise ValueError("no classes to score: give the data labels (--label_csv) or --findings")
     unknown = sorted(set(cfg.synonyms) - set(classes))
     if unknown:
         raise ValueError(f"synonyms given for unknown classes {unknown}; classes are {list(classes)}")
@@ -532,6 +537,8 @@ def embed_volumes(model: BrgSA, loader, device, log_every: int = 0):
         names += list(batch["name"])
         if log_every and (i + 1) % log_every == 0:
             print(f"eval: embedded {len(names)} volumes", flush=True)
+    if not vs:
+        raise ValueError("no volumes to evaluate (the data set or split is empty)")
     return torch.cat(vs), np.concatenate(labels), names
 
 
@@ -544,6 +551,31 @@ def _rows_note(n_main, n_calib, n_test, cfg, external):
                 roc_corner=f"threshold picked and scored on {main} ({n_main} volumes): optimistic",
                 calibrated=(f"threshold picked on {where} ({n_calib} volumes), scored on "
                             f"{n_test} test volumes" if n_calib else "no calibration rows"))
+
+
+MIN_CALIB_VOLUMES, MIN_CALIB_PER_CLASS = 20, 5  # below these a frozen threshold is mostly noise
+
+
+def calibration_warnings(labels_cal, classes, wanted: bool) -> list:
+    """Plain warnings when the calibration rows (N_cal, C) are too few to pick thresholds that
+    mean anything: fewer than MIN_CALIB_VOLUMES volumes, or classes with fewer than
+    MIN_CALIB_PER_CLASS positives or negatives among them. wanted: calibration was asked for."""
+    n = len(labels_cal)
+    if n == 0:
+        return ["no calibration rows: the data set is too small for --calib_fraction, so there "
+                "are no calibrated thresholds (give --calib_data)"] if wanted else []
+    out = []
+    if n < MIN_CALIB_VOLUMES:
+        out.append(f"calibrated thresholds were picked on only {n} volume(s) (fewer than "
+                   f"{MIN_CALIB_VOLUMES}): the calibrated numbers are anecdotal; give more data "
+                   f"or a separate --calib_data")
+    pos = np.asarray(labels_cal).sum(0)
+    thin = [c for c, p in zip(classes, pos) if min(p, n - p) < MIN_CALIB_PER_CLASS]
+    if thin:
+        out.append(f"{len(thin)} of {len(classes)} classes have fewer than {MIN_CALIB_PER_CLASS} "
+                   f"positive or negative calibration volumes, so their thresholds rest on a "
+                   f"handful of scans: {', '.join(thin[:5])}{', ...' if len(thin) > 5 else ''}")
+    return out
 
 
 def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None, calib=None) -> dict:
@@ -583,6 +615,8 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
         if m.get("calibrated"):  # what the calibrated numbers rest on, per class
             m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
                                    positives_test=int(labels[test, j].sum()))
+    result["warnings"] = calibration_warnings(labels[is_cal], classes,
+                                              calib is not None or cfg.calib_fraction > 0)
     result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
     result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
     result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
@@ -751,12 +785,21 @@ def read_thresholds(path, protocol: str) -> dict:
             if (m.get("calibrated") or {}).get("threshold") is not None}
 
 
-def class_setup(name: str, records):
-    """--classes -> (label class names, score_map or None). auto: whatever the records carry."""
+def class_setup(name: str, records, label_csv=None):
+    """--classes -> (label class names, score_map or None). auto: RAD-ChestCT's mapping for
+    RAD-ChestCT records, else the class columns of --label_csv when given (any names: the
+    prompts are written from them), else the classes the records carry."""
     have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
     if name == "auto":
-        name = "radchest" if have == data_lib.RADCHEST_CLASSES else "records"
+        name = ("radchest" if have == data_lib.RADCHEST_CLASSES else
+                "label_csv" if label_csv else "records")
+    if name == "label_csv":
+        return list(data_lib.label_columns(label_csv)[1]), None
     if name == "records":
+        if not have:
+            raise ValueError("--data: its volumes carry no labels; give --label_csv CSV (volume "
+                             "name, then one 0/1 column per class) or preprocess the folder with "
+                             "python -m prepare.preprocess --dataset folder --labels CSV")
         return list(have), None
     if name == "ctrate":
         return list(data_lib.CTRATE_CLASSES), None
@@ -771,14 +814,15 @@ def select_labels(records, classes, label_csv=None, what="--data"):
     """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
     columns (matched by class name); a clear error names what is missing."""
     if label_csv:
-        table = data_lib.read_labels(label_csv, classes)
-        missing = [r.name for r in records if r.name not in table]
+        table = data_lib.read_labels(label_csv, classes, data_lib.label_columns(label_csv)[0])
+        # a folder volume 'sub__scan' (prepare.preprocess --dataset folder) also matches 'scan'
+        lab = {r.name: table.get(r.name, table.get(r.name.split("__")[-1])) for r in records}
+        missing = [n for n, v in lab.items() if v is None]
         if missing:
             raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
                              f"e.g. {missing[:3]}")
-        lab = {r.name: table[r.name] for r in records}
     else:
-        have = list(records[0].classes)
+        have = list(records[0].classes) if records else []
         missing = [c for c in classes if c not in have]
         if missing:
             raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
@@ -1025,25 +1069,32 @@ def write_plots(result: dict, out: Path) -> list:
 
 # ----------------------------------------------------------------------------- command line
 
+class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer)")
     p.add_argument("--data", help="data set: a CT-RATE-layout root or a preprocessed directory")
-    p.add_argument("--split", default="valid", help="which split of --data to evaluate")
+    p.add_argument("--split", choices=("train", "valid"), help="which split of --data to "
+                   "evaluate (None: valid where --data has splits; refused for a folder without)")
     p.add_argument("--out_dir", default="out", help="where eval.json, CSVs and plots are written")
     p.add_argument("--scores", help="score-file mode: CSV of precomputed per-volume scores")
     p.add_argument("--labels", help="score-file mode: CSV of 0/1 labels, matched by name")
     p.add_argument("--volume", help="single-scan mode: a NIfTI CT in HU (or a preprocessed .npy)")
     p.add_argument("--findings", nargs="+", help="single-scan mode: abnormalities to score "
-                                                 "(default: the 18 CT-RATE classes)")
+                                                 "(None: the 18 CT-RATE classes)")
     p.add_argument("--summaries", help="summary cache (JSONL) of the training run, e.g. "
                    "out/summaries_rules.jsonl; reports missing from it are summarised with the rules")
     p.add_argument("--thresholds", help="single-scan mode: eval.json whose calibrated thresholds "
                    "turn scores into positive / negative calls")
-    p.add_argument("--classes", default="auto", help="label classes with --data: auto (what the "
-                   "data carries), ctrate (18), ctrate_lt (15, needs --label_csv), radchest (16: "
-                   "18 CT-RATE prompts mapped, calcifications merged by max)")
-    p.add_argument("--label_csv", help="labels for --data from this CSV (VolumeName + class columns)")
+    p.add_argument("--classes", default="auto", help="label classes with --data: auto (--label_csv's "
+                   "class columns when given, else what the data carries), ctrate (18), ctrate_lt "
+                   "(15, needs --label_csv), radchest (16: 18 CT-RATE prompts mapped, calcifications "
+                   "merged by max)")
+    p.add_argument("--label_csv", help="labels for --data from this CSV: VolumeName (or the first "
+                   "column), then one 0/1 column per class; prompts are written from the class names")
     p.add_argument("--protocol", default="brgsa", choices=sorted(PROTOCOLS),
                    help="brgsa: 'There is {}', 1/2[cos(v,t)+cos(v_hat,t)]; ctclip: present / not "
                         "present pair, softmax")
@@ -1053,9 +1104,10 @@ def build_parser():
     p.add_argument("--calib_fraction", type=float, default=0.3, help="patient-grouped share of the "
                    "evaluated rows used only to pick the calibrated thresholds (0 = none)")
     p.add_argument("--calib_data", help="pick calibrated thresholds on this data set instead")
-    p.add_argument("--calib_split", default="valid", help="split of --calib_data")
+    p.add_argument("--calib_split", choices=("train", "valid"), help="split of --calib_data "
+                   "(None: valid where --calib_data has splits)")
     p.add_argument("--exclude_calib", action="store_true", help="compute AUROC, AUPRC and the "
-                   "ROC-corner metrics on the test rows only (default: on all evaluated rows)")
+                   "ROC-corner metrics on the test rows only (off: on all evaluated rows)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples (0 = no intervals)")
     p.add_argument("--boot_unit", default="patient", choices=["patient", "volume"],
                    help="resampling unit: patient (reconstructions move together) or volume")
@@ -1085,16 +1137,31 @@ def eval_config(args) -> EvalConfig:
                       n_boot=args.n_boot, boot_unit=args.boot_unit, seed=args.seed)
 
 
+def load_split(path, split, model_cfg, args, flag="--split"):
+    """Records of `split` of --data (or --calib_data), preprocessing a raw CT-RATE root under
+    --out_dir. split None means "valid" where the data has splits; an explicit split is refused
+    for a data set without splits (a folder of one's own scans) instead of being ignored."""
+    cache = ensure_cache(path, split or "valid", model_cfg, workers=max(args.workers, 1),
+                         out_dir=args.out_dir)
+    records = data_lib.load_dataset(cache, split or "valid", model_cfg)
+    has_splits = data_lib.find_index(cache, split or "valid") == Path(cache) / (split or "valid") or any(
+        r.name.startswith(("train_", "valid_")) for r in records)
+    if split is not None and not has_splits:
+        raise ValueError(f"{flag} {split}: {path} has no splits (its volume names carry no "
+                         f"train_/valid_ prefix); leave {flag} out to evaluate every volume")
+    if not records:
+        raise ValueError(f"{path}: no volumes to evaluate")
+    return records
+
+
 def _run_model(args, cfg, device):
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    records = data_lib.load_dataset(ensure_cache(args.data, args.split, model.cfg, workers=max(args.workers, 1)),
-                                    args.split, model.cfg)
-    classes, score_map = class_setup(args.classes, records)
+    records = load_split(args.data, args.split, model.cfg, args)
+    classes, score_map = class_setup(args.classes, records, args.label_csv)
     records = select_labels(records, classes, args.label_csv)
     calib_loader = None
     if args.calib_data:
-        calib = data_lib.load_dataset(ensure_cache(args.calib_data, args.calib_split, model.cfg,
-                                                   workers=max(args.workers, 1)), args.calib_split, model.cfg)
+        calib = load_split(args.calib_data, args.calib_split, model.cfg, args, "--calib_split")
         calib = select_labels(calib, classes, args.label_csv, "--calib_data")
         overlap = {r.name for r in calib} & {r.name for r in records}
         if overlap:
@@ -1135,6 +1202,8 @@ def main(argv=None):
             p.error("give --ckpt and --data, --scores and --labels, or --ckpt and --volume")
         result = _run_model(args, cfg, device)
     print(format_table(result))
+    for w in result["warnings"]:
+        print(f"eval.py: warning: {w}", file=sys.stderr)
     path = write_result(result, args.out_dir, plots=not args.no_plots)
     rows = result["rows"]
     print(f"opt = ROC-corner threshold picked on the evaluated rows (optimistic); cal = picked on "

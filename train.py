@@ -102,6 +102,12 @@ TRAIN_PRESETS = {
 PAPER_EPOCHS = 39
 
 
+def _help(f):
+    """A field's help with its default, unless the text already states the (preset) default."""
+    text = f.metadata["help"]
+    return text if "default" in text else f"{text} (default: {f.default!r})"
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for f in fields(TrainConfig):
@@ -109,9 +115,9 @@ def parse_args(argv=None) -> TrainConfig:
                                  "workers", "prefetch", "grad_accum") else f.type
         if kind is bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
-                           type=lambda s: s.lower() in ("1", "true", "yes"), help=f.metadata["help"])
+                           type=lambda s: s.lower() in ("1", "true", "yes"), help=_help(f))
         else:
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=_help(f))
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.preset not in PRESETS:
         p.error(f"--preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
@@ -135,7 +141,8 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
             phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2))
     splits = []
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
-        cache = ensure_cache(root, split, mcfg, workers=2)
+        cache = ensure_cache(root, split, mcfg, workers=2,
+                             out_dir=cfg.out_dir if cfg.data else None)  # the user's root: cache under out_dir
         splits.append(data_lib.load_dataset(cache, split, mcfg))
     return tuple(splits)
 
@@ -143,9 +150,9 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
 def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
     """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
     checkpoint when resuming, from --tokenizer or --text_weights' vocab.txt, else it is trained."""
-    reports = sorted({r.report for r in train + valid})
     cache = out / f"summaries_{cfg.summary_backend}.jsonl"
-    summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend)
+    summaries = summarize.summarize_all([r.report for r in train + valid], cache_path=cache,
+                                        backend=cfg.summary_backend, names=[r.name for r in train + valid])
     if ckpt is not None:
         return summaries, ckpt["tokenizer"]
     if cfg.tokenizer or cfg.text_weights:

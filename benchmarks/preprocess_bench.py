@@ -2,10 +2,11 @@
 
 1. One 512x512x300 int16 chest CT (.nii.gz, 0.75 x 0.75 x 1.0 mm, LPS affine) is taken to
    256x256x128 at 1.5 x 1.5 x 3.0 mm by the project's pipeline (read + HU + resample + crop/pad +
-   clip + save .npy) on ONE thread (torch.set_num_threads(1)); per-stage wall-clock medians over
-   repeats plus process CPU time, and the first (cold) run separately. If SimpleITK happens to be
-   importable, the same job done the SimpleITK way (the official code's reader/resampler) is timed
-   as a reference; it is not a project dependency.
+   clip + save .npy) on ONE thread (torch.set_num_threads(1)), with ISA-L's inflate (`isal`) and
+   with the standard library's zlib; per-stage wall-clock medians, min/median totals and process
+   CPU time. If SimpleITK happens to be importable, the same job done the SimpleITK way (the
+   official code's reader and linear resampler, then crop and clip) is timed in the same rounds,
+   interleaved with ours, as the reference; it is not a project dependency.
 2. Loader throughput from a preprocessed cache of paper-size 256x256x128 volumes with random
    224x224x112 training crops (VolumeTextDataset + make_loader), with 1 and 2 worker processes.
 
@@ -16,6 +17,9 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
+import zlib
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -68,9 +72,12 @@ def time_ours(src, out):
 
 
 def time_sitk(sitk, src, out):
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    img = sitk.DICOMOrient(sitk.ReadImage(str(src)), "LPS")  # ITK's native orientation
+    cpu0, t = time.process_time(), [time.perf_counter()]
+    img = sitk.ReadImage(str(src))
+    t.append(time.perf_counter())
+    img = sitk.DICOMOrient(img, "LPS")  # ITK's native orientation
     img = sitk.Cast(img, sitk.sitkFloat32) * 1.0 - 1024.0
+    t.append(time.perf_counter())
     sp_in, n_in = np.array(img.GetSpacing()), np.array(img.GetSize())
     t_sp = np.array(PAPER["target_spacing"])
     size = [int(v) for v in n_in * sp_in / t_sp]
@@ -78,36 +85,80 @@ def time_sitk(sitk, src, out):
                         tuple(t_sp), img.GetDirection(), -1024.0, sitk.sitkFloat32)
     vol = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     vol = np.clip(data.crop_or_pad(vol, PAPER["target_shape"]), -1000, 1000)
+    t.append(time.perf_counter())
     np.save(out, np.rint(vol).astype(np.int16))
-    return dict(total=time.perf_counter() - t0, cpu=time.process_time() - cpu0)
+    t.append(time.perf_counter())
+    stages = dict(zip(("read", "hu", "resample+crop+clip", "save"), np.diff(t)))
+    return stages | {"total": t[-1] - t[0], "cpu": time.process_time() - cpu0}
+
+
+def time_ours_zlib(src, out):
+    """Our pipeline with the standard library's inflate (what runs when `isal` is absent)."""
+    fast, data.INFLATE = data.INFLATE, zlib
+    try:
+        return time_ours(src, out)
+    finally:
+        data.INFLATE = fast
 
 
 def bench_preprocess(tmp, repeats):
+    """Time the pipelines interleaved (one run of each per round), so that load from other
+    processes on the machine hits them alike; report per-stage medians and min/median totals."""
     torch.set_num_threads(1)
     src = tmp / "ct_512x512x300.nii.gz"
     make_ct(src)
-    runs = [time_ours(src, tmp / "ours.npy") for _ in range(repeats + 1)]
-    rows = [("ours, first run (cold memory)", runs[0])]
-    rows.append((f"ours, median of {repeats}", {k: statistics.median(r[k] for r in runs[1:])
-                                                for k in runs[0]}))
+    pipes = {f"ours ({data.INFLATE.__name__} inflate)": time_ours}
+    if data.INFLATE is not zlib:
+        pipes["ours (zlib inflate, no isal)"] = time_ours_zlib
     try:
         import SimpleITK as sitk
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        pipes[f"SimpleITK {sitk.Version.VersionString()} way"] = partial(time_sitk, sitk)
     except ImportError:
         sitk = None
-    if sitk is not None:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        sruns = [time_sitk(sitk, src, tmp / "sitk.npy") for _ in range(repeats + 1)]
-        rows.append((f"SimpleITK {sitk.Version.VersionString()}, median of {repeats}",
-                     {k: statistics.median(r[k] for r in sruns[1:]) for k in sruns[0]}))
+    runs = {name: [] for name in pipes}
+    for _ in range(repeats + 1):  # round 0 warms the page cache and allocator: dropped
+        for name, fn in pipes.items():
+            runs[name].append(fn(src, tmp / "out.npy"))
     print(f"\npreprocess one {SHAPE} int16 CT ({src.stat().st_size / 1e6:.0f} MB .nii.gz) -> "
-          f"{PAPER['target_shape']}, 1 thread")
-    cols = ("read", "hu", "resample+crop+clip", "save", "total", "cpu")
-    print(f"{'pipeline':<34}" + "".join(f"{c:>20}" for c in cols))
-    for name, r in rows:
-        print(f"{name:<34}" + "".join(f"{r[c]:>19.3f}s" if c in r else f"{'-':>20}" for c in cols))
+          f"{PAPER['target_shape']}, 1 thread, {repeats} interleaved rounds")
+    cols = ("read", "hu", "resample+crop+clip", "save")
+    print(f"{'pipeline (median s per stage)':<36}" + "".join(f"{c:>20}" for c in cols)
+          + f"{'total min':>11}{'total med':>11}{'cpu med':>9}")
+    med = {}
+    for name, rs in runs.items():
+        rs = rs[1:]
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        med[name] = m["total"]
+        print(f"{name:<36}" + "".join(f"{m[c]:>19.3f}s" for c in cols)
+              + f"{min(r['total'] for r in rs):>10.3f}s{m['total']:>10.3f}s{m['cpu']:>8.3f}s")
     if sitk is None:
         print("(SimpleITK not installed: no reference row)")
-    print("wall-clock seconds per stage; cpu = process CPU seconds (robust to other load)")
+    else:
+        ref = list(runs)[-1]
+        for name in list(runs)[:-1]:
+            ratios = [a["total"] / b["total"] for a, b in zip(runs[name][1:], runs[ref][1:])]
+            cpu = statistics.median(r["cpu"] for r in runs[name][1:]) / statistics.median(
+                r["cpu"] for r in runs[ref][1:])
+            print(f"{name} / SimpleITK: median total {med[name] / med[ref]:.2f}x, "
+                  f"per round {min(ratios):.2f}-{max(ratios):.2f}x, median cpu {cpu:.2f}x")
+    print_read_memory(src)
+    print("wall-clock seconds; cpu = process CPU seconds (robust to other load)")
+
+
+def print_read_memory(src):
+    """Peak memory numpy allocates while reading (tracemalloc sees numpy's buffers), as a
+    multiple of the decompressed int16 volume."""
+    img = nib.load(str(src))
+    size = np.prod(img.shape) * img.get_data_dtype().itemsize
+    for what, fn in (("inflate (_read_voxels)", lambda: data._read_voxels(src, img)),
+                     ("load_nifti (+ float32 copy)", lambda: data.load_nifti(src))):
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"peak memory, {what}: {peak / 1e6:.0f} MB = {peak / size:.2f}x the "
+              f"{size / 1e6:.0f} MB decompressed volume")
 
 
 def bench_loader(tmp, n_volumes, n_batches, batch_size=2):

@@ -209,7 +209,8 @@ class _Serial:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a synthetic chest CT + report data set in CT-RATE layout.")
+    p = argparse.ArgumentParser(description="Write a synthetic chest CT + report data set in CT-RATE layout.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder; the data set goes to OUT/dataset")
     p.add_argument("--n", type=int, default=1000, help="number of scans (patients); ~10%% get a second reconstruction")
     p.add_argument("--valid_fraction", type=float, default=0.2, help="share of scans written as valid_* (the last ones)")

@@ -9,6 +9,8 @@ index.csv (name, .npy path, report, source spacing, HU rule, labels) is what dat
 
     python -m prepare.preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
         --preset paper --workers 8
+    python -m prepare.preprocess --dataset folder --root my_scans --labels my_labels.csv \
+        --out cache/mine --preset paper       # own scans; labels: name + any 0/1 class columns
 """
 import argparse
 import csv
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 
 from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
-                  find_index, load_nifti, preprocess_settings, preprocess_volume, read_radchest_npz,
-                  to_hu, volume_key)
+                  find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume, read_csv,
+                  read_radchest_npz, to_hu, volume_key)
 from prepare.tables import CTRateTables, read_radchest_labels
 
 
@@ -50,6 +52,20 @@ def _read_source(job):
     return hu, spacing, rule
 
 
+CHEST_LUNG_MIN = 0.04  # lung_fraction below which a scan is flagged: 0.18-0.21 on the real chest CT
+                       # in ../shared/data (paper / tiny grid), 0.026-0.028 on its head CT, >= 0.053
+                       # on 1118 synthetic chests (prepare/phantom.py, seed 0)
+
+
+def lung_fraction(vol):
+    """Share of lung-density voxels (-950 < HU < -600) in the central half of the in-plane field of
+    view of a preprocessed (X, Y, Z) volume: a chest CT shows its lungs there, a head scan hardly
+    any. A cheap plausibility check that flags, never drops."""
+    X, Y = vol.shape[:2]
+    c = vol[X // 4: X - X // 4, Y // 4: Y - Y // 4]
+    return float(np.count_nonzero((c > -950) & (c < -600)) / max(c.size, 1))
+
+
 def _prepare_one(job):
     """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
     try:
@@ -57,7 +73,7 @@ def _prepare_one(job):
         vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
         return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
-                    hu_rule=rule)
+                    hu_rule=rule, lung_fraction=round(lung_fraction(vol), 4))
     except Exception as e:  # the pool must survive any bad file; the reason goes to the log
         reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
         return dict(name=job["name"], status="failed", reason=reason)
@@ -165,6 +181,10 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
         for res in _map(_prepare_one, todo, workers):
             if res["status"] == "done":
                 done[res["name"]], counts["done"] = res, counts["done"] + 1
+                if res["lung_fraction"] < CHEST_LUNG_MIN:
+                    print(f"[warning] {res['name']}: {100 * res['lung_fraction']:.1f}% lung-density "
+                          f"voxels in the central field of view: not a chest CT? (kept)",
+                          file=sys.stderr, flush=True)
                 log.write(json.dumps(res) + "\n")
                 log.flush()
             else:
@@ -240,11 +260,14 @@ def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
     return records
 
 
-def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None):
+def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out_dir=None):
     """A preprocessed dir for `split` of `path` -> the dir data.load_dataset reads.
 
     path is returned as it is when it already holds an index.csv; a raw CT-RATE root is
-    preprocessed (resumably) into cache_dir, default <root>/../cache_<preset>/<split>.
+    preprocessed (resumably) into cache_dir. Default: an existing <root>/../cache_<preset>/<split>
+    (the synthetic set's, written by train.py) is reused; otherwise the cache goes under the
+    user's out_dir as <out_dir>/cache_<preset>/<root's folder name>/<split>, never beside a possibly read-only data
+    root (only when out_dir is None).
     preset: a data.PREPROCESS name, a ModelConfig, or a target spacing together with `shape`.
     """
     if find_index(path, split) is not None:
@@ -253,9 +276,12 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None):
         raise ValueError(f"{path}: a raw data set needs a preset (or spacing and shape) to "
                          f"preprocess it; found no index.csv")
     name, spacing, shape = preprocess_settings(preset, shape)
-    cache_dir = Path(cache_dir) if cache_dir else Path(path).resolve().parent / f"cache_{name}" / split
-    prepare_ctrate(path, split, cache_dir, spacing, shape, workers)
-    return cache_dir
+    beside = Path(path).resolve().parent / f"cache_{name}" / split
+    if cache_dir is None:
+        reuse = (beside / "index.csv").is_file() or out_dir is None
+        cache_dir = beside if reuse else Path(out_dir) / f"cache_{name}" / Path(path).resolve().name / split
+    prepare_ctrate(path, split, Path(cache_dir), spacing, shape, workers)
+    return Path(cache_dir)
 
 
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
@@ -285,16 +311,54 @@ def radchest_jobs(root, labels_csv=None):
     return jobs, failed
 
 
-def folder_jobs(root):
-    """Every NIfTI under root, spacing and scaling from its header, no labels or reports."""
+def folder_jobs(root, labels_csv=None):
+    """Every NIfTI under root, spacing and scaling from its header -> (jobs, failed, classes).
+
+    Without labels_csv the volumes carry no labels (classes ()). With it, the CSV's first column
+    (or its VolumeName column) names the volume, as a file name with or without the extension or
+    a path relative to root, and every other column is a 0/1 class of any name; a volume with no
+    row is failed with that reason, so nothing is dropped silently.
+    """
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii.gz", ".nii")))
     if not files:
         raise FileNotFoundError(f"{root}: no .nii/.nii.gz files")
-    jobs = [dict(name=volume_key(str(f.relative_to(root)).replace(os.sep, "__")), src=str(f),
-                 kind="nifti", spacing=None, slope=None, intercept=None, report="",
-                 labels=np.zeros(0, np.float32)) for f in files]
-    return jobs, []
+    names = [volume_key(str(f.relative_to(root)).replace(os.sep, "__")) for f in files]
+    table, classes = (read_folder_labels(labels_csv) if labels_csv else ({}, ()))
+    jobs, failed = [], []
+    for f, name in zip(files, names):
+        lab = table.get(name, table.get(volume_key(f.name))) if labels_csv else np.zeros(0, np.float32)
+        if lab is None:
+            failed.append((name, f"no row for '{name}' in {labels_csv}"))
+            continue
+        jobs.append(dict(name=name, src=str(f), kind="nifti", spacing=None, slope=None,
+                         intercept=None, report="", labels=lab))
+    return jobs, failed, classes
+
+
+def read_folder_labels(path):
+    """A labels CSV of one's own -> ({volume key: float32 (C,)}, class names).
+
+    Columns as data.label_columns reads them (VolumeName or the first column names the volume,
+    every other column is a 0/1 class); names are keyed like folder volumes (extension dropped,
+    "/" -> "__").
+    """
+    name_col, classes = label_columns(path)
+    rows = read_csv(path)
+    if not rows:
+        raise ValueError(f"{path}: no label rows")
+    table = {}
+    for i, row in enumerate(rows, start=2):
+        values = [row[c] for c in classes]
+        try:
+            lab = np.array([float(v) for v in values], np.float32)
+        except (TypeError, ValueError):
+            lab = None
+        if lab is None or not np.isin(lab, (0.0, 1.0)).all():
+            raise ValueError(f"{path}: line {i} ('{row[name_col]}'): labels must be 0 or 1, "
+                             f"got {values}")
+        table[volume_key(row[name_col].strip().replace("/", "__"))] = lab
+    return table, classes
 
 
 # ----------------------------------------------------------------------------- command line
@@ -303,22 +367,29 @@ def preprocess_main(argv=None):
     """`python -m prepare.preprocess ...`: build a preprocessed dir (int16 .npy + index.csv)."""
     p = argparse.ArgumentParser(prog="python -m prepare.preprocess", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate")
+    p.add_argument("--dataset", choices=("ctrate", "radchest", "folder"), default="ctrate",
+                   help="ctrate: CT-RATE layout; radchest: RAD-ChestCT .npz; folder: any NIfTI "
+                        "scans (header spacing and scaling), labels from --labels")
     p.add_argument("--root", required=True, help="CT-RATE root, .npz dir or NIfTI dir")
-    p.add_argument("--split", choices=("train", "valid"), default="train", help="CT-RATE split")
+    p.add_argument("--split", choices=("train", "valid"), default=None,
+                   help="CT-RATE split (ctrate only; None means train)")
     p.add_argument("--out", required=True, help="output dir: volumes/*.npy, index.csv, logs")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
                    help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
-    p.add_argument("--labels", help="RAD-ChestCT label CSV (default: found under --root)")
+    p.add_argument("--labels", help="radchest: label CSV (None: found under --root); folder: "
+                   "CSV of volume name + one 0/1 column per class, any class names")
     a = p.parse_args(argv)
+    if a.split is not None and a.dataset != "ctrate":
+        p.error(f"--split is for CT-RATE only: a {a.dataset} dataset has no splits (every volume "
+                f"under --root is preprocessed); leave --split out")
     try:
         if a.dataset == "ctrate":
-            (jobs, failed), classes = ctrate_jobs(a.root, a.split), CTRATE_CLASSES
+            (jobs, failed), classes = ctrate_jobs(a.root, a.split or "train"), CTRATE_CLASSES
         elif a.dataset == "radchest":
             (jobs, failed), classes = radchest_jobs(a.root, a.labels), RADCHEST_CLASSES
         else:
-            (jobs, failed), classes = folder_jobs(a.root), ()
+            jobs, failed, classes = folder_jobs(a.root, a.labels)
         t = PREPROCESS[a.preset]
         records, counts = run_preprocess(jobs, a.out, t["target_spacing"], t["target_shape"],
                                          a.workers, f"{a.dataset} {a.preset}", failed, classes)

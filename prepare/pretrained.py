@@ -220,9 +220,12 @@ def load_vit(visual: ViT3D, path) -> LoadReport:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--bert", help="Hugging Face BERT folder to load into the text encoder")
-    p.add_argument("--vit", help="timm-style ViT weights file to load into the image encoder")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size to load into")
+    p.add_argument("--bert", help="Hugging Face BERT folder to load into the text encoder "
+                   "(default: %(default)s)")
+    p.add_argument("--vit", help="timm-style ViT weights file to load into the image encoder "
+                   "(default: %(default)s)")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                   help="model size to load into (default: %(default)s)")
     a = p.parse_args()
     if a.bert:
         cfg = ModelConfig(**{**PRESETS[a.preset].__dict__, **bert_text_config(a.bert)})

@@ -11,7 +11,8 @@ Training then draws min(5, n) of those sentences per report. This file offers tw
   standard library only (urllib), fixed prompt, strict JSON parsing, retries with backoff.
 
 Results are cached in a JSONL file keyed by sha256(report text), appended and fsynced per report, so a
-crash loses nothing and a rerun only does the missing reports.
+crash loses nothing and a rerun only does the missing reports; each line also names the volumes or
+accession numbers whose report it is ("names"), so the summaries join back to the reports.
 
 The backends live in prepare/summarize_rules.py and prepare/summarize_llm.py; this file holds the
 dispatcher, the cache, batch runs and the command line.
@@ -108,14 +109,19 @@ class _CacheWriter:
 
 
 def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers: int = 8,
-              progress: bool = True, **llm_options) -> tuple[dict[str, list[str]], dict[str, str], dict]:
+              progress: bool = True, names: list[str] | None = None,
+              **llm_options) -> tuple[dict[str, list[str]], dict[str, str], dict]:
     """Summarise the unique texts not already in the cache.
 
+    names (parallel to texts: volume names or accession numbers) go into each new cache line as
+    "names", every name whose row holds that text, so the cache joins back to the reports; lines
+    without them (older caches) read the same.
     Returns (summaries by text, errors by text, counts {"done", "cached", "failed"})."""
     wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if wrong is not None:
         raise TypeError(f"texts[{wrong}] is {type(texts[wrong]).__name__}, expected str")
     unique = list(dict.fromkeys(texts))
+    names_of = _names_by_text(texts, names)
     cache_path = Path(cache_path) if cache_path else None
     if backend not in ("rules", "llm"):
         raise ValueError(f"unknown backend {backend!r}; expected 'rules' or 'llm'")
@@ -137,6 +143,7 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
         if writer:
             key = report_key(text)
             writer.write({"key": key, "source": source,
+                          **({"names": names_of[text]} if text in names_of else {}),
                           **({"summary": result} if result is not None else {"error": error})})
         meter.step(error is not None)
 
@@ -158,6 +165,16 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
             writer.close()
     counts = {"done": len(todo) - len(errors), "cached": len(unique) - len(todo), "failed": len(errors)}
     return summaries, errors, counts
+
+
+def _names_by_text(texts: list[str], names: list[str] | None) -> dict[str, list[str]]:
+    """{text: the names of every row holding it}; {} without names."""
+    if names is not None and len(names) != len(texts):
+        raise ValueError(f"names has {len(names)} entries for {len(texts)} texts")
+    out: dict[str, list[str]] = {}
+    for n, t in zip(names or (), texts):
+        out.setdefault(t, []).append(str(n))
+    return out
 
 
 def _attempt(work, text: str) -> tuple[list[str] | None, str | None]:
@@ -192,10 +209,13 @@ class _Progress:
 
 
 def summarize_all(texts: list[str], cache_path=None, backend: str = "rules", workers: int = 8,
-                  progress: bool = True, **llm_options) -> dict[str, list[str]]:
+                  progress: bool = True, names: list[str] | None = None,
+                  **llm_options) -> dict[str, list[str]]:
     """{report text: summary sentences} for every text that could be summarised, using and updating
-    the cache. Failures are left out of the result and reported on stderr (and in the cache)."""
-    summaries, errors, counts = run_batch(texts, cache_path, backend, workers, progress, **llm_options)
+    the cache (names: see run_batch). Failures are left out of the result and reported on stderr
+    (and in the cache)."""
+    summaries, errors, counts = run_batch(texts, cache_path, backend, workers, progress, names,
+                                          **llm_options)
     if errors:
         first = next(iter(errors.values()))
         print(f"summarize: {counts['failed']} report(s) failed, e.g. {first}", file=sys.stderr)
@@ -232,12 +252,14 @@ def read_reports(path: Path, text_column: str | None = None) -> tuple[list[str],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Summarise radiology reports into short finding sentences "
-                                 "(BrgSA semantic summarization), with a resumable JSONL cache.")
+                                 "(BrgSA semantic summarization), with a resumable JSONL cache.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("reports", type=Path, help="reports CSV (report_text, or Findings_EN + Impressions_EN)")
     ap.add_argument("--out", type=Path, required=True,
-                    help="JSONL cache/output, one {key, summary|error} line per report; reruns resume it")
+                    help="JSONL cache/output, one {key, names, summary|error} line per report "
+                    "(names: the rows' VolumeName or AccessionNo, else 'row N'); reruns resume it")
     ap.add_argument("--backend", choices=["rules", "llm"], default="rules",
-                    help="rules: offline, deterministic (default); llm: OpenAI-compatible endpoint")
+                    help="rules: offline, deterministic; llm: OpenAI-compatible endpoint")
     ap.add_argument("--url", default=LLM_DEFAULTS["url"],
                     help="llm: base URL; POSTs go to {url}/chat/completions")
     ap.add_argument("--model", default=LLM_DEFAULTS["model"], help="llm: model name sent in the request")
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         retries=args.retries)
     try:
         summaries, errors, counts = run_batch(texts, args.out, args.backend, args.workers,
-                                              not args.quiet, **options)
+                                              not args.quiet, names, **options)
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished report is saved in {args.out}; rerun to resume",
               file=sys.stderr)

@@ -19,6 +19,25 @@ sys.path.insert(0, str(ROOT))  # tests import the top-level modules (model, cmki
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def flags_without_default(help_text: str) -> list:
+    """The flags of an argparse --help text whose entry does not state a default."""
+    entries, current = [], None
+    for line in help_text.split("options:", 1)[-1].splitlines():
+        if line.startswith("  -"):
+            current = [line]
+            entries.append(current)
+        elif current is not None:
+            current.append(line)
+    flags = [(e[0].split()[0].rstrip(","), " ".join(e)) for e in entries]
+    return [f for f, text in flags if f not in ("-h", "--help") and "default" not in text]
+
+
+@pytest.fixture
+def help_lacks_defaults():
+    """Fixture form of flags_without_default, for the tests of each command line."""
+    return flags_without_default
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """Path to ../shared/data; the test is skipped cleanly when the folder is absent."""

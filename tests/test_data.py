@@ -159,6 +159,54 @@ def test_real_chest_ct_lesion_stays_in_place(shared_data):
     assert abs(np.median(core) - np.median(hu[mask > 0])) < 100
 
 
+@pytest.mark.parametrize("inflater", ["default", "zlib"])
+def test_fast_reader_is_bitwise_nibabels_reader(shared_data, monkeypatch, inflater):
+    """The .nii.gz reader (ISA-L when installed, or the standard library's zlib) gives exactly
+    nibabel's own voxels, dtype and layout, on every real volume."""
+    import zlib
+    if inflater == "zlib":
+        monkeypatch.setattr(data, "INFLATE", zlib)
+    files = sorted((shared_data / "ct_volumes").glob("*.nii.gz"))
+    assert len(files) == 3
+    for path in files:
+        img = nib.load(str(path))
+        want = np.asanyarray(img.dataobj)  # nibabel's GzipFile reader: the reference
+        got = data._read_voxels(path, img)
+        assert got.dtype == want.dtype and got.shape == want.shape, path.name
+        assert got.tobytes(order="A") == want.tobytes(order="A"), f"{path.name}: voxels differ"
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("inflater", ["default", "zlib"])
+def test_reader_checks_the_gzip_crc(monkeypatch, tmp_path, inflater):
+    import zlib
+    if inflater == "zlib":
+        monkeypatch.setattr(data, "INFLATE", zlib)
+    path = write_nifti(tmp_path / "v.nii.gz", chest((12, 10, 6), np.random.default_rng(2)), np.eye(4))
+    blob = bytearray(path.read_bytes())
+    blob[-6] ^= 0xFF  # a byte of the CRC-32 in the gzip trailer
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="crc.nii.gz: cannot read the voxel data"):
+        data.load_nifti(tmp_path / "crc.nii.gz")
+
+
+def test_reader_falls_back_to_zlib_without_isal(monkeypatch, tmp_path):
+    """No `isal` package: the standard library inflates, and a truncated file is still caught."""
+    import sys
+    import zlib
+    monkeypatch.setitem(sys.modules, "isal", None)  # import isal now raises ImportError
+    assert data._inflate_module() is zlib
+    monkeypatch.setattr(data, "INFLATE", data._inflate_module())
+    arr = chest((17, 13, 9), np.random.default_rng(4))
+    path = write_nifti(tmp_path / "v.nii.gz", arr, np.eye(4))
+    got, _ = data.load_nifti(path)
+    np.testing.assert_array_equal(got, arr.astype(np.float32))
+    blob = path.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) - 40])
+    with pytest.raises(ValueError, match="cut.nii.gz.*voxel data"):
+        data.load_nifti(tmp_path / "cut.nii.gz")
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_bad_volumes_raise_named_errors(tmp_path):

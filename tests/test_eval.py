@@ -285,6 +285,101 @@ def test_cli_model_mode_external_calibration_and_single_scan(tiny, tmp_path, cap
         E.read_thresholds(tmp_path / "o" / "eval.json", "brgsa")
 
 
+MADE_UP = ["Glowing spleen", "Banana rib", "Cloudy lobe"]  # class names no code knows
+
+
+def _own_folder(root, n=24, seed=3):
+    """n small NIfTI scans (one in a sub-folder) and a labels CSV of made-up 0/1 classes whose
+    first column is named 'scan' and holds file names with extension (or the relative path)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        rel = f"sub/scan{i}.nii.gz" if i == 0 else f"scan{i}.nii.gz"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        vol = rng.integers(-1000, 1000, (40, 36, 20)).astype(np.int16)
+        nib.save(nib.Nifti1Image(vol, np.diag([-5.0, -5.0, 10.0, 1.0])), root / rel)
+        lab = rng.random(len(MADE_UP)) < 0.4
+        lab[i % len(MADE_UP)] = True
+        rows.append([rel] + [str(int(v)) for v in lab])
+    with open(root.parent / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["scan"] + MADE_UP] + rows)
+    return root.parent / "labels.csv", {volume_name(r[0]): [float(v) for v in r[1:]] for r in rows}
+
+
+def volume_name(rel):
+    return rel.replace("/", "__")[: -len(".nii.gz")]
+
+
+def test_own_folder_with_made_up_classes_end_to_end(tiny, tmp_path, capsys):
+    """Own scans + labels CSV -> python -m prepare.preprocess --dataset folder --labels -> eval.py
+    with prompts written from the CSV's class names; small calibration splits are warned about;
+    --split is refused for a folder; unlabelled folders get a clear error, not torch.cat's."""
+    model, tok = tiny
+    model = BrgSA(replace(model.cfg, image_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0))).eval()
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")  # the `tiny` preprocessing grid
+    labels_csv, truth = _own_folder(tmp_path / "scans")
+    (tmp_path / "scans" / "extra.nii.gz").write_bytes((tmp_path / "scans" / "scan1.nii.gz").read_bytes())
+    code = preprocess.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "scans"),
+                                       "--labels", str(labels_csv), "--out", str(tmp_path / "cache"),
+                                       "--preset", "tiny", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 0 and "extra: no row for 'extra'" in err  # no label: reported, not dropped silently
+    r = E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "o"),
+                "--n_boot", "20", "--no_plots"])
+    assert r["classes"] == MADE_UP and r["n_volumes"] == len(truth)
+    assert r["protocol"]["prompts"] == {c: [f"There is {c}"] for c in MADE_UP}
+    got = dict(zip(r["arrays"]["names"], r["arrays"]["labels"].tolist()))
+    assert got == truth
+    j = r["arrays"]["names"].index("sub__scan0")  # scores are the model's on the cached volume
+    v = model.visual(D.load_volume(tmp_path / "cache" / "volumes" / "sub__scan0.npy")[None])
+    ref = E.score_volumes(model, tok, v, MADE_UP, E.EvalConfig(), torch.device("cpu"))
+    np.testing.assert_allclose(r["arrays"]["scores"][j], ref[0], atol=1e-5)
+    err = capsys.readouterr().err
+    assert "picked on only" in err and "fewer than 20" in err and r["rows"]["n_calib"] < 20
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["warnings"] == r["warnings"]
+    with pytest.raises(ValueError, match="--split valid: .* has no splits"):
+        E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "cache"), "--split", "valid",
+                "--out_dir", str(tmp_path / "o2"), "--n_boot", "0", "--no_plots"])
+    # the same folder without labels in the cache: --label_csv gives the classes, or a clear error
+    assert preprocess.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "scans"), "--out",
+                                       str(tmp_path / "bare"), "--preset", "tiny", "--workers", "1"]) == 0
+    base = ["--ckpt", str(ckpt), "--data", str(tmp_path / "bare"), "--n_boot", "0", "--no_plots"]
+    with pytest.raises(ValueError, match="carry no labels; give --label_csv"):
+        E.main(base + ["--out_dir", str(tmp_path / "o3")])
+    (tmp_path / "scans" / "extra.nii.gz").unlink()  # every volume of --data needs a label row
+    with open(labels_csv, "a") as f:
+        f.write("extra.nii.gz,1,0,1\n")
+    r2 = E.main(base + ["--out_dir", str(tmp_path / "o4"), "--label_csv", str(labels_csv)])
+    assert r2["classes"] == MADE_UP and len(r2["arrays"]["names"]) == len(truth) + 1
+
+
+def test_own_folder_labels_errors_and_split_refused(tmp_path, capsys):
+    labels_csv, _ = _own_folder(tmp_path / "scans", n=2)
+    args = ["--dataset", "folder", "--root", str(tmp_path / "scans"), "--out", str(tmp_path / "c"),
+            "--preset", "tiny", "--workers", "1"]
+    with pytest.raises(SystemExit):
+        preprocess.preprocess_main(args + ["--split", "valid"])
+    assert "--split is for CT-RATE only" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("scan,Glowing spleen\nscan1.nii.gz,maybe\n")
+    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "bad.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv: line 2 ('scan1.nii.gz'): labels must be 0 or 1, got ['maybe']" in err
+    (tmp_path / "one.csv").write_text("scan\nscan1.nii.gz\n")
+    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "one.csv")]) == 2
+    assert "at least one class column" in capsys.readouterr().err
+
+
+def test_calibration_warnings():
+    y = np.zeros((30, 2))
+    y[:12, 0] = 1
+    y[:2, 1] = 1
+    w = E.calibration_warnings(y, ["A", "B"], True)
+    assert len(w) == 1 and "1 of 2 classes" in w[0] and w[0].endswith(": B")
+    assert "picked on only 5 volume(s)" in E.calibration_warnings(y[:5], ["A", "B"], True)[0]
+    assert "no calibration rows" in E.calibration_warnings(y[:0], ["A", "B"], True)[0]
+    assert E.calibration_warnings(y[:0], ["A", "B"], False) == []
+
+
 def test_exclude_calib_and_rows_are_stated():
     rng = np.random.default_rng(5)
     names = [f"valid_{p}_a_{r}" for p in range(30) for r in (1, 2)]
@@ -680,3 +775,11 @@ def test_linear_probe_tracks_separability():
     shift[0] = 0.5  # a partial overlap: accuracy Phi(0.5) ~ 0.69 for the best hyperplane
     acc = E.linear_probe_accuracy(x - shift, x[rng.permutation(300)] + shift, seed=0)
     assert 0.6 < acc < 0.78
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    assert help_lacks_defaults("options:\n  --x X   the x\n  --y Y   y\n    (default: 1)\n") == ["--x"]
+    with pytest.raises(SystemExit):
+        E.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--label_csv" in out and "--calib_split" in out and help_lacks_defaults(out) == []

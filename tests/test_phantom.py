@@ -204,3 +204,10 @@ def test_cli_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--out", "--n", "--valid_fraction", "--seed", "--workers", "--reports"):
         assert flag in out
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    with pytest.raises(SystemExit):
+        phantom.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--valid_fraction" in out and help_lacks_defaults(out) == []

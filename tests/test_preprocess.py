@@ -167,6 +167,20 @@ def test_ensure_cache_and_load_dataset(tmp_path):
         data.load_dataset(tmp_path / "set" / "cache_tiny", "train", "paper")  # tiny cache
 
 
+def test_ensure_cache_goes_under_out_dir_not_beside_the_data(tmp_path):
+    root = tmp_path / "ro" / "dataset"
+    truth = make_ctrate(root, "valid", n_patients=2)
+    cache = preprocess.ensure_cache(root, "valid", "tiny", workers=1, out_dir=tmp_path / "run")
+    assert cache == tmp_path / "run" / "cache_tiny" / "dataset" / "valid"
+    assert not (tmp_path / "ro" / "cache_tiny").exists()
+    assert sorted(r.name for r in data.load_dataset(cache, "valid", "tiny")) == sorted(truth)
+    beside = preprocess.ensure_cache(root, "valid", "tiny", workers=1)  # no out_dir: beside
+    assert beside == (tmp_path / "ro" / "cache_tiny" / "valid").resolve()
+    # an existing cache beside the data (train.py's synthetic set) is reused, not rebuilt
+    assert preprocess.ensure_cache(root, "valid", "tiny", out_dir=tmp_path / "other") == beside
+    assert not (tmp_path / "other").exists()
+
+
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
 
 def write_radchest(root, names, rng, shape=(20, 24, 22)):
@@ -266,6 +280,9 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
                                  str(tmp_path / "o"), "--preset", "tiny", "--workers", "2"])
     o = capsys.readouterr()
     assert code == 0 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
+    # the head CT is kept but flagged; the chest CT is not
+    assert "[warning] sub__invesalius_cranium_ct0051_ct_ds2:" in o.err and "not a chest CT?" in o.err
+    assert "[warning] sub__pyradiomics" not in o.err
     recs = {r.name: r for r in data.load_index(tmp_path / "o")}
     assert set(recs) == {"sub__pyradiomics_lung1_ct_ds2", "sub__invesalius_cranium_ct0051_ct_ds2"}
     lung = recs["sub__pyradiomics_lung1_ct_ds2"]
@@ -277,3 +294,10 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
     assert (v < -700).mean() > 0.2 and (np.abs(v) < 100).mean() > 0.05  # lungs and soft tissue
 
 
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    with pytest.raises(SystemExit):
+        preprocess.preprocess_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.count("usage:") == 1 and "--labels" in out and help_lacks_defaults(out) == []

@@ -480,12 +480,31 @@ def test_cli_empty_report_is_a_recorded_failure(tmp_path, capsys):
     assert "vol_1" in captured.err and "empty" in captured.err
 
 
-def test_cli_help_explains_every_flag():
+def test_cli_help_explains_every_flag(help_lacks_defaults):
     out = subprocess.run([sys.executable, "-m", "prepare.summarize", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     for flag in ["--out", "--backend", "--url", "--model", "--api_key_env", "--workers", "--timeout",
                  "--retries", "--text_column"]:
         assert flag in out
+    assert help_lacks_defaults(out) == []
+
+
+def test_cache_lines_name_their_volumes_and_old_lines_still_load(tmp_path, capsys):
+    reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
+    _write_csv(reports, ["Minimal pleural effusion.", "Minimal pleural effusion.", "No nodule."],
+               columns=("Findings_EN", "Impressions_EN"))
+    old = {"key": summarize.report_key("No nodule. Impression."), "source": "rules",
+           "summary": ["Old summary."]}  # a line written before names were recorded
+    cache.write_text(json.dumps(old) + "\n")
+    assert summarize.main([str(reports), "--out", str(cache), "--quiet"]) == 0
+    assert "1 done, 1 cached" in capsys.readouterr().out
+    lines = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert lines[0] == old and len(lines) == 2
+    assert lines[1]["names"] == ["vol_0", "vol_1"]
+    assert lines[1]["key"] == summarize.report_key("Minimal pleural effusion. Impression.")
+    assert summarize.load_cache(cache)[old["key"]] == ["Old summary."]
+    with pytest.raises(ValueError, match="names has 1 entries for 2 texts"):
+        summarize.run_batch(["a", "b"], None, names=["x"], progress=False)
 
 
 def test_ctrl_c_stops_promptly_and_keeps_finished_reports(llm_server, tmp_path):

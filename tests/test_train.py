@@ -210,3 +210,10 @@ def test_rank_batches_partition_each_step():
         want = next(one)
         got = [next(ranks[r]) for r in range(2)] + [next(ranks[r]) for r in range(2)]
         assert [x for part in got for x in part] == want
+
+
+def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--tokenizer" in out and help_lacks_defaults(out) == []

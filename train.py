@@ -118,7 +118,40 @@ def parse_args(argv=None) -> TrainConfig:
     for k, v in TRAIN_PRESETS[cfg.preset].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        p.error(str(e))
     return cfg
+
+
+CHOICES = dict(dtype=("auto", "bfloat16", "float16", "float32"), summary_backend=("rules", "llm"),
+               text_sampling=("paper", "random"))
+
+
+def check_config(cfg: TrainConfig):
+    """Flag values that would crash, or silently do nothing, only after minutes of data preparation;
+    and a new run into a folder that holds a checkpoint, which it would overwrite."""
+    for name in ("synth_n", "max_iters", "batch_size", "grad_accum", "log_interval", "ckpt_interval",
+                 "prefetch", "vocab_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0, got {value}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+    eval_lib.parse_device(cfg.device)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not (cfg.resume or cfg.auto_resume):
+        raise ValueError(f"--out_dir {cfg.out_dir} already holds a checkpoint ({ckpt}); a new run "
+                         f"would overwrite it. Continue it with --resume, or pick another --out_dir "
+                         f"(or move the old one away)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -232,6 +265,29 @@ def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_e
     tmp = path.with_suffix(".pt.tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def read_resume_checkpoint(path: Path, mcfg) -> dict:
+    """The checkpoint to continue from, checked before any data is prepared: readable (see
+    eval.read_checkpoint), holding the training state, and made with this run's model config."""
+    flag = "cannot resume"
+    try:
+        ckpt = eval_lib.read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}; move it away to start a new run there") from None
+    missing = [k for k in ("optimizer", "scaler", "step", "rng", "last_eval") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{flag}: {path} holds no training state (missing {missing}); it can be "
+                         f"evaluated (eval.py --ckpt) but not resumed")
+    stored = eval_lib.checkpoint_config(ckpt)
+    differ = [f"{f.name} {getattr(stored, f.name)} (checkpoint) vs {getattr(mcfg, f.name)} (now)"
+              for f in fields(mcfg) if f.name not in ("vocab_size", "grad_checkpoint")
+              and getattr(stored, f.name) != getattr(mcfg, f.name)]
+    if differ:
+        raise ValueError(f"{flag}: {path} was trained with another model config: "
+                         f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with "
+                         f"the same --preset and --text_weights, or pick another --out_dir")
+    return ckpt
 
 
 def restore_rng(rng: dict):
@@ -472,7 +528,7 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
     if cfg.resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     resume = cfg.resume or (cfg.auto_resume and ckpt_path.is_file())
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume else None
+    ckpt = read_resume_checkpoint(ckpt_path, mcfg) if resume else None
     with master_first():  # rank 0 generates / preprocesses once, the others read its caches
         train_recs, valid_recs = load_records(cfg, mcfg, workers)
     summaries, tok = broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)

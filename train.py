@@ -146,6 +146,10 @@ def check_config(cfg: TrainConfig):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+    split = int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum
+    if cfg.batch_size % split:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size "
+                         f"{split // cfg.grad_accum} x --grad_accum={cfg.grad_accum}")
     eval_lib.parse_device(cfg.device)
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
     if ckpt.is_file() and not (cfg.resume or cfg.auto_resume):
@@ -170,7 +174,19 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
         cache = ensure_cache(root, split, mcfg, workers=2)
         splits.append(data_lib.load_dataset(cache, split, mcfg))
-    return tuple(splits)
+    return with_reports(splits[0], root, print), splits[1]
+
+
+def with_reports(records, where, log):
+    """The training records that have a report (an empty one teaches nothing); an error when none
+    has, e.g. a NIfTI-folder cache, which carries no reports."""
+    kept = [r for r in records if r.report.strip()]
+    if not kept:
+        raise ValueError(f"{where}: none of the {len(records)} training volumes has a report; BrgSA "
+                         f"trains on volume-report pairs (give a data set with a reports CSV)")
+    if len(kept) < len(records):
+        log(f"train: {len(records) - len(kept)} training volumes have an empty report and are left out")
+    return kept
 
 
 def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):

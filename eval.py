@@ -723,9 +723,11 @@ def read_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was not "
-                         f"loaded (not a checkpoint written by train.py)") from None
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # torch's refusal of a pickled class
+            raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was "
+                             f"not loaded (not a checkpoint written by train.py)") from None
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read") from None
     except Exception as e:  # truncated zip, bad magic number, EOF: torch raises several types
         raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read "
                          f"({type(e).__name__})") from None
@@ -908,7 +910,8 @@ def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
                     raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
                                      f"the text encoder reads at most {max_len}")
                 if unk is not None and unk in enc.ids:
-                    words = sorted({text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk})
+                    words = sorted({w for w in text.split()
+                                    if unk in tokenizer.encode(w, add_special_tokens=False).ids})
                     raise ValueError(f"--findings: {f!r} has words the tokenizer does not know "
                                      f"{words}: they would all read as [UNK]")
 

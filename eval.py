@@ -1140,8 +1140,19 @@ def write_plots(result: dict, out: Path) -> list:
 
 # ----------------------------------------------------------------------------- command line
 
+class DefaultsHelp(argparse.RawTextHelpFormatter):
+    """--help as written (the usage examples keep their layout), each flag followed by its default
+    unless it has none or its help already states it."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if default is None or default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: {'empty' if default == '' else default})"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer)")
     p.add_argument("--data", help="data set: a CT-RATE-layout root or a preprocessed directory")
     p.add_argument("--split", default="valid", help="which split of --data to evaluate")

@@ -35,6 +35,7 @@ import eval as eval_lib
 from model import PRESETS, BrgSA, flops_per_sample
 from prepare import phantom, pretrained, summarize
 from prepare.preprocess import ensure_cache
+from prepare.summarize_llm import LLM_DEFAULTS, SummaryError
 
 
 def _f(default, help):
@@ -84,6 +85,14 @@ class TrainConfig:
                               "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one loads as is")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (prepare/summarize.py)")
+    llm_url: str = _f(LLM_DEFAULTS["url"], "llm backend: base URL of the OpenAI-compatible server")
+    llm_model: str = _f(LLM_DEFAULTS["model"], "llm backend: model name sent in each request")
+    llm_api_key_env: str = _f(LLM_DEFAULTS["api_key_env"], "llm backend: environment variable "
+                                                           "holding the API key (never printed)")
+    summary_cache: str = _f("", "summary cache (JSONL) to read and extend, e.g. the --out of python "
+                                "-m prepare.summarize; empty = out_dir/summaries_<backend>.jsonl")
+    summary_fallback: bool = _f(False, "train on the raw report text where a report has no summary "
+                                       "(default: stop with an error naming the missing count)")
     text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
                                   "sentences (official); random = a random count from 1 to min(5, n), "
                                   "so one-sentence texts like the zero-shot prompts are seen "
@@ -103,7 +112,7 @@ PAPER_EPOCHS = 39
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=eval_lib.DefaultsHelp)
     for f in fields(TrainConfig):
         kind = int if f.name in ("synth_n", "max_iters", "batch_size", "warmup_iters",
                                  "workers", "prefetch", "grad_accum") else f.type
@@ -192,9 +201,8 @@ def with_reports(records, where, log):
 def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
     """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
     checkpoint when resuming, from --tokenizer or --text_weights' vocab.txt, else it is trained."""
-    reports = sorted({r.report for r in train + valid})
-    cache = out / f"summaries_{cfg.summary_backend}.jsonl"
-    summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend)
+    reports = sorted({r.report for r in train + valid if r.report.strip()})
+    summaries = summaries_of(cfg, reports, out)
     if ckpt is not None:
         return summaries, ckpt["tokenizer"]
     if cfg.tokenizer or cfg.text_weights:
@@ -202,6 +210,27 @@ def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
         return summaries, data_lib.load_tokenizer(path).to_str()
     texts = [s for r in train for s in summaries.get(r.report, [r.report])]
     return summaries, data_lib.train_tokenizer(texts, cfg.vocab_size, out / "tokenizer.json").to_str()
+
+
+def summaries_of(cfg: TrainConfig, reports: list, out: Path) -> dict:
+    """{report: summary sentences} from the summary cache, summarising what it lacks. A report left
+    without a summary (the LLM server down, a bad reply) stops the run unless --summary_fallback."""
+    cache = Path(cfg.summary_cache) if cfg.summary_cache else out / f"summaries_{cfg.summary_backend}.jsonl"
+    llm = {} if cfg.summary_backend == "rules" else dict(
+        url=cfg.llm_url, model=cfg.llm_model, api_key_env=cfg.llm_api_key_env)
+    try:
+        summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend, **llm)
+    except SummaryError as e:
+        raise ValueError(f"summarization ({cfg.summary_backend}, {cfg.llm_url}): {e}") from None
+    missing = sum(r not in summaries for r in reports)
+    if missing and not cfg.summary_fallback:
+        raise ValueError(f"{missing} of {len(reports)} reports have no summary in {cache} (reasons "
+                         f"above); rerun to retry them, or pass --summary_fallback to train on their "
+                         f"raw text")
+    if missing:
+        print(f"train: {missing} of {len(reports)} reports have no summary; their raw text is used "
+              f"(--summary_fallback)")
+    return summaries
 
 
 class StepSeeded(torch.utils.data.Dataset):

@@ -790,10 +790,10 @@ def test_macro_mean_states_its_classes_and_no_positive_is_an_error(tmp_path, cap
 
 def test_calibration_on_too_few_volumes_is_flagged():
     rng = np.random.default_rng(1)
-    labels = (rng.random((40, 2)) < 0.5).astype(int)
+    labels = (rng.random((100, 2)) < 0.5).astype(int)
     cfg = E.EvalConfig(n_boot=0)
-    r = E.evaluate_scores(rng.random((40, 2)), labels, ["A", "B"], cfg=cfg)
+    r = E.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], cfg=cfg)  # 30 calibration rows
     assert not any("calibrated thresholds" in n for n in r["notes"])
-    r = E.evaluate_scores(rng.random((40, 2)), labels, ["A", "B"], cfg=cfg,
+    r = E.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], cfg=cfg,
                           calib=(rng.random((1, 2)), labels[:1], ["c1"]))
     assert any("picked on only 1 volume(s)" in n for n in r["notes"])

@@ -306,3 +306,37 @@ def test_training_needs_reports():
     assert "2 training volumes have an empty report" in said[0]
     with pytest.raises(ValueError, match=r"D: none of the 2 training volumes has a report"):
         train.with_reports(rec[:2], "D", said.append)
+
+
+def _refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_llm_summaries_reuse_a_cache_made_with_another_model(tmp_path):
+    """A cache written by `python -m prepare.summarize --model my-model` serves train.py with
+    --llm_model my-model: nothing is sent to the (here unreachable) server."""
+    from prepare import summarize
+    reports = ["Small nodule.", "Pleural fluid."]
+    cache = tmp_path / "made_by_summarize.jsonl"
+    cache.write_text("".join(json.dumps(dict(key=summarize.report_key(r), source="llm:my-model",
+                                             summary=[f"S {r}"])) + "\n" for r in reports))
+    cfg = train.parse_args(["--summary_backend=llm", "--llm_model=my-model", f"--llm_url={_refused_url()}",
+                            f"--summary_cache={cache}", f"--out_dir={tmp_path / 'run'}"])
+    assert train.summaries_of(cfg, reports, tmp_path / "run") == {r: [f"S {r}"] for r in reports}
+
+
+def test_llm_server_down_stops_training_unless_told_to_fall_back(tmp_path, capsys):
+    reports = ["Small nodule.", "Pleural fluid.", "Emphysema."]
+    args = ["--summary_backend=llm", f"--llm_url={_refused_url()}", f"--out_dir={tmp_path}"]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"3 of 3 reports have no summary in .*summaries_llm\.jsonl.*"
+                                         r"--summary_fallback"):
+        train.summaries_of(train.parse_args(args), reports, tmp_path)
+    assert "connection refused" in capsys.readouterr().err and time.monotonic() - start < 10
+    assert train.summaries_of(train.parse_args(args + ["--summary_fallback"]), reports, tmp_path) == {}
+    assert "3 of 3 reports have no summary; their raw text is used" in capsys.readouterr().out
+    many = [f"Report {i}." for i in range(30)]
+    with pytest.raises(ValueError, match=r"summarization \(llm, http://127.*stopped after 10 reports"):
+        train.summaries_of(train.parse_args(args), many, tmp_path)

@@ -245,14 +245,17 @@ AIR_HU = (-1100.0, -900.0)
 MIN_AIR_FRACTION = 0.001
 
 
-def check_hu(hu, what, override="--allow_non_hu"):
+def check_hu(hu, what, override="--allow_non_hu", allow=False):
     """Raise ValueError unless `hu` looks like a CT in HU (see HU_PLAUSIBLE); `what` names the file
-    in the message, `override` the flag that skips this check for unusual data."""
+    in the message, `override` the flag that sets `allow` for unusual data, which skips every test
+    but the one for NaN / inf (those never give a meaningful score)."""
     hu = np.asarray(hu)
     lo, hi = float(hu.min()), float(hu.max())  # NaN propagates, inf shows: no extra finite pass
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = hu.size - np.count_nonzero(np.isfinite(hu))
         raise ValueError(f"{what}: {bad} NaN or inf voxels; expected finite Hounsfield units")
+    if allow:
+        return
     if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
         raise ValueError(f"{what}: values from {lo:g} to {hi:g} are not Hounsfield units (expected "
                          f"within [{HU_PLAUSIBLE[0]:g}, {HU_PLAUSIBLE[1]:g}]); {override} skips this check")

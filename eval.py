@@ -829,6 +829,9 @@ def read_thresholds(path, protocol: str) -> dict:
             if (m.get("calibrated") or {}).get("threshold") is not None}
 
 
+CLASS_SETS = ("auto", "ctrate", "ctrate_lt", "radchest")
+
+
 def class_setup(name: str, records):
     """--classes -> (label class names, score_map or None). auto: whatever the records carry."""
     have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
@@ -935,8 +938,7 @@ def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig 
                              f"{tuple(model.cfg.image_size)}")
     else:
         hu, spacing = data_lib.load_nifti(path)
-    if not allow_non_hu:
-        data_lib.check_hu(hu, path)
+    data_lib.check_hu(hu, path, allow=allow_non_hu)
     if path.suffix != ".npy":
         hu = data_lib.preprocess_volume(hu, spacing, model.cfg.spacing, model.cfg.image_size)
     x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None].to(device)
@@ -1208,6 +1210,13 @@ def eval_config(args) -> EvalConfig:
             raise ValueError(f"{args.synonyms}: expected {{class: [name, ...]}} with non-empty lists")
     if args.n_boot < 0:
         raise ValueError(f"--n_boot must be >= 0, got {args.n_boot}")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} "
+                         f"and {args.workers}")
+    if not 0.0 <= args.calib_fraction < 1.0:
+        raise ValueError(f"--calib_fraction must be in [0, 1), got {args.calib_fraction}")
+    if args.classes not in CLASS_SETS:  # checked here, before --data is preprocessed
+        raise ValueError(f"unknown --classes {args.classes!r}; expected one of {list(CLASS_SETS)}")
     return EvalConfig(protocol=args.protocol, templates=tuple(args.template), synonyms=synonyms,
                       calib_fraction=args.calib_fraction, exclude_calib=args.exclude_calib,
                       n_boot=args.n_boot, boot_unit=args.boot_unit, seed=args.seed)

@@ -54,8 +54,7 @@ def _prepare_one(job):
     """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
     try:
         hu, spacing, rule = _read_source(job)
-        if not job.get("allow_non_hu"):
-            check_hu(hu, job["src"])
+        check_hu(hu, job["src"], allow=job.get("allow_non_hu", False))
         vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
         return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],

@@ -421,3 +421,11 @@ def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
     with pytest.raises(ValueError, match=r"labels\.csv: label '2' for 'b', class 'Cardiomegaly'; "
                                          r"expected 0 or 1"):
         data.read_labels(path, ("Cardiomegaly",))
+
+
+def test_nan_voxels_are_refused_even_with_allow_non_hu():
+    hu = np.full((8, 8, 4), -1000.0, np.float32)
+    data.check_hu(hu + 1000.0, "x", allow=True)  # no air, allowed
+    hu[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="x: 1 NaN or inf voxels"):
+        data.check_hu(hu, "x", allow=True)

@@ -797,3 +797,16 @@ def test_calibration_on_too_few_volumes_is_flagged():
     r = E.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], cfg=cfg,
                           calib=(rng.random((1, 2)), labels[:1], ["c1"]))
     assert any("picked on only 1 volume(s)" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--workers", "-1"], "--workers >= 0"),
+    (["--calib_fraction", "1.5"], "--calib_fraction must be in [0, 1), got 1.5"),
+    (["--classes", "lung"], "unknown --classes 'lung'"),
+    (["--n_boot", "-1"], "--n_boot must be >= 0"),
+])
+def test_bad_flags_are_refused_before_any_data_is_read(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        E.main(["--ckpt", "nowhere.pt", "--data", "nowhere"] + flags)
+

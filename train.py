@@ -654,6 +654,8 @@ def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, sav
     result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
     print(eval_lib.format_table(result))
+    for note in result.get("notes", []):  # e.g. held-out classes without a positive
+        print(f"note: {note}")
     path = eval_lib.write_result(result, Path(cfg.out_dir))
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over "
           f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes "

@@ -315,21 +315,21 @@ def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_e
 def read_resume_checkpoint(path: Path, mcfg) -> dict:
     """The checkpoint to continue from, checked before any data is prepared: readable (see
     eval.read_checkpoint), holding the training state, and made with this run's model config."""
-    flag = "cannot resume"
+    what = "cannot resume"
     try:
         ckpt = eval_lib.read_checkpoint(path)
     except ValueError as e:
-        raise ValueError(f"{flag}: {e}; move it away to start a new run there") from None
+        raise ValueError(f"{what}: {e}; move it away to start a new run there") from None
     missing = [k for k in ("optimizer", "scaler", "step", "rng", "last_eval") if k not in ckpt]
     if missing:
-        raise ValueError(f"{flag}: {path} holds no training state (missing {missing}); it can be "
+        raise ValueError(f"{what}: {path} holds no training state (missing {missing}); it can be "
                          f"evaluated (eval.py --ckpt) but not resumed")
     stored = eval_lib.checkpoint_config(ckpt)
     differ = [f"{f.name} {getattr(stored, f.name)} (checkpoint) vs {getattr(mcfg, f.name)} (now)"
               for f in fields(mcfg) if f.name not in ("vocab_size", "grad_checkpoint")
               and getattr(stored, f.name) != getattr(mcfg, f.name)]
     if differ:
-        raise ValueError(f"{flag}: {path} was trained with another model config: "
+        raise ValueError(f"{what}: {path} was trained with another model config: "
                          f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with "
                          f"the same --preset and --text_weights, or pick another --out_dir")
     return ckpt

@@ -233,8 +233,11 @@ def read_reports(path: Path, text_column: str | None = None) -> tuple[list[str],
     Findings_EN + Impressions_EN (joined with a space, as CT-RATE's report is Findings + Impressions)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
             rows, columns = list(reader), list(reader.fieldnames or [])
+    except csv.Error as e:  # a quote left open would swallow the rows after it into one report
+        raise SystemExit(f"{path}: malformed CSV near line {reader.line_num} ({e}); check for an "
+                         f"unterminated quote") from None
     except UnicodeDecodeError as e:
         raise SystemExit(f"{path}: not valid UTF-8 (byte {e.start}); re-save the CSV as UTF-8") from None
     except OSError as e:

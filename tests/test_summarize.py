@@ -469,6 +469,10 @@ def test_cli_bad_csv_errors(tmp_path):
     wrong.write_text("VolumeName,text\nv1,Emphysema.\n")
     with pytest.raises(SystemExit, match="wrong.csv.*report_text.*Findings_EN"):
         summarize.main([str(wrong), "--out", str(tmp_path / "s.jsonl")])
+    torn = tmp_path / "torn.csv"  # the open quote would swallow the next report
+    torn.write_text('VolumeName,report_text\nv1,"Emphysema.\nv2,"Nodule."\nv3,Effusion.\n')
+    with pytest.raises(SystemExit, match="torn.csv: malformed CSV .*unterminated quote"):
+        summarize.main([str(torn), "--out", str(tmp_path / "s.jsonl")])
 
 
 def test_cli_empty_report_is_a_recorded_failure(tmp_path, capsys):

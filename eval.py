@@ -755,8 +755,10 @@ def load_checkpoint(path, device):
     model = BrgSA(checkpoint_config(ckpt))
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the stored config: {e}") from None
+    except RuntimeError as e:  # torch lists every mismatched tensor: the first two say enough
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"{path}: weights do not match the stored config ({'; '.join(lines[:2])}"
+                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
     return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
 
 

@@ -810,3 +810,13 @@ def test_bad_flags_are_refused_before_any_data_is_read(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         E.main(["--ckpt", "nowhere.pt", "--data", "nowhere"] + flags)
 
+
+
+def test_weights_of_another_config_give_a_short_message(tiny, tmp_path):
+    model, tok = tiny
+    torch.save(dict(model=model.state_dict(), model_config=asdict(replace(model.cfg, embed_dim=16)),
+                    tokenizer=tok.to_str()), tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match=r"mixed\.pt: weights do not match the stored config "
+                                         r"\(size mismatch .*; \d+ more\)") as err:
+        E.load_checkpoint(tmp_path / "mixed.pt", torch.device("cpu"))
+    assert "\n" not in str(err.value)

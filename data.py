@@ -254,6 +254,37 @@ def preprocess_volume(hu, spacing, target_spacing=(1.5, 1.5, 3.0), target_shape=
     return np.clip(y, HU_MIN, HU_MAX, out=y)
 
 
+# What a CT in Hounsfield units looks like: finite, above -3100 (scanners write -3024 outside the
+# field of view) and below int16's ceiling, with some air at about -1000 HU (outside the body, lungs,
+# bowel). Raw scanner values without their slope/intercept, or an all-zero volume, have no air.
+HU_PLAUSIBLE = (-3100.0, 32767.0)
+AIR_HU = (-1100.0, -900.0)
+MIN_AIR_FRACTION = 0.001
+
+
+def check_hu(hu, what, override="--allow_non_hu", allow=False):
+    """Raise ValueError unless `hu` looks like a CT in HU (see HU_PLAUSIBLE); `what` names the file
+    in the message, `override` the flag that sets `allow` for unusual data, which skips every test
+    but the one for NaN / inf (those never give a meaningful score)."""
+    hu = np.asarray(hu)
+    lo, hi = float(hu.min()), float(hu.max())  # NaN propagates, inf shows: no extra finite pass
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = hu.size - np.count_nonzero(np.isfinite(hu))
+        raise ValueError(f"{what}: {bad} NaN or inf voxels; expected finite Hounsfield units")
+    if allow:
+        return
+    if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
+        raise ValueError(f"{what}: values from {lo:g} to {hi:g} are not Hounsfield units (expected "
+                         f"within [{HU_PLAUSIBLE[0]:g}, {HU_PLAUSIBLE[1]:g}]); {override} skips this check")
+    sub = hu[::2, ::2, ::2] if hu.ndim == 3 else hu  # a fraction needs no full pass
+    air = np.count_nonzero((sub >= AIR_HU[0]) & (sub <= AIR_HU[1])) / max(sub.size, 1)
+    if air < MIN_AIR_FRACTION:
+        raise ValueError(f"{what}: no air ({air:.2%} of voxels within [{AIR_HU[0]:g}, {AIR_HU[1]:g}] "
+                         f"HU, expected at least {MIN_AIR_FRACTION:.1%}; values {lo:g} to {hi:g}): "
+                         f"not a CT in HU (raw values without slope/intercept? an empty volume?); "
+                         f"{override} skips this check")
+
+
 def normalize(hu):
     """HU -> model input: (HU + 1000) / 1000 - 1, then (x - 0.4978) / 0.2449. numpy or torch."""
     x = (hu + 1000.0) / 1000.0 - 1.0
@@ -386,14 +417,21 @@ def read_csv(path, required=()):
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
             rows = list(reader)
             fields = reader.fieldnames or []
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:  # e.g. a quote left open swallowing the rows after it
+        raise ValueError(f"{path}: malformed CSV near line {reader.line_num} ({e}); "
+                         f"check for an unterminated quote") from None
     missing = [c for c in required if c not in fields]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
+    torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)
+    if torn is not None:  # DictReader puts extra fields under None and fills missing ones with None
+        raise ValueError(f"{path}: data row {torn + 1} does not have the header's {len(fields)} "
+                         f"fields (an unterminated quote?)")
     return rows
 
 
@@ -437,6 +475,10 @@ def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
             out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
+        bad = next((c for c in cols if float(row[c]) not in (0.0, 1.0)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: label {row[bad]!r} for '{row[name_column]}', class '{bad}'; "
+                             f"expected 0 or 1")
     return out
 
 

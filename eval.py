@@ -41,10 +41,11 @@ import csv
 import io
 import json
 import math
+import pickle
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -627,7 +628,26 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
                                                     for j, c in enumerate(classes)})
     result["arrays"] = dict(names=names, scores=scores[:n], labels=labels[:n].astype(int),
                             calib_rows=is_cal[:n], main_rows=main[:n])
+    result["notes"] = _notes(result)
     return result
+
+
+MIN_CALIB_VOLUMES = 20  # fewer calibration volumes than this: thresholds get a warning
+
+
+def _notes(result: dict) -> list:
+    """What a reader of the macro number must know: classes left out of it, thin calibration."""
+    notes = []
+    left_out = [c for c, m in result["per_class"].items() if not math.isfinite(m["auc"])]
+    if left_out:
+        notes.append(f"{len(left_out)} of {len(result['per_class'])} "
+                     f"classes have no positive or no negative among the evaluated rows and are "
+                     f"left out of the macro mean: {left_out}")
+    n_calib = result["rows"]["n_calib"]
+    if 0 < n_calib < MIN_CALIB_VOLUMES:
+        notes.append(f"calibrated thresholds were picked on only {n_calib} volume(s), too few to "
+                     f"trust (more data, --calib_data, or --calib_fraction 0)")
+    return notes
 
 
 # ----------------------------------------------------------------------------- retrieval and gap
@@ -725,23 +745,72 @@ def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalC
 
 # ----------------------------------------------------------------------------- what eval.py reads
 
-def load_checkpoint(path, device):
-    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
+def read_checkpoint(path) -> dict:
+    """A checkpoint file -> its dict, with weights_only loading (nothing in it is executed).
+
+    Every way a file can fail to be a BrgSA checkpoint (missing, truncated, corrupt, pickled objects
+    that are not plain data, keys or config fields this code does not know) becomes one ValueError
+    or FileNotFoundError that names the file; torch's own message is kept out because it advises
+    weights_only=False, which would execute an untrusted file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "model_config", "tokenizer"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: not a BrgSA checkpoint (missing '{key}')")
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in ckpt["model_config"].items()})
-    model = BrgSA(cfg)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # torch's refusal of a pickled class
+            raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was "
+                             f"not loaded (not a checkpoint written by train.py)") from None
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read") from None
+    except Exception as e:  # truncated zip, bad magic number, EOF: torch raises several types
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read "
+                         f"({type(e).__name__})") from None
+    missing = [k for k in ("model", "model_config", "tokenizer")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a BrgSA checkpoint (missing {missing})")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(ckpt["model_config"]) - known)
+    if unknown:
+        raise ValueError(f"{path}: model_config has field(s) {unknown} that this code's ModelConfig "
+                         f"does not know (written by another version?)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint read by read_checkpoint (lists back to tuples)."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in ckpt["model_config"].items()})
+
+
+def load_checkpoint(path, device):
+    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
+    ckpt = read_checkpoint(path)
+    model = BrgSA(checkpoint_config(ckpt))
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the stored config: {e}") from None
+    except RuntimeError as e:  # torch lists every mismatched tensor: the first two say enough
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"{path}: weights do not match the stored config ({'; '.join(lines[:2])}"
+                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
     return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
+
+
+def parse_device(name: str) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N) -> torch.device; a clear error when it is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def read_score_csv(path) -> tuple:
@@ -764,12 +833,23 @@ def read_score_csv(path) -> tuple:
     except ValueError as e:
         raise ValueError(f"{path}: non-numeric value ({e})") from None
     names = [r[0] for r in body]
+    if all(_is_number(x) for x in names):
+        raise ValueError(f"{path}: the first column ({header[0]!r}) holds numbers, not volume names; "
+                         f"expected the volume name first, then one column per class")
     dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
     if dup:
         raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
     if not np.isfinite(values).all():
         raise ValueError(f"{path}: NaN or inf values")
     return names, header[1:], values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_thresholds(path, protocol: str) -> dict:
@@ -783,6 +863,9 @@ def read_thresholds(path, protocol: str) -> dict:
         raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
     return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
             if (m.get("calibrated") or {}).get("threshold") is not None}
+
+
+CLASS_SETS = ("auto", "ctrate", "ctrate_lt", "radchest")
 
 
 def class_setup(name: str, records, label_csv=None):
@@ -846,31 +929,67 @@ def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict
                          f"e.g. {unknown[:3]}")
     idx = np.array([row[n] for n in s_names])
     labels = labels[idx][:, [l_classes.index(c) for c in s_classes]]
+    bad = ~np.isin(labels, (0.0, 1.0))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"{labels_csv}: label {labels[i, j]:g} for {s_names[i]!r}, class "
+                         f"{s_classes[j]!r}; expected 0 or 1 ({int(bad.sum())} such values)")
     result = evaluate_scores(scores, labels, s_classes, s_names, cfg)
     result["source"] = dict(scores=str(scores_csv), labels=str(labels_csv))
     if len(l_names) > len(s_names):
-        result["notes"] = [f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} have "
-                           f"no score and are not evaluated"]
+        result["notes"].append(f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} "
+                               f"have no score and are not evaluated")
     return result
 
 
+def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
+    """--findings: each must be a name whose prompts fit the text encoder's max_len tokens without
+    truncation and whose words the tokenizer knows (an [UNK] token carries no meaning)."""
+    unk = tokenizer.token_to_id("[UNK]")
+    tokenizer.no_truncation()  # data.tokenize sets both again before every use
+    tokenizer.no_padding()
+    for f in findings:
+        if not f.strip():
+            raise ValueError("--findings: an empty finding; expected abnormality names such as "
+                             "'pleural effusion'")
+        for _, prompt in prompt_set([f], cfg):
+            for text in (prompt,) if isinstance(prompt, str) else prompt:
+                enc = tokenizer.encode(text)
+                if len(enc.ids) > max_len:
+                    raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
+                                     f"the text encoder reads at most {max_len}")
+                if unk is not None and unk in enc.ids:
+                    words = sorted({w for w in text.split()
+                                    if unk in tokenizer.encode(w, add_special_tokens=False).ids})
+                    raise ValueError(f"--findings: {f!r} has words the tokenizer does not know "
+                                     f"{words}: they would all read as [UNK]")
+
+
 @torch.no_grad()
-def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None) -> dict:
+def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None,
+               allow_non_hu: bool = False) -> dict:
     """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
 
-    The scan is resampled and cropped on the fly exactly as the data cache would store it."""
-    path = Path(path)
+    The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
+    allow_non_hu, a volume that does not look like a CT in HU is refused (data.check_hu)."""
+    path, cfg = Path(path), cfg or EvalConfig()
+    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
     if path.suffix == ".npy":
-        hu = np.load(path)
+        try:
+            hu = np.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
         if tuple(hu.shape) != tuple(model.cfg.image_size):
             raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
                              f"{tuple(model.cfg.image_size)}")
     else:
-        raw, spacing = data_lib.load_nifti(path)
-        hu = data_lib.preprocess_volume(raw, spacing, model.cfg.spacing, model.cfg.image_size)
+        hu, spacing = data_lib.load_nifti(path)
+    data_lib.check_hu(hu, path, allow=allow_non_hu)
+    if path.suffix != ".npy":
+        hu = data_lib.preprocess_volume(hu, spacing, model.cfg.spacing, model.cfg.image_size)
     x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None].to(device)
     v = model.visual(x).float()  # (1, d)
-    scores = score_volumes(model, tokenizer, v, list(findings), cfg or EvalConfig(), device)[0]
+    scores = score_volumes(model, tokenizer, v, list(findings), cfg, device)[0]
     return dict(zip(findings, scores.tolist()))
 
 
@@ -1069,12 +1188,19 @@ def write_plots(result: dict, out: Path) -> list:
 
 # ----------------------------------------------------------------------------- command line
 
-class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+class DefaultsHelp(argparse.RawTextHelpFormatter):
+    """--help as written (the usage examples keep their layout), each flag followed by its default
+    unless it has none or its help already states it."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: {'empty' if default == '' else default})"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer)")
     p.add_argument("--data", help="data set: a CT-RATE-layout root or a preprocessed directory")
     p.add_argument("--split", choices=("train", "valid"), help="which split of --data to "
@@ -1083,6 +1209,8 @@ def build_parser():
     p.add_argument("--scores", help="score-file mode: CSV of precomputed per-volume scores")
     p.add_argument("--labels", help="score-file mode: CSV of 0/1 labels, matched by name")
     p.add_argument("--volume", help="single-scan mode: a NIfTI CT in HU (or a preprocessed .npy)")
+    p.add_argument("--allow_non_hu", action="store_true", help="single-scan mode: score a volume "
+                   "that does not look like a CT in HU (no air, values out of range); default: refuse")
     p.add_argument("--findings", nargs="+", help="single-scan mode: abnormalities to score "
                                                  "(None: the 18 CT-RATE classes)")
     p.add_argument("--summaries", help="summary cache (JSONL) of the training run, e.g. "
@@ -1132,6 +1260,13 @@ def eval_config(args) -> EvalConfig:
             raise ValueError(f"{args.synonyms}: expected {{class: [name, ...]}} with non-empty lists")
     if args.n_boot < 0:
         raise ValueError(f"--n_boot must be >= 0, got {args.n_boot}")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} "
+                         f"and {args.workers}")
+    if not 0.0 <= args.calib_fraction < 1.0:
+        raise ValueError(f"--calib_fraction must be in [0, 1), got {args.calib_fraction}")
+    if args.classes not in CLASS_SETS:  # checked here, before --data is preprocessed
+        raise ValueError(f"unknown --classes {args.classes!r}; expected one of {list(CLASS_SETS)}")
     return EvalConfig(protocol=args.protocol, templates=tuple(args.template), synonyms=synonyms,
                       calib_fraction=args.calib_fraction, exclude_calib=args.exclude_calib,
                       n_boot=args.n_boot, boot_unit=args.boot_unit, seed=args.seed)
@@ -1182,14 +1317,13 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     cfg = eval_config(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = parse_device(args.device)
     if args.volume:
         if not args.ckpt:
             p.error("--volume needs --ckpt")
         model, tokenizer, _ = load_checkpoint(args.ckpt, device)
         findings = args.findings or list(data_lib.CTRATE_CLASSES)
-        scores = score_scan(model, tokenizer, args.volume, findings, device, cfg)
+        scores = score_scan(model, tokenizer, args.volume, findings, device, cfg, args.allow_non_hu)
         thresholds = read_thresholds(args.thresholds, cfg.protocol) if args.thresholds else {}
         print_scan(args.volume, scores, thresholds, cfg.protocol)
         return scores
@@ -1201,6 +1335,11 @@ def main(argv=None):
         if not (args.ckpt and args.data):
             p.error("give --ckpt and --data, --scores and --labels, or --ckpt and --volume")
         result = _run_model(args, cfg, device)
+    n_auc = sum(math.isfinite(a) for a in result["auc"].values())
+    if n_auc == 0:
+        raise ValueError(f"{args.labels or args.label_csv or args.data}: no class has both positive "
+                         f"and negative labels among the {result['n_volumes']} evaluated volumes, "
+                         f"so AUROC is undefined; nothing written")
     print(format_table(result))
     for w in result["warnings"]:
         print(f"eval.py: warning: {w}", file=sys.stderr)
@@ -1208,7 +1347,9 @@ def main(argv=None):
     rows = result["rows"]
     print(f"opt = ROC-corner threshold picked on the evaluated rows (optimistic); cal = picked on "
           f"{rows['n_calib']} calibration volumes, scored on {rows['n_test']} test volumes")
-    print(f"macro AUROC {result['macro_auc']:.4f} over {len(result['auc'])} classes, "
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"macro AUROC {result['macro_auc']:.4f} over {n_auc} of {len(result['auc'])} classes, "
           f"{result['n_volumes']} volumes; eval.json -> {path}")
     return result
 

@@ -35,6 +35,7 @@ import eval as eval_lib
 from model import PRESETS, BrgSA, flops_per_sample
 from prepare import phantom, pretrained, summarize
 from prepare.preprocess import ensure_cache
+from prepare.summarize_llm import LLM_DEFAULTS, SummaryError
 
 
 def _f(default, help):
@@ -84,6 +85,14 @@ class TrainConfig:
                               "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one loads as is")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (prepare/summarize.py)")
+    llm_url: str = _f(LLM_DEFAULTS["url"], "llm backend: base URL of the OpenAI-compatible server")
+    llm_model: str = _f(LLM_DEFAULTS["model"], "llm backend: model name sent in each request")
+    llm_api_key_env: str = _f(LLM_DEFAULTS["api_key_env"], "llm backend: environment variable "
+                                                           "holding the API key (never printed)")
+    summary_cache: str = _f("", "summary cache (JSONL) to read and extend, e.g. the --out of python "
+                                "-m prepare.summarize; empty = out_dir/summaries_<backend>.jsonl")
+    summary_fallback: bool = _f(False, "train on the raw report text where a report has no summary "
+                                       "(default: stop with an error naming the missing count)")
     text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
                                   "sentences (official); random = a random count from 1 to min(5, n), "
                                   "so one-sentence texts like the zero-shot prompts are seen "
@@ -109,7 +118,7 @@ def _help(f):
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=eval_lib.DefaultsHelp)
     for f in fields(TrainConfig):
         kind = int if f.name in ("synth_n", "max_iters", "batch_size", "warmup_iters",
                                  "workers", "prefetch", "grad_accum") else f.type
@@ -124,7 +133,44 @@ def parse_args(argv=None) -> TrainConfig:
     for k, v in TRAIN_PRESETS[cfg.preset].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        p.error(str(e))
     return cfg
+
+
+CHOICES = dict(dtype=("auto", "bfloat16", "float16", "float32"), summary_backend=("rules", "llm"),
+               text_sampling=("paper", "random"))
+
+
+def check_config(cfg: TrainConfig):
+    """Flag values that would crash, or silently do nothing, only after minutes of data preparation;
+    and a new run into a folder that holds a checkpoint, which it would overwrite."""
+    for name in ("synth_n", "max_iters", "batch_size", "grad_accum", "log_interval", "ckpt_interval",
+                 "prefetch", "vocab_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0, got {value}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+    split = int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum
+    if cfg.batch_size % split:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size "
+                         f"{split // cfg.grad_accum} x --grad_accum={cfg.grad_accum}")
+    eval_lib.parse_device(cfg.device)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not (cfg.resume or cfg.auto_resume):
+        raise ValueError(f"--out_dir {cfg.out_dir} already holds a checkpoint ({ckpt}); a new run "
+                         f"would overwrite it. Continue it with --resume, or pick another --out_dir "
+                         f"(or move the old one away)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -144,15 +190,26 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
         cache = ensure_cache(root, split, mcfg, workers=2,
                              out_dir=cfg.out_dir if cfg.data else None)  # the user's root: cache under out_dir
         splits.append(data_lib.load_dataset(cache, split, mcfg))
-    return tuple(splits)
+    return with_reports(splits[0], root, print), splits[1]
+
+
+def with_reports(records, where, log):
+    """The training records that have a report (an empty one teaches nothing); an error when none
+    has, e.g. a NIfTI-folder cache, which carries no reports."""
+    kept = [r for r in records if r.report.strip()]
+    if not kept:
+        raise ValueError(f"{where}: none of the {len(records)} training volumes has a report; BrgSA "
+                         f"trains on volume-report pairs (give a data set with a reports CSV)")
+    if len(kept) < len(records):
+        log(f"train: {len(records) - len(kept)} training volumes have an empty report and are left out")
+    return kept
 
 
 def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
     """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
     checkpoint when resuming, from --tokenizer or --text_weights' vocab.txt, else it is trained."""
-    cache = out / f"summaries_{cfg.summary_backend}.jsonl"
-    summaries = summarize.summarize_all([r.report for r in train + valid], cache_path=cache,
-                                        backend=cfg.summary_backend, names=[r.name for r in train + valid])
+    recs = [r for r in train + valid if r.report.strip()]
+    summaries = summaries_of(cfg, [r.report for r in recs], [r.name for r in recs], out)
     if ckpt is not None:
         return summaries, ckpt["tokenizer"]
     if cfg.tokenizer or cfg.text_weights:
@@ -160,6 +217,29 @@ def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
         return summaries, data_lib.load_tokenizer(path).to_str()
     texts = [s for r in train for s in summaries.get(r.report, [r.report])]
     return summaries, data_lib.train_tokenizer(texts, cfg.vocab_size, out / "tokenizer.json").to_str()
+
+
+def summaries_of(cfg: TrainConfig, reports: list, names: list, out: Path) -> dict:
+    """{report: summary sentences} from the summary cache, summarising what it lacks; names (the
+    volume of each report) go into the cache beside each summary. A report left without a summary
+    (the LLM server down, a bad reply) stops the run unless --summary_fallback."""
+    cache = Path(cfg.summary_cache) if cfg.summary_cache else out / f"summaries_{cfg.summary_backend}.jsonl"
+    llm = {} if cfg.summary_backend == "rules" else dict(
+        url=cfg.llm_url, model=cfg.llm_model, api_key_env=cfg.llm_api_key_env)
+    try:
+        summaries = summarize.summarize_all(reports, cache_path=cache, backend=cfg.summary_backend,
+                                            names=names, **llm)
+    except SummaryError as e:
+        raise ValueError(f"summarization ({cfg.summary_backend}, {cfg.llm_url}): {e}") from None
+    missing, reports = len({r for r in reports if r not in summaries}), set(reports)
+    if missing and not cfg.summary_fallback:
+        raise ValueError(f"{missing} of {len(reports)} reports have no summary in {cache} (reasons "
+                         f"above); rerun to retry them, or pass --summary_fallback to train on their "
+                         f"raw text")
+    if missing:
+        print(f"train: {missing} of {len(reports)} reports have no summary; their raw text is used "
+              f"(--summary_fallback)")
+    return summaries
 
 
 class StepSeeded(torch.utils.data.Dataset):
@@ -239,6 +319,29 @@ def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_e
     tmp = path.with_suffix(".pt.tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def read_resume_checkpoint(path: Path, mcfg) -> dict:
+    """The checkpoint to continue from, checked before any data is prepared: readable (see
+    eval.read_checkpoint), holding the training state, and made with this run's model config."""
+    what = "cannot resume"
+    try:
+        ckpt = eval_lib.read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}; move it away to start a new run there") from None
+    missing = [k for k in ("optimizer", "scaler", "step", "rng", "last_eval") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{what}: {path} holds no training state (missing {missing}); it can be "
+                         f"evaluated (eval.py --ckpt) but not resumed")
+    stored = eval_lib.checkpoint_config(ckpt)
+    differ = [f"{f.name} {getattr(stored, f.name)} (checkpoint) vs {getattr(mcfg, f.name)} (now)"
+              for f in fields(mcfg) if f.name not in ("vocab_size", "grad_checkpoint")
+              and getattr(stored, f.name) != getattr(mcfg, f.name)]
+    if differ:
+        raise ValueError(f"{what}: {path} was trained with another model config: "
+                         f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with "
+                         f"the same --preset and --text_weights, or pick another --out_dir")
+    return ckpt
 
 
 def restore_rng(rng: dict):
@@ -479,7 +582,7 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
     if cfg.resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     resume = cfg.resume or (cfg.auto_resume and ckpt_path.is_file())
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume else None
+    ckpt = read_resume_checkpoint(ckpt_path, mcfg) if resume else None
     with master_first():  # rank 0 generates / preprocesses once, the others read its caches
         train_recs, valid_recs = load_records(cfg, mcfg, workers)
     summaries, tok = broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)
@@ -560,6 +663,8 @@ def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, sav
     result.update(step=step, history=history)
     save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
     print(eval_lib.format_table(result))
+    for note in result.get("notes", []):  # e.g. held-out classes without a positive
+        print(f"note: {note}")
     path = eval_lib.write_result(result, Path(cfg.out_dir))
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over "
           f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes "

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
-                  find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume, read_csv,
-                  read_radchest_npz, to_hu, volume_key)
+                  check_hu, find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume,
+                  read_csv, read_radchest_npz, to_hu, volume_key)
 from prepare.tables import CTRateTables, read_radchest_labels
 
 
@@ -70,6 +70,7 @@ def _prepare_one(job):
     """Worker: read, convert, resample, crop/pad, clip and save one volume; never raises."""
     try:
         hu, spacing, rule = _read_source(job)
+        check_hu(hu, job["src"], allow=job.get("allow_non_hu", False))
         vol = preprocess_volume(hu, spacing, job["target_spacing"], job["target_shape"])
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
         return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
@@ -149,13 +150,14 @@ def _log_failure(log, name, reason, counts):
 
 
 def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, label="preprocess",
-                   failed=(), classes=CTRATE_CLASSES):
+                   failed=(), classes=CTRATE_CLASSES, allow_non_hu=False):
     """Preprocess `jobs` into cache_dir (resumable), write index.csv -> (records, counts).
 
     A job is a dict(name, src, kind "nifti"/"npz", spacing or None, slope, intercept, report,
     labels). A volume whose .npy exists and is listed in done.jsonl is skipped; a bad volume is
     reported on stderr with its reason and listed in failed.txt, and the run goes on. `failed`
-    holds (name, reason) pairs already known to be bad (e.g. a volume missing from a CSV).
+    holds (name, reason) pairs already known to be bad (e.g. a volume missing from a CSV). A volume
+    that does not look like a CT in HU fails (data.check_hu) unless allow_non_hu.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / "volumes").mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
     done = _read_done(cache_dir / "done.jsonl")
     counts, todo = dict(done=0, skipped=0, failed=0), []
     for job in jobs:
-        job.update(out=str(cache_dir / "volumes" / f"{job['name']}.npy"),
+        job.update(out=str(cache_dir / "volumes" / f"{job['name']}.npy"), allow_non_hu=allow_non_hu,
                    target_spacing=tuple(target_spacing), target_shape=tuple(target_shape))
         if job["name"] in done and Path(job["out"]).is_file():
             counts["skipped"] += 1
@@ -379,6 +381,8 @@ def preprocess_main(argv=None):
                    help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
     p.add_argument("--labels", help="radchest: label CSV (None: found under --root); folder: "
                    "CSV of volume name + one 0/1 column per class, any class names")
+    p.add_argument("--allow_non_hu", action="store_true", help="keep volumes that do not look like "
+                   "a CT in HU (no air, values out of range) instead of failing them")
     a = p.parse_args(argv)
     if a.split is not None and a.dataset != "ctrate":
         p.error(f"--split is for CT-RATE only: a {a.dataset} dataset has no splits (every volume "
@@ -392,7 +396,8 @@ def preprocess_main(argv=None):
             jobs, failed, classes = folder_jobs(a.root, a.labels)
         t = PREPROCESS[a.preset]
         records, counts = run_preprocess(jobs, a.out, t["target_spacing"], t["target_shape"],
-                                         a.workers, f"{a.dataset} {a.preset}", failed, classes)
+                                         a.workers, f"{a.dataset} {a.preset}", failed, classes,
+                                         a.allow_non_hu)
     except (ValueError, FileNotFoundError) as e:  # a problem with the data set as a whole
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -402,7 +407,12 @@ def preprocess_main(argv=None):
     print(f"summary: done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}"
           f" | HU rules {rules} | index {Path(a.out) / 'index.csv'} ({len(records)} volumes)"
           + (f" | failures listed in {Path(a.out) / 'failed.txt'}" if counts["failed"] else ""))
-    return 0 if records or not counts["failed"] else 1
+    if counts["failed"]:
+        print(f"error: {counts['failed']} volume(s) failed (reasons above and in "
+              f"{Path(a.out) / 'failed.txt'}); the {len(records)} good ones are in the index",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

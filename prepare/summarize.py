@@ -108,15 +108,25 @@ class _CacheWriter:
         self.file.close()
 
 
+class BatchStopped(SummaryError):
+    """max_failures reports in a row failed on the server's side: the batch stopped early (every
+    finished report is in the cache, a rerun resumes)."""
+
+
+MAX_FAILURES = 10  # consecutive server-side failures that stop a batch
+
+
 def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers: int = 8,
-              progress: bool = True, names: list[str] | None = None,
+              progress: bool = True, names: list[str] | None = None, max_failures: int = MAX_FAILURES,
               **llm_options) -> tuple[dict[str, list[str]], dict[str, str], dict]:
     """Summarise the unique texts not already in the cache.
 
     names (parallel to texts: volume names or accession numbers) go into each new cache line as
     "names", every name whose row holds that text, so the cache joins back to the reports; lines
     without them (older caches) read the same.
-    Returns (summaries by text, errors by text, counts {"done", "cached", "failed"})."""
+    Returns (summaries by text, errors by text, counts {"done", "cached", "failed"}). Raises
+    BatchStopped after max_failures consecutive server-side failures (0 = never): with the server
+    down, each further report would only add its own timeout and back-off."""
     wrong = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if wrong is not None:
         raise TypeError(f"texts[{wrong}] is {type(texts[wrong]).__name__}, expected str")
@@ -134,8 +144,9 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
     writer = _CacheWriter(cache_path) if cache_path and todo else None
     work = LLMClient(**llm_options).summarize if backend == "llm" else summarize_rules
     meter = _Progress(len(todo), len(summaries), progress)
+    in_a_row = [0]  # consecutive server-side failures
 
-    def finish(text: str, result: list[str] | None, error: str | None) -> None:
+    def finish(text: str, result: list[str] | None, error: str | None, server_fault: bool) -> None:
         if result is not None:
             summaries[text] = result
         else:
@@ -146,6 +157,11 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
                           **({"names": names_of[text]} if text in names_of else {}),
                           **({"summary": result} if result is not None else {"error": error})})
         meter.step(error is not None)
+        in_a_row[0] = in_a_row[0] + 1 if server_fault else 0
+        if max_failures and in_a_row[0] >= max_failures:
+            raise BatchStopped(f"stopped after {in_a_row[0]} reports in a row failed (last: {error}); "
+                               f"{len(summaries)} summaries are kept"
+                               + (f" in {cache_path}, a rerun resumes" if cache_path else ""))
 
     try:
         if backend == "llm" and workers > 1:  # network-bound: overlap requests, at most `workers` in flight
@@ -177,11 +193,14 @@ def _names_by_text(texts: list[str], names: list[str] | None) -> dict[str, list[
     return out
 
 
-def _attempt(work, text: str) -> tuple[list[str] | None, str | None]:
+def _attempt(work, text: str) -> tuple[list[str] | None, str | None, bool]:
+    """-> (summary, None, False), or (None, error, whether the server is at fault, not the text)."""
     try:
-        return work(text), None
-    except (SummaryError, ValueError, TypeError) as e:
-        return None, f"{type(e).__name__}: {e}"
+        return work(text), None, False
+    except SummaryError as e:
+        return None, f"{type(e).__name__}: {e}", True
+    except (ValueError, TypeError) as e:
+        return None, f"{type(e).__name__}: {e}", False
 
 
 class _Progress:
@@ -210,12 +229,12 @@ class _Progress:
 
 def summarize_all(texts: list[str], cache_path=None, backend: str = "rules", workers: int = 8,
                   progress: bool = True, names: list[str] | None = None,
-                  **llm_options) -> dict[str, list[str]]:
+                  max_failures: int = MAX_FAILURES, **llm_options) -> dict[str, list[str]]:
     """{report text: summary sentences} for every text that could be summarised, using and updating
     the cache (names: see run_batch). Failures are left out of the result and reported on stderr
     (and in the cache)."""
     summaries, errors, counts = run_batch(texts, cache_path, backend, workers, progress, names,
-                                          **llm_options)
+                                          max_failures, **llm_options)
     if errors:
         first = next(iter(errors.values()))
         print(f"summarize: {counts['failed']} report(s) failed, e.g. {first}", file=sys.stderr)
@@ -231,8 +250,11 @@ def read_reports(path: Path, text_column: str | None = None) -> tuple[list[str],
     Findings_EN + Impressions_EN (joined with a space, as CT-RATE's report is Findings + Impressions)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
             rows, columns = list(reader), list(reader.fieldnames or [])
+    except csv.Error as e:  # a quote left open would swallow the rows after it into one report
+        raise SystemExit(f"{path}: malformed CSV near line {reader.line_num} ({e}); check for an "
+                         f"unterminated quote") from None
     except UnicodeDecodeError as e:
         raise SystemExit(f"{path}: not valid UTF-8 (byte {e.start}); re-save the CSV as UTF-8") from None
     except OSError as e:
@@ -271,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="llm: seconds to wait for one reply")
     ap.add_argument("--retries", type=int, default=LLM_DEFAULTS["retries"],
                     help="llm: extra attempts on 429/5xx/timeouts/dropped connections (exponential backoff)")
+    ap.add_argument("--max_failures", type=int, default=MAX_FAILURES,
+                    help="llm: stop after this many reports in a row fail on the server's side "
+                    "(finished ones stay cached; 0 = never stop)")
     ap.add_argument("--text_column", default=None, help="CSV column holding the report text")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     args = ap.parse_args(argv)
@@ -281,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         retries=args.retries)
     try:
         summaries, errors, counts = run_batch(texts, args.out, args.backend, args.workers,
-                                              not args.quiet, names, **options)
+                                              not args.quiet, names, args.max_failures, **options)
+    except BatchStopped as e:
+        print(f"\nsummarize: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished report is saved in {args.out}; rerun to resume",
               file=sys.stderr)

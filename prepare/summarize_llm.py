@@ -4,8 +4,9 @@ Follows the paper's semantic summarization by GPT-4o: a fixed prompt asks for on
 sentence with the 18 CT-RATE class names as the preferred wording; the reply must be a JSON list of
 strings (parsed strictly). Works with vLLM, llama.cpp, Ollama or a hosted API, standard library
 only (urllib): temperature 0, a timeout, retries with exponential backoff and jitter on 408 / 409 /
-425 / 429 / 5xx, and an API key read from the environment, sent only as a Bearer header and
-scrubbed from every error message.
+425 / 429 / 5xx and dropped connections, none when the connection is refused or the host name does
+not resolve (nothing there to wait for), and an API key read from the environment, sent only as a
+Bearer header and scrubbed from every error message.
 
     python -m prepare.summarize reports.csv --out summaries.jsonl --backend llm --url http://127.0.0.1:8000/v1
 """
@@ -14,6 +15,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -42,6 +44,11 @@ RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx; other 4xx (bad key, bad m
 
 class SummaryError(RuntimeError):
     """A report could not be summarised (bad reply, HTTP error, retries exhausted)."""
+
+
+class ServerUnreachable(SummaryError):
+    """Nothing listens at the URL (connection refused) or its host name does not resolve: a retry
+    would wait for nothing, so it fails at once."""
 
 
 def parse_reply(content: str) -> list[str]:
@@ -111,7 +118,14 @@ class LLMClient:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SummaryError(f"response from {self.endpoint} is not JSON") from None
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                # timeouts, refused/reset/dropped connections, truncated bodies: all worth a retry
+                cause = e.reason if isinstance(e, urllib.error.URLError) else e
+                if isinstance(cause, ConnectionRefusedError):
+                    raise ServerUnreachable(f"connection refused by {self.endpoint}: is the server "
+                                            f"running, and is the URL right?") from None
+                if isinstance(cause, socket.gaierror):
+                    raise ServerUnreachable(f"cannot resolve the host of {self.endpoint} "
+                                            f"({self._scrub(str(cause))})") from None
+                # timeouts, reset/dropped connections, truncated bodies: all worth a retry
                 problem = f"{type(e).__name__} talking to {self.endpoint}: {self._scrub(str(e))}"
             if attempt == self.retries:
                 raise SummaryError(f"{problem} (gave up after {attempt + 1} attempts)")

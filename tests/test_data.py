@@ -432,3 +432,48 @@ def test_make_loader_workers_seeded(tmp_path):
     assert names[0] == names[1]
     ev = data.make_loader(data.VolumeDataset(recs), batch_size=4, shuffle=False, workers=0)
     assert [n for b in ev for n in b["name"]] == [r.name for r in recs]
+
+
+def test_check_hu_cases():
+    """Real-looking HU passes; NaN, out-of-range values and no air are refused with the reason."""
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1000, (20, 20, 10)).astype(np.float32)
+    ct[:4] = -1000.0  # air
+    data.check_hu(ct, "ct")
+    with pytest.raises(ValueError, match=r"x\.nii: 1 NaN or inf voxels"):
+        data.check_hu(np.where(np.arange(ct.size).reshape(ct.shape) == 7, np.nan, ct), "x.nii")
+    with pytest.raises(ValueError, match="not Hounsfield units"):
+        data.check_hu(ct * 100, "x.nii", "--flag")
+    with pytest.raises(ValueError, match=r"no air .*--flag skips"):
+        data.check_hu(ct + 1024, "x.nii", "--flag")
+
+
+def test_read_csv_refuses_an_unterminated_quote(tmp_path):
+    """A quote left open would swallow the next rows into one report: refused, naming the file."""
+    path = tmp_path / "reports.csv"
+    path.write_text('VolumeName,Findings_EN,Impressions_EN\n'
+                    'a,"no effusion,none\n'
+                    'b,"nodule",none\n'
+                    'c,fine,none\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"reports\.csv: malformed CSV .*unterminated quote"):
+        data.read_csv(path, ("VolumeName",))
+    path.write_text('VolumeName,Findings_EN,Impressions_EN\na,"open quote to the end\nb,x,y\n',
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match=r"reports\.csv: .*(unterminated quote|header's 3 fields)"):
+        data.read_csv(path, ("VolumeName",))
+
+
+def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("VolumeName,Cardiomegaly\na,1\nb,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels\.csv: label '2' for 'b', class 'Cardiomegaly'; "
+                                         r"expected 0 or 1"):
+        data.read_labels(path, ("Cardiomegaly",))
+
+
+def test_nan_voxels_are_refused_even_with_allow_non_hu():
+    hu = np.full((8, 8, 4), -1000.0, np.float32)
+    data.check_hu(hu + 1000.0, "x", allow=True)  # no air, allowed
+    hu[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="x: 1 NaN or inf voxels"):
+        data.check_hu(hu, "x", allow=True)

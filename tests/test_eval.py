@@ -323,7 +323,7 @@ def test_own_folder_with_made_up_classes_end_to_end(tiny, tmp_path, capsys):
                                        "--labels", str(labels_csv), "--out", str(tmp_path / "cache"),
                                        "--preset", "tiny", "--workers", "1"])
     err = capsys.readouterr().err
-    assert code == 0 and "extra: no row for 'extra'" in err  # no label: reported, not dropped silently
+    assert code == 1 and "extra: no row for 'extra'" in err  # no label: reported, not dropped silently
     r = E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "o"),
                 "--n_boot", "20", "--no_plots"])
     assert r["classes"] == MADE_UP and r["n_volumes"] == len(truth)
@@ -783,3 +783,141 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
         E.main(["--help"])
     out = capsys.readouterr().out
     assert "--label_csv" in out and "--calib_split" in out and help_lacks_defaults(out) == []
+# ----------------------------------------------------------------------------- bad input
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(E.__file__).parent
+
+
+class NotPlainData:
+    """Stands for any pickled object a weights_only load must refuse (it would run its code)."""
+
+
+def test_read_checkpoint_refuses_bad_files_by_name(tiny, tmp_path):
+    model, tok = tiny
+    good = _checkpoint(model, tok, tmp_path / "good.pt")
+    cases = {"missing.pt": None, "text.pt": b"not a checkpoint", "torn.pt": good.read_bytes()[:2000],
+             "empty.pt": b""}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises((ValueError, FileNotFoundError), match=rf"{name}") as err:
+            E.read_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(err.value)
+        assert "corrupt or truncated" in str(err.value) or name == "missing.pt", str(err.value)
+    torch.save({"model": NotPlainData()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"pickled\.pt: holds objects other than tensors") as err:
+        E.read_checkpoint(tmp_path / "pickled.pt")
+    assert "weights_only" not in str(err.value)
+    torch.save(dict(model={}, model_config=dict(asdict(model.cfg), moe=True), tokenizer=""),
+               tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=r"newer\.pt: model_config has field\(s\) \['moe'\]"):
+        E.read_checkpoint(tmp_path / "newer.pt")
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_bad_checkpoint_and_device_exit_nonzero_without_a_traceback(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 torn")
+    res = run_eval("--ckpt", str(tmp_path / "ckpt.pt"), "--volume", "x.nii.gz")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"{tmp_path / 'ckpt.pt'}: corrupt or truncated checkpoint" in res.stderr
+    assert "weights_only" not in res.stderr
+    res = run_eval("--device", "cuda:7", "--scores", "s.csv", "--labels", "l.csv")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "--device cuda:7" in res.stderr
+
+
+def test_single_scan_refuses_findings_and_volumes_it_cannot_score(tiny, tmp_path, capsys):
+    """Empty, too long or unknown-word findings; NaN, all-zero and raw (no intercept) volumes:
+    each refused with its reason; --allow_non_hu scores an unusual volume anyway."""
+    model, tok = tiny
+    ckpt = str(_checkpoint(model, tok, tmp_path / "ckpt.pt"))
+    affine = np.diag([5.0, 5.0, 10.0, 1.0])
+    ct = np.random.default_rng(0).integers(-1000, 1000, (40, 36, 20)).astype(np.int16)
+    volumes = {"ct": ct, "zero": np.zeros_like(ct), "raw": ct + 1024,
+               "nan": np.where(ct > 900, np.nan, ct).astype(np.float32)}
+    for name, vol in volumes.items():
+        nib.save(nib.Nifti1Image(vol, affine), tmp_path / f"{name}.nii.gz")
+    np.save(tmp_path / "zero.npy", np.zeros(model.cfg.image_size, np.int16))
+    scan = ["--ckpt", ckpt, "--volume", str(tmp_path / "ct.nii.gz"), "--findings"]
+    for findings, message in [([""], "an empty finding"),
+                              (["effusion " * 200], "tokens as a prompt; the text encoder reads at most"),
+                              (["pleural 積液"], "words the tokenizer does not know ['積液']")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            E.main(scan + findings)
+    for name, message in [("zero.nii.gz", "no air"), ("raw.nii.gz", "no air"),
+                          ("nan.nii.gz", "NaN or inf"), ("zero.npy", "no air")]:
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: .*{message}"):
+            E.main(["--ckpt", ckpt, "--volume", str(tmp_path / name)])
+    scores = E.main(["--ckpt", ckpt, "--volume", str(tmp_path / "zero.nii.gz"), "--allow_non_hu",
+                     "--findings", "cardiomegaly"])
+    assert np.isfinite(scores["cardiomegaly"])
+    res = run_eval("--ckpt", ckpt, "--volume", str(tmp_path / "raw.nii.gz"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "--allow_non_hu" in res.stderr
+
+
+def test_score_files_with_bad_labels_or_names(tmp_path):
+    _write(tmp_path / "s.csv", ["VolumeName", "A", "B"], [["v1", "0.1", "0.2"], ["v2", "0.3", "0.1"]])
+    _write(tmp_path / "l.csv", ["VolumeName", "A", "B"], [["v1", "0", "2"], ["v2", "1", "0"]])
+    with pytest.raises(ValueError, match=r"l\.csv: label 2 for 'v1', class 'B'; expected 0 or 1"):
+        E.evaluate_score_files(tmp_path / "s.csv", tmp_path / "l.csv")
+    _write(tmp_path / "nameless.csv", ["A", "B"], [["0.1", "0.2"], ["0.3", "0.1"]])
+    with pytest.raises(ValueError, match=r"nameless\.csv: the first column \('A'\) holds numbers"):
+        E.read_score_csv(tmp_path / "nameless.csv")
+
+
+def test_macro_mean_states_its_classes_and_no_positive_is_an_error(tmp_path, capsys):
+    names = [f"v{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    _write(tmp_path / "s.csv", ["VolumeName", "A", "B"], [[n, *rng.random(2)] for n in names])
+    _write(tmp_path / "l.csv", ["VolumeName", "A", "B"], [[n, i % 2, 0] for i, n in enumerate(names)])
+    out = ["--out_dir", str(tmp_path / "o"), "--n_boot", "0", "--no_plots"]
+    result = E.main(["--scores", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "l.csv")] + out)
+    text = capsys.readouterr()
+    assert "over 1 of 2 classes" in text.out and "left out of the macro mean: ['B']" in text.err
+    assert result["macro_auc"] == result["auc"]["A"]
+    _write(tmp_path / "l0.csv", ["VolumeName", "A", "B"], [[n, 0, 0] for n in names])
+    out[1] = str(tmp_path / "o0")
+    with pytest.raises(ValueError, match=r"l0\.csv: no class has both positive and negative labels"):
+        E.main(["--scores", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "l0.csv")] + out)
+    assert not (tmp_path / "o0").exists()
+
+
+def test_calibration_on_too_few_volumes_is_flagged():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((100, 2)) < 0.5).astype(int)
+    cfg = E.EvalConfig(n_boot=0)
+    r = E.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], cfg=cfg)  # 30 calibration rows
+    assert not any("calibrated thresholds" in n for n in r["notes"])
+    r = E.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], cfg=cfg,
+                          calib=(rng.random((1, 2)), labels[:1], ["c1"]))
+    assert any("picked on only 1 volume(s)" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--workers", "-1"], "--workers >= 0"),
+    (["--calib_fraction", "1.5"], "--calib_fraction must be in [0, 1), got 1.5"),
+    (["--classes", "lung"], "unknown --classes 'lung'"),
+    (["--n_boot", "-1"], "--n_boot must be >= 0"),
+])
+def test_bad_flags_are_refused_before_any_data_is_read(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        E.main(["--ckpt", "nowhere.pt", "--data", "nowhere"] + flags)
+
+
+
+def test_weights_of_another_config_give_a_short_message(tiny, tmp_path):
+    model, tok = tiny
+    torch.save(dict(model=model.state_dict(), model_config=asdict(replace(model.cfg, embed_dim=16)),
+                    tokenizer=tok.to_str()), tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match=r"mixed\.pt: weights do not match the stored config "
+                                         r"\(size mismatch .*; \d+ more\)") as err:
+        E.load_checkpoint(tmp_path / "mixed.pt", torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -4,7 +4,6 @@ import dataclasses
 import pytest
 import torch
 
-import model
 from model import PRESETS, BrgSA, TextEncoder, ViT3D, sincos_3d
 
 SMALL = dataclasses.replace(PRESETS["tiny"], vit_width=48, vit_depth=2, vit_heads=2, text_width=48,

@@ -92,9 +92,10 @@ def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):
     v1 = tmp_path / "v1" / "train" / "train_3" / "train_3_a" / "train_3_a_1.nii.gz"
     v1.write_bytes(v1.read_bytes()[:300])  # truncated
     args = ["--dataset", "ctrate", "--split", "train", "--preset", "tiny", "--workers", "2"]
-    assert preprocess.preprocess_main(args + ["--root", f"{tmp_path}/v1", "--out", f"{tmp_path}/o1"]) == 0
+    assert preprocess.preprocess_main(args + ["--root", f"{tmp_path}/v1", "--out", f"{tmp_path}/o1"]) == 1
     out = capsys.readouterr()
     assert "done=4 skipped=0 failed=1" in out.out and "train_3_a_1.nii.gz" in out.err
+    assert "error: 1 volume(s) failed" in out.err and "the 4 good ones are in the index" in out.err
     assert "'rescaled': 4" in out.out
     assert preprocess.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
     assert "done=5 skipped=0 failed=0" in capsys.readouterr().out
@@ -225,7 +226,7 @@ def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
     code = preprocess.preprocess_main(["--dataset", "radchest", "--root", str(tmp_path / "rad"), "--out",
                                  str(out), "--preset", "tiny", "--workers", "2"])
     o = capsys.readouterr()
-    assert code == 0 and "done=6 skipped=0 failed=4" in o.out, o.out + o.err
+    assert code == 1 and "done=6 skipped=0 failed=4" in o.out, o.out + o.err
     for what in ("no array 'ct'", "not a readable .npz", "3-D 'ct' array",
                  "unknown volume name 'zzz'"):
         assert what in o.err
@@ -279,7 +280,7 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
     code = preprocess.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "in"), "--out",
                                  str(tmp_path / "o"), "--preset", "tiny", "--workers", "2"])
     o = capsys.readouterr()
-    assert code == 0 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
+    assert code == 1 and "done=2 skipped=0 failed=1" in o.out and "broken.nii.gz" in o.err
     # the head CT is kept but flagged; the chest CT is not
     assert "[warning] sub__invesalius_cranium_ct0051_ct_ds2:" in o.err and "not a chest CT?" in o.err
     assert "[warning] sub__pyradiomics" not in o.err
@@ -301,3 +302,28 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
         preprocess.preprocess_main(["--help"])
     out = capsys.readouterr().out
     assert out.count("usage:") == 1 and "--labels" in out and help_lacks_defaults(out) == []
+def test_volumes_not_in_hu_fail_by_name_unless_allowed(shared_data, tmp_path, capsys):
+    """A lesion mask (0/1), an all-zero volume and a CT stored as raw values without its intercept
+    are no CT in HU: each fails with its name and why, the real CT is kept, the exit code is 1;
+    --allow_non_hu keeps them all."""
+    import nibabel as nib
+    src = shared_data / "ct_volumes"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "ct.nii.gz").write_bytes((src / "pyradiomics_lung1_ct_ds2.nii.gz").read_bytes())
+    (tmp_path / "in" / "mask.nii.gz").write_bytes(
+        (src / "pyradiomics_lung1_lesion_mask_ds2.nii.gz").read_bytes())
+    ct = nib.load(str(src / "pyradiomics_lung1_ct_ds2.nii.gz"))
+    raw = np.asarray(ct.dataobj, np.int16) + 1024  # what the scanner stored before the -1024 intercept
+    nib.save(nib.Nifti1Image(raw, ct.affine), str(tmp_path / "in" / "raw.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 20), np.int16), ct.affine), str(tmp_path / "in" / "zero.nii.gz"))
+    args = ["--dataset", "folder", "--root", str(tmp_path / "in"), "--preset", "tiny", "--workers", "1"]
+    assert preprocess.preprocess_main(args + ["--out", str(tmp_path / "o")]) == 1
+    o = capsys.readouterr()
+    assert "done=1 skipped=0 failed=3" in o.out and "error: 3 volume(s) failed" in o.err
+    for name in ("mask.nii.gz", "raw.nii.gz", "zero.nii.gz"):
+        line = next(l for l in o.err.splitlines() if l.startswith("[failed]") and name in l)
+        assert "no air" in line and "--allow_non_hu" in line, line
+    assert [r.name for r in data.load_index(tmp_path / "o")] == ["ct"]
+    assert preprocess.preprocess_main(args + ["--out", str(tmp_path / "o2"), "--allow_non_hu"]) == 0
+    assert "done=4 skipped=0 failed=0" in capsys.readouterr().out
+

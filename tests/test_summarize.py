@@ -469,6 +469,10 @@ def test_cli_bad_csv_errors(tmp_path):
     wrong.write_text("VolumeName,text\nv1,Emphysema.\n")
     with pytest.raises(SystemExit, match="wrong.csv.*report_text.*Findings_EN"):
         summarize.main([str(wrong), "--out", str(tmp_path / "s.jsonl")])
+    torn = tmp_path / "torn.csv"  # the open quote would swallow the next report
+    torn.write_text('VolumeName,report_text\nv1,"Emphysema.\nv2,"Nodule."\nv3,Effusion.\n')
+    with pytest.raises(SystemExit, match="torn.csv: malformed CSV .*unterminated quote"):
+        summarize.main([str(torn), "--out", str(tmp_path / "s.jsonl")])
 
 
 def test_cli_empty_report_is_a_recorded_failure(tmp_path, capsys):
@@ -484,7 +488,7 @@ def test_cli_help_explains_every_flag(help_lacks_defaults):
     out = subprocess.run([sys.executable, "-m", "prepare.summarize", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     for flag in ["--out", "--backend", "--url", "--model", "--api_key_env", "--workers", "--timeout",
-                 "--retries", "--text_column"]:
+                 "--retries", "--max_failures", "--text_column"]:
         assert flag in out
     assert help_lacks_defaults(out) == []
 
@@ -533,3 +537,72 @@ def test_summarize_all_maps_texts_and_rejects_non_str(tmp_path):
     assert summarize.load_cache(tmp_path / "s.jsonl") == {summarize.report_key(t): out[t] for t in out}
     with pytest.raises(TypeError, match=r"texts\[1\]"):
         summarize.summarize_all(["Emphysema.", None], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Server down: fail fast, stop the batch, keep the cache
+# ---------------------------------------------------------------------------------------------------
+
+def _refused_url() -> str:
+    """A local URL where nothing listens (the port was just free)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_llm_refused_connection_fails_at_once_without_backoff():
+    client = summarize_llm.LLMClient(url=_refused_url(), retries=4, backoff=30.0, timeout=5.0)
+    start = time.monotonic()
+    with pytest.raises(summarize_llm.ServerUnreachable, match="connection refused .*is the server running"):
+        client.summarize("Emphysema.")
+    assert client.delays == [] and time.monotonic() - start < 5
+
+
+def test_llm_unresolvable_host_fails_at_once(monkeypatch):
+    import socket
+    import urllib.error
+
+    def no_dns(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr(summarize_llm.urllib.request, "urlopen", no_dns)
+    client = summarize_llm.LLMClient(url="http://llm.invalid/v1", retries=4, backoff=30.0)
+    with pytest.raises(summarize_llm.ServerUnreachable, match=r"cannot resolve the host of http://llm\.invalid"):
+        client.summarize("Emphysema.")
+    assert client.delays == []
+
+
+def test_circuit_breaker_stops_the_batch_and_keeps_the_cache(llm_server, tmp_path):
+    """Two reports done, then the server answers 500: after 3 failures in a row the batch stops;
+    the two summaries stay in the cache and a rerun (server back) does only the rest."""
+    llm_server.script = [("ok", '["A."]'), ("ok", '["B."]')] + [("status", 500, "{}")] * 3
+    texts = [f"Report {i}." for i in range(20)]
+    cache = tmp_path / "s.jsonl"
+    opts = dict(url=llm_server.url, model="m", retries=0, backoff=0.01)
+    with pytest.raises(summarize.BatchStopped, match=r"stopped after 3 reports in a row failed "
+                                                     r"\(last: .*HTTP 500.*2 summaries are kept in"):
+        summarize.run_batch(texts, cache, "llm", workers=1, progress=False, max_failures=3, **opts)
+    assert len(llm_server.requests) == 5
+    assert sorted(summarize.load_cache(cache, "llm:m").values()) == [["A."], ["B."]]
+    _, errors, counts = summarize.run_batch(texts, cache, "llm", workers=1, progress=False, **opts)
+    assert counts == {"done": 18, "cached": 2, "failed": 0} and not errors
+
+
+def test_cli_server_down_stops_fast_with_a_message(tmp_path, capsys):
+    reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
+    _write_csv(reports, [f"Report {i}." for i in range(50)])
+    start = time.monotonic()
+    code = summarize.main([str(reports), "--out", str(cache), "--backend", "llm", "--url", _refused_url(),
+                           "--workers", "1", "--max_failures", "4", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - start < 10
+    assert "stopped after 4 reports in a row failed" in err and "connection refused" in err
+    assert "a rerun resumes" in err and len(cache.read_text().splitlines()) == 4
+
+
+def test_bad_report_text_does_not_trip_the_breaker(tmp_path):
+    """Empty reports fail on their own text, not the server's: the batch goes on."""
+    _, errors, counts = summarize.run_batch(["", " ", "  ", "Emphysema."], tmp_path / "s.jsonl",
+                                            progress=False, max_failures=2)
+    assert counts == {"done": 1, "cached": 0, "failed": 3} and len(errors) == 3

@@ -217,3 +217,131 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
         train.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--tokenizer" in out and help_lacks_defaults(out) == []
+REPO = Path(train.__file__).parent
+
+
+def run_cli(*args, timeout=120):
+    """train.py as a user runs it -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--max_iters=-1", "--max_iters must be >= 1, got -1"),
+    ("--max_iters=0", "--max_iters must be >= 1, got 0"),
+    ("--batch_size=-4", "--batch_size must be >= 1, got -4"),
+    ("--grad_accum=0", "--grad_accum must be >= 1, got 0"),
+    ("--ckpt_interval=0", "--ckpt_interval must be >= 1, got 0"),
+    ("--log_interval=0", "--log_interval must be >= 1, got 0"),
+    ("--eval_interval=-1", "--eval_interval must be >= 0, got -1"),
+    ("--lr=0", "--lr must be > 0, got 0.0"),
+    ("--dtype=float64", "--dtype must be one of ['auto', 'bfloat16', 'float16', 'float32'], got 'float64'"),
+    ("--summary_backend=gpt", "--summary_backend must be one of ['rules', 'llm'], got 'gpt'"),
+    ("--device=tpu", "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("--batch_size=6", "--batch_size=6 must be a multiple of world size 1 x --grad_accum=4"),
+])
+def test_bad_flags_are_refused_before_any_work(flag, message, tmp_path, capsys):
+    args = [flag, f"--out_dir={tmp_path / 'run'}"] + (["--grad_accum=4"] if "6" in flag else [])
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_device_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device=cuda", f"--out_dir={tmp_path}"])
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+
+
+def test_new_run_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes(b"a trained model")
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args([f"--out_dir={tmp_path}", "--max_iters=1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--out_dir {tmp_path} already holds a checkpoint" in err
+    assert "--resume" in err and (tmp_path / "ckpt.pt").read_bytes() == b"a trained model"
+    train.parse_args([f"--out_dir={tmp_path}", "--resume"])  # continuing it is allowed
+    train.parse_args([f"--out_dir={tmp_path}", "--auto_resume"])
+
+
+def test_cli_refusals_exit_nonzero_without_a_traceback(tmp_path):
+    """As a user sees them: a bad flag, an overwrite, a corrupt checkpoint under --auto_resume."""
+    res = run_cli("--max_iters=-1", f"--out_dir={tmp_path / 'a'}")
+    assert res.returncode == 2 and "--max_iters must be >= 1" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 torn")  # a zip header, then nothing
+    res = run_cli(f"--out_dir={tmp_path}")
+    assert res.returncode == 2 and "already holds a checkpoint" in res.stderr
+    res = run_cli(f"--out_dir={tmp_path}", "--auto_resume")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"cannot resume: {tmp_path / 'ckpt.pt'}: corrupt or truncated checkpoint" in res.stderr
+    assert "weights_only=False" not in res.stderr and "move it away" in res.stderr
+
+
+def fake_checkpoint(path, model_config, **extra):
+    ckpt = dict(model={}, model_config=model_config, tokenizer="", optimizer={}, scaler={}, step=1,
+                rng={}, last_eval=None, **extra)
+    torch.save(ckpt, path)
+
+
+def test_resume_checks_the_checkpoint_before_any_data_work(tmp_path):
+    """Another preset, an unknown config field, no training state: each named, nothing else done."""
+    from dataclasses import asdict
+    path = tmp_path / "ckpt.pt"
+    fake_checkpoint(path, asdict(PRESETS["tiny"]))
+    with pytest.raises(ValueError, match=r"trained with another model config: image_size "
+                                         r"\(48, 48, 32\) \(checkpoint\) vs \(256, 256, 128\) \(now\)"):
+        train.read_resume_checkpoint(path, PRESETS["paper"])
+    assert train.read_resume_checkpoint(path, PRESETS["tiny"])["step"] == 1
+    fake_checkpoint(path, dict(asdict(PRESETS["tiny"]), moe_experts=8))
+    with pytest.raises(ValueError, match=r"model_config has field\(s\) \['moe_experts'\]"):
+        train.read_resume_checkpoint(path, PRESETS["tiny"])
+    torch.save(dict(model={}, model_config=asdict(PRESETS["tiny"]), tokenizer=""), path)
+    with pytest.raises(ValueError, match="holds no training state"):
+        train.read_resume_checkpoint(path, PRESETS["tiny"])
+
+
+def test_training_needs_reports():
+    from data import Record
+    rec = [Record(f"v{i}", "x.npy", text, None) for i, text in enumerate(["", "  ", "nodule."])]
+    said = []
+    assert [r.name for r in train.with_reports(rec, "D", said.append)] == ["v2"]
+    assert "2 training volumes have an empty report" in said[0]
+    with pytest.raises(ValueError, match=r"D: none of the 2 training volumes has a report"):
+        train.with_reports(rec[:2], "D", said.append)
+
+
+def _refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_llm_summaries_reuse_a_cache_made_with_another_model(tmp_path):
+    """A cache written by `python -m prepare.summarize --model my-model` serves train.py with
+    --llm_model my-model: nothing is sent to the (here unreachable) server."""
+    from prepare import summarize
+    reports = ["Small nodule.", "Pleural fluid."]
+    cache = tmp_path / "made_by_summarize.jsonl"
+    cache.write_text("".join(json.dumps(dict(key=summarize.report_key(r), source="llm:my-model",
+                                             summary=[f"S {r}"])) + "\n" for r in reports))
+    cfg = train.parse_args(["--summary_backend=llm", "--llm_model=my-model", f"--llm_url={_refused_url()}",
+                            f"--summary_cache={cache}", f"--out_dir={tmp_path / 'run'}"])
+    assert train.summaries_of(cfg, reports, None, tmp_path / "run") == {r: [f"S {r}"] for r in reports}
+
+
+def test_llm_server_down_stops_training_unless_told_to_fall_back(tmp_path, capsys):
+    reports = ["Small nodule.", "Pleural fluid.", "Emphysema."]
+    args = ["--summary_backend=llm", f"--llm_url={_refused_url()}", f"--out_dir={tmp_path}"]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"3 of 3 reports have no summary in .*summaries_llm\.jsonl.*"
+                                         r"--summary_fallback"):
+        train.summaries_of(train.parse_args(args), reports, None, tmp_path)
+    assert "connection refused" in capsys.readouterr().err and time.monotonic() - start < 10
+    assert train.summaries_of(train.parse_args(args + ["--summary_fallback"]), reports, None, tmp_path) == {}
+    assert "3 of 3 reports have no summary; their raw text is used" in capsys.readouterr().out
+    many = [f"Report {i}." for i in range(30)]
+    with pytest.raises(ValueError, match=r"summarization \(llm, http://127.*stopped after 10 reports"):
+        train.summaries_of(train.parse_args(args), many, None, tmp_path)

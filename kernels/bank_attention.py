@@ -366,7 +366,7 @@ def bank_attention(x: torch.Tensor, bank: torch.Tensor, scale: float = 1.0) -> t
         raise ValueError(f"bank_attention needs N, K, d >= 1 and one device, got x {tuple(x.shape)} "
                          f"on {x.device}, bank {tuple(bank.shape)} on {bank.device}")
     dtype = torch.promote_types(x.dtype, bank.dtype)
-    if torch.is_autocast_enabled(x.device.type):  # under autocast: the autocast dtype, as a matmul
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # under autocast: the autocast dtype, as a matmul
         dtype = torch.get_autocast_dtype(x.device.type)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"bank_attention supports fp16, bf16, fp32 and fp64, got {dtype}")

@@ -1,0 +1,336 @@
+"""sm_90 (H100) compile report of the kernels at the benchmark shapes, without a GPU.
+
+    python -m kernels.aot --arch sm_90 --json benchmarks/kernels_aot.json [--md TABLE.md] [--jobs 2]
+
+What it does, per dtype (bf16, fp16, fp32) and benchmark shape (bank attention N = 64 and 65,536 with
+K = 2,048, d = 768; contrastive loss N = 32,768, d = 768):
+1. Drives the public autograd functions forward + backward on "meta" tensors (shapes only, no data),
+   with every @triton.jit kernel of the op's module swapped for a recorder, so the launchers pick their
+   grids, splits and tile sizes exactly as they would on an H100 (132 SMs); torch matmuls issued by
+   a launcher are counted by torch's FlopCounterMode.
+2. Compiles each distinct recorded variant (kernel, signature, constexprs, warps, stages) with
+   triton.compile(..., target=GPUTarget("cuda", 90, 32)) through TTIR -> TTGIR -> LLIR -> PTX -> cubin,
+   and reads registers and spill bytes from the log of the ptxas that ships inside the Triton wheel.
+3. Models each launch from its recorded grid, sizes and constexprs (the functions in COST below,
+   written against the loop structure of each kernel): executed FLOPs (tensor-core products including
+   tile padding), L2 -> SM bytes (every tile load of every program; a tile used by two products but
+   loaded once counts once) and HBM bytes (each distinct tensor read or written once, i.e. a perfect
+   L2; fp32 partials and buffers included). torch matmuls are modelled as cuBLAS GEMMs with
+   128 x 256 output tiles: L2 -> SM = M N K (1/128 + 1/256) * itemsize.
+Required FLOPs are the algorithmic count: bank attention 12 N K d (forward 2 GEMMs, backward 4),
+contrastive loss 6 N^2 d (forward 1, backward 2). A first run compiles for minutes on 2 CPU cores;
+Triton's cache makes a rerun take seconds (registers then come from running ptxas on the cached PTX).
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real JIT, not the interpreter
+
+import torch
+import triton
+from torch.utils.flop_counter import FlopCounterMode
+
+from kernels import bank_attention, similarity
+
+SHAPES = dict(bank_attention=[(64, 2048, 768), (65536, 2048, 768)], contrastive_loss=[(32768, 0, 768)])
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+SHARED_LIMIT = 227 * 1024  # H100 opt-in shared memory per block
+GEMM_TILE = (128, 256)  # output tile assumed for cuBLAS in the L2 model
+
+
+# ----------------------------------------------------------------------------- recording launches
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` is recorded instead of launched."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.log.append((self.kernel, grid, args, meta))
+
+
+def _launches(module, op, N, K, d, dtype):
+    """Run op forward + backward on meta tensors -> (recorded launches, torch-issued matmul FLOPs)."""
+    log, saved = [], {}
+    for name, obj in vars(module).items():
+        if name.endswith("_kernel") and isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+            saved[name] = obj
+            setattr(module, name, _Recorder(obj, log))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if op == "bank_attention":
+                x = torch.empty(N, d, device="meta", dtype=dtype, requires_grad=True)
+                D = torch.empty(K, d, device="meta", dtype=dtype, requires_grad=True)
+                module.bank_attention(x, D, d ** -0.5).backward(torch.empty(N, d, device="meta", dtype=dtype))
+            else:
+                a, b = (torch.empty(N, d, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
+                module.contrastive_loss(a, b, 0.1).backward()
+    finally:
+        for name, obj in saved.items():
+            setattr(module, name, obj)
+    gemm = sum(v for k, v in counter.get_flop_counts().get("Global", {}).items())
+    return log, gemm, _gemm_l2(counter, dtype)
+
+
+def _gemm_l2(counter, dtype) -> float:
+    """Modelled L2 -> SM bytes of the torch matmuls: FLOPs / 2 * (1/128 + 1/256) * itemsize."""
+    flops = sum(counter.get_flop_counts().get("Global", {}).values())
+    return flops / 2 * (1 / GEMM_TILE[0] + 1 / GEMM_TILE[1]) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _values(kernel, args, meta) -> dict:
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    names = [p.name for p in fn.params]
+    return dict(zip(names, args), **{k: v for k, v in meta.items() if k in names})
+
+
+def _variants(kernel, args, meta):
+    """One (fn, signature, constexprs, attrs, options) per configuration the launch may run."""
+    if isinstance(kernel, triton.runtime.Autotuner):  # every config the tuner may pick
+        for cfg in kernel.configs:
+            yield _signature(kernel.fn, args, {**meta, **cfg.kwargs, "num_warps": cfg.num_warps,
+                                               "num_stages": cfg.num_stages})
+    else:
+        yield _signature(kernel, args, meta)
+
+
+def _signature(fn, args, meta):
+    """Launch arguments -> what ASTSource needs, mirroring the JIT's specialisation: tensors are
+    16-byte aligned (torch allocations are) and ints divisible by 16 are marked so."""
+    sig, constexprs, attrs = {}, {}, {}
+    values = _values(fn, args, meta)
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + TL_NAMES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = {bool: "i1", int: "i32" if abs(v) < 2 ** 31 else "i64", float: "fp32"}[type(v)]
+            if type(v) is int and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    return fn, sig, constexprs, attrs, options
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def _ptxas_report(text: str) -> tuple[int, int]:
+    """(registers, spill bytes = stores + loads) from a `ptxas -v` log."""
+    regs = max(map(int, re.findall(r"Used (\d+) registers", text)), default=-1)
+    spills = sum(map(int, re.findall(r"(\d+) bytes spill (?:stores|loads)", text)))
+    return regs, spills
+
+
+def _compile(job) -> dict:
+    """Compile one variant for sm_90 in a worker process -> shared bytes, registers, spill bytes."""
+    from triton.backends.compiler import GPUTarget
+
+    module, name, sig, constexprs, attrs, options = job
+    fn = getattr(sys.modules.get(f"kernels.{module}") or __import__(f"kernels.{module}", fromlist=[name]), name)
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # a failure is reported, not hidden behind the first one
+        return dict(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
+    regs, spills = _ptxas_report(log.getvalue())
+    if regs < 0:  # served from Triton's cache: ptxas did not run, so run it on the cached PTX
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+            out = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+        regs, spills = _ptxas_report(out.stderr + out.stdout)
+    return dict(ok=True, shared=k.metadata.shared, regs=regs, spills=spills)
+
+
+# ----------------------------------------------------------------------------- cost models
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _split_tiles(n_tiles, per, n_split):
+    """Tiles walked by each of n_split programs that take `per` consecutive tiles each."""
+    return [max(0, min(n_tiles, (s + 1) * per) - s * per) for s in range(n_split)]
+
+
+def _bank_fwd(v, grid, e):
+    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
+    N, K, d = v["N"], v["K"], v["d"]
+    dp = _cdiv(d, BD) * BD  # the logits sum every chunk of d, padded
+    rb, groups, splits = grid
+    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb * groups
+    flops = walks * 2 * BM * BK * (dp + NC * BD)
+    l2 = walks * (BM * dp + BK * dp + BK * NC * BD) * e  # x and D per logit chunk, D again for P D
+    out_e = e if splits == 1 else 4
+    hbm = (N + K) * d * e + splits * (N * d * out_e + 2 * N * 4)
+    return flops, l2, hbm
+
+
+def _bank_combine(v, grid, e):
+    n = v["n_split"] * v["N"] * (v["d"] + 2) * 4 + v["N"] * (v["d"] * e + 8)
+    return 0, n, n
+
+
+def _bank_dx(v, grid, e):
+    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
+    N, K, d = v["N"], v["K"], v["d"]
+    dp = _cdiv(d, BD) * BD
+    rb, groups, splits = grid
+    progs = rb * groups * splits
+    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb * groups
+    flops = progs * 2 * BM * BM * dp + walks * 2 * BM * BK * (2 * dp + NC * BD)
+    l2 = progs * 2 * BM * dp * e + walks * (2 * BM * dp + BK * dp + BK * NC * BD) * e
+    hbm = (3 * N + K) * d * e + splits * N * d * (e if splits == 1 else 4) + 3 * N * 4
+    return flops, l2, hbm
+
+
+def _bank_dD(v, grid, e):
+    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
+    N, K, d = v["N"], v["K"], v["d"]
+    dp = _cdiv(d, BD) * BD
+    kt, groups, splits = grid
+    walks = sum(_split_tiles(_cdiv(N, BM), v["blocks_per_split"], splits)) * kt * groups
+    flops = walks * 2 * BM * BK * (2 * dp + 2 * NC * BD)
+    l2 = walks * (2 * BM * dp + BK * dp + 2 * BM * NC * BD) * e
+    hbm = (2 * N + K) * d * e + splits * K * d * (e if splits == 1 else 4) + 3 * N * 4
+    return flops, l2, hbm
+
+
+def _sim_norm(v, grid, e):
+    return 0, v["N"] * v["d"] * e, v["N"] * v["d"] * e
+
+
+def _sim_lse(v, grid, e):
+    BM, BN, BD, N, d = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"], v["N"], v["d"]
+    dp = _cdiv(d, BD) * BD
+    walks = grid[0] * _cdiv(N, BN)
+    return walks * 2 * BM * BN * dp, walks * (BM + BN) * dp * e, 2 * N * d * e + grid[0] * N * 4
+
+
+def _sim_col_lse(v, grid, e):
+    n = v["n_blocks"] * v["N"] * 4
+    return 0, n, n
+
+
+def _sim_grad(v, grid, e):
+    BM, BN, BD, NC, N, d = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"], v["NC"], v["N"], v["d"]
+    dp = _cdiv(d, BD) * BD
+    walks = grid[0] * grid[1] * _cdiv(N, BN)
+    flops = walks * 2 * BM * BN * (dp + NC * BD)
+    l2 = walks * (BM * dp + BN * dp + BN * NC * BD) * e
+    return flops, l2, 3 * N * d * e + 4 * N * 4
+
+
+COST = {  # kernel name -> (values, grid, itemsize) -> (executed FLOPs, L2 -> SM bytes, HBM bytes)
+    "_fwd_kernel": _bank_fwd, "_combine_kernel": _bank_combine, "_dx_kernel": _bank_dx,
+    "_dD_kernel": _bank_dD, "_norm_kernel": _sim_norm, "_lse_kernel": _sim_lse,
+    "_col_lse_kernel": _sim_col_lse, "_grad_kernel": _sim_grad,
+}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _grid(grid, values):
+    grid = tuple(grid(values) if callable(grid) else grid)
+    return grid + (1,) * (3 - len(grid))
+
+
+def collect(jobs_n: int) -> tuple[list[dict], list[dict]]:
+    """-> (per-variant compile rows, per-op model rows)."""
+    jobs, rows, ops = {}, [], []
+    for op, module in (("bank_attention", bank_attention), ("contrastive_loss", similarity)):
+        for N, K, d in SHAPES[op]:
+            for dtype in DTYPES:
+                e = torch.empty(0, dtype=dtype).element_size()
+                log, gemm_flops, gemm_l2 = _launches(module, op, N, K, d, dtype)
+                flops, l2, hbm, launches = gemm_flops, gemm_l2, 0.0, len(log)
+                for kernel, grid, args, meta in log:
+                    v = _values(kernel, args, meta)
+                    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+                    if isinstance(kernel, triton.runtime.Autotuner):  # model the first config
+                        v = {**v, **kernel.configs[0].kwargs}
+                    f, b, h = COST[fn.__name__](v, _grid(grid, v), e)
+                    flops, l2, hbm = flops + f, l2 + b, hbm + h
+                    for fn_, sig, constexprs, attrs, options in _variants(kernel, args, meta):
+                        key = (module.__name__.split(".")[-1], fn_.__name__, json.dumps(sig),
+                               repr(sorted(constexprs.items())), repr(sorted(options.items())))
+                        jobs.setdefault(key, dict(kernel=f"{key[0]}.{fn_.__name__}", dtype=TL_NAMES[dtype],
+                                                  shapes=set(), job=(key[0], fn_.__name__, sig, constexprs,
+                                                                     attrs, options),
+                                                  config=" ".join(f"{k}={v}" for k, v in constexprs.items()
+                                                                  if k.isupper() and k not in ("UPCAST", "ACC"))
+                                                  + " " + " ".join(f"{k}={v}" for k, v in options.items())))
+                        jobs[key]["shapes"].add(f"N={N}" + (f",K={K}" if K else "") + f",d={d}")
+                required = (12 * N * K * d) if op == "bank_attention" else 6 * N * N * d
+                ops.append(dict(op=op, dtype=TL_NAMES[dtype], shape=dict(N=N, K=K, d=d) if K else dict(N=N, d=d),
+                                launches=launches, executed_flops=flops, required_flops=required,
+                                flops_ratio=flops / required, hbm_bytes=hbm, l2_bytes=l2,
+                                torch_matmul_flops=gemm_flops))
+    with ProcessPoolExecutor(max_workers=jobs_n) as pool:
+        results = list(pool.map(_compile, [j["job"] for j in jobs.values()]))
+    for j, r in zip(jobs.values(), results):
+        rows.append(dict(kernel=j["kernel"], dtype=j["dtype"], shape=sorted(j["shapes"]), config=j["config"],
+                         **({"shared": r["shared"], "regs": r["regs"], "spills": r["spills"]} if r["ok"]
+                            else {"error": r["error"]})))
+    return rows, ops
+
+
+def markdown(rows, ops) -> str:
+    out = ["| kernel | dtype | shapes | config | shared B | regs | spill B |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['kernel']} | {r['dtype']} | {' '.join(r['shape'])} | {r['config']} | FAILED | | |")
+        else:
+            out.append(f"| {r['kernel']} | {r['dtype']} | {' '.join(r['shape'])} | {r['config']} | "
+                       f"{r['shared']} | {r['regs']} | {r['spills']} |")
+    out += ["", "| op | dtype | shape | Triton launches | executed TFLOP | required TFLOP | ratio | HBM GB | L2->SM GB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for o in ops:
+        shape = ",".join(f"{k}={v}" for k, v in o["shape"].items())
+        out.append(f"| {o['op']} | {o['dtype']} | {shape} | {o['launches']} | {o['executed_flops'] / 1e12:.3f} | "
+                   f"{o['required_flops'] / 1e12:.3f} | {o['flops_ratio']:.2f} | {o['hbm_bytes'] / 1e9:.2f} | "
+                   f"{o['l2_bytes'] / 1e9:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="sm_90", choices=["sm_90"], help="target (the H100 is the one modelled)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--md", help="write the Markdown tables here")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compiles")
+    args = p.parse_args(argv)
+    rows, ops = collect(args.jobs)
+    table = markdown(rows, ops)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(arch=args.arch, triton=triton.__version__, kernels=rows,
+                                                   ops=ops), indent=1) + "\n")
+    if args.md:
+        Path(args.md).write_text(f"sm_90 compile report, triton {triton.__version__}\n\n{table}\n")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

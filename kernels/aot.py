@@ -38,7 +38,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real JIT, not th
 
 import torch
 import triton
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import bank_attention, similarity
 
@@ -61,15 +61,48 @@ class _Recorder:
         return lambda *args, **meta: self.log.append((self.kernel, grid, args, meta))
 
 
+class _TorchOps(TorchDispatchMode):
+    """Counts what the launchers do with torch between kernels: every matmul (modelled as a cuBLAS
+    GEMM with GEMM_TILE output tiles) and every other op that moves data (views and allocations move
+    none): FLOPs, L2 -> SM bytes, HBM bytes (operands and result once) and kernel launches."""
+    FREE = ("view", "t", "slice", "select", "as_strided", "unsqueeze", "squeeze", "expand", "alias",
+            "detach", "empty", "empty_like", "empty_strided", "_unsafe_view", "transpose", "permute", "lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.flops = self.l2 = self.hbm = 0.0
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.FREE:
+            return out
+        tensors = [t for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)]
+        results = out if isinstance(out, (tuple, list)) else [out]
+        moved = sum(t.numel() * t.element_size() for t in tensors + [r for r in results if isinstance(r, torch.Tensor)])
+        self.launches += 1
+        self.hbm += moved
+        if name in ("mm", "addmm"):
+            a, b = args[-2:] if name == "mm" else args[1:3]
+            (M, K), Nn = a.shape, b.shape[1]
+            tiles = _cdiv(M, GEMM_TILE[0]) * _cdiv(Nn, GEMM_TILE[1])
+            self.flops += 2 * M * K * Nn
+            self.l2 += tiles * sum(GEMM_TILE) * K * a.element_size()
+        else:
+            self.l2 += moved
+        return out
+
+
 def _launches(module, op, N, K, d, dtype):
-    """Run op forward + backward on meta tensors -> (recorded launches, torch-issued matmul FLOPs)."""
+    """Run op forward + backward on meta tensors -> (recorded kernel launches, torch-op accounting)."""
     log, saved = [], {}
     for name, obj in vars(module).items():
         if name.endswith("_kernel") and isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
             saved[name] = obj
             setattr(module, name, _Recorder(obj, log))
     try:
-        with FlopCounterMode(display=False) as counter:
+        with _TorchOps() as ops:
             if op == "bank_attention":
                 x = torch.empty(N, d, device="meta", dtype=dtype, requires_grad=True)
                 D = torch.empty(K, d, device="meta", dtype=dtype, requires_grad=True)
@@ -80,14 +113,7 @@ def _launches(module, op, N, K, d, dtype):
     finally:
         for name, obj in saved.items():
             setattr(module, name, obj)
-    gemm = sum(v for k, v in counter.get_flop_counts().get("Global", {}).items())
-    return log, gemm, _gemm_l2(counter, dtype)
-
-
-def _gemm_l2(counter, dtype) -> float:
-    """Modelled L2 -> SM bytes of the torch matmuls: FLOPs / 2 * (1/128 + 1/256) * itemsize."""
-    flops = sum(counter.get_flop_counts().get("Global", {}).values())
-    return flops / 2 * (1 / GEMM_TILE[0] + 1 / GEMM_TILE[1]) * torch.empty(0, dtype=dtype).element_size()
+    return log, ops
 
 
 def _values(kernel, args, meta) -> dict:
@@ -174,16 +200,15 @@ def _split_tiles(n_tiles, per, n_split):
 
 
 def _bank_fwd(v, grid, e):
-    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
+    BM, BK, dp = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"] * v["NC"]  # dp: d padded to whole chunks
     N, K, d = v["N"], v["K"], v["d"]
-    dp = _cdiv(d, BD) * BD  # the logits sum every chunk of d, padded
-    rb, groups, splits = grid
-    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb * groups
-    flops = walks * 2 * BM * BK * (dp + NC * BD)
-    l2 = walks * (BM * dp + BK * dp + BK * NC * BD) * e  # x and D per logit chunk, D again for P D
+    rb, splits = grid[:2]
+    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb  # (row block, bank tile)
+    flops = walks * 2 * BM * BK * 2 * dp  # S = x D^T and P D
+    l2 = rb * splits * BM * dp * e + walks * BK * dp * e  # x once per program, each D tile once
     out_e = e if splits == 1 else 4
     hbm = (N + K) * d * e + splits * (N * d * out_e + 2 * N * 4)
-    return flops, l2, hbm
+    return flops, l2 + splits * N * d * out_e, hbm
 
 
 def _bank_combine(v, grid, e):
@@ -191,29 +216,15 @@ def _bank_combine(v, grid, e):
     return 0, n, n
 
 
-def _bank_dx(v, grid, e):
-    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
-    N, K, d = v["N"], v["K"], v["d"]
-    dp = _cdiv(d, BD) * BD
-    rb, groups, splits = grid
-    progs = rb * groups * splits
-    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb * groups
-    flops = progs * 2 * BM * BM * dp + walks * 2 * BM * BK * (2 * dp + NC * BD)
-    l2 = progs * 2 * BM * dp * e + walks * (2 * BM * dp + BK * dp + BK * NC * BD) * e
-    hbm = (3 * N + K) * d * e + splits * N * d * (e if splits == 1 else 4) + 3 * N * 4
-    return flops, l2, hbm
-
-
-def _bank_dD(v, grid, e):
-    BM, BK, BD, NC = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"], v["NC"]
-    N, K, d = v["N"], v["K"], v["d"]
-    dp = _cdiv(d, BD) * BD
-    kt, groups, splits = grid
-    walks = sum(_split_tiles(_cdiv(N, BM), v["blocks_per_split"], splits)) * kt * groups
-    flops = walks * 2 * BM * BK * (2 * dp + 2 * NC * BD)
-    l2 = walks * (2 * BM * dp + BK * dp + 2 * BM * NC * BD) * e
-    hbm = (2 * N + K) * d * e + splits * K * d * (e if splits == 1 else 4) + 3 * N * 4
-    return flops, l2, hbm
+def _bank_bwd(v, grid, e):
+    BM, BK, dp = v["BLOCK_M"], v["BLOCK_K"], v["BLOCK_D"] * v["NC"]
+    K, d, n = v["K"], v["d"], v["n_rows"]
+    rb, splits = grid[:2]
+    walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb
+    flops = walks * 2 * BM * BK * 2 * dp  # S and dP
+    l2 = rb * splits * 4 * BM * dp * e + walks * BK * dp * e  # x, dO held; dO, x_hat for delta; D
+    w = 2 * n * K * e  # P and s dS written
+    return flops, l2 + w, (3 * n + K) * d * e + w
 
 
 def _sim_norm(v, grid, e):
@@ -221,10 +232,10 @@ def _sim_norm(v, grid, e):
 
 
 def _sim_lse(v, grid, e):
-    BM, BN, BD, N, d = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"], v["N"], v["d"]
-    dp = _cdiv(d, BD) * BD
+    BM, BN, dp, N, d = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"] * v["NC"], v["N"], v["d"]
     walks = grid[0] * _cdiv(N, BN)
-    return walks * 2 * BM * BN * dp, walks * (BM + BN) * dp * e, 2 * N * d * e + grid[0] * N * 4
+    stats = grid[0] * N * 4
+    return walks * 2 * BM * BN * dp, grid[0] * BM * dp * e + walks * BN * dp * e + stats, 2 * N * d * e + stats
 
 
 def _sim_col_lse(v, grid, e):
@@ -232,19 +243,16 @@ def _sim_col_lse(v, grid, e):
     return 0, n, n
 
 
-def _sim_grad(v, grid, e):
-    BM, BN, BD, NC, N, d = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"], v["NC"], v["N"], v["d"]
-    dp = _cdiv(d, BD) * BD
-    walks = grid[0] * grid[1] * _cdiv(N, BN)
-    flops = walks * 2 * BM * BN * (dp + NC * BD)
-    l2 = walks * (BM * dp + BN * dp + BN * NC * BD) * e
-    return flops, l2, 3 * N * d * e + 4 * N * 4
+def _sim_h(v, grid, e):
+    BM, BN, dp, N, d, n = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_D"] * v["NC"], v["N"], v["d"], v["n_rows"]
+    walks = grid[0] * _cdiv(N, BN)  # the column splits share the column tiles
+    h = n * N * e  # H written
+    return walks * 2 * BM * BN * dp, grid[0] * grid[1] * BM * dp * e + walks * BN * dp * e + h, (n + N) * d * e + h
 
 
 COST = {  # kernel name -> (values, grid, itemsize) -> (executed FLOPs, L2 -> SM bytes, HBM bytes)
-    "_fwd_kernel": _bank_fwd, "_combine_kernel": _bank_combine, "_dx_kernel": _bank_dx,
-    "_dD_kernel": _bank_dD, "_norm_kernel": _sim_norm, "_lse_kernel": _sim_lse,
-    "_col_lse_kernel": _sim_col_lse, "_grad_kernel": _sim_grad,
+    "_fwd_kernel": _bank_fwd, "_combine_kernel": _bank_combine, "_bwd_kernel": _bank_bwd,
+    "_norm_kernel": _sim_norm, "_lse_kernel": _sim_lse, "_col_lse_kernel": _sim_col_lse, "_h_kernel": _sim_h,
 }
 
 
@@ -262,8 +270,8 @@ def collect(jobs_n: int) -> tuple[list[dict], list[dict]]:
         for N, K, d in SHAPES[op]:
             for dtype in DTYPES:
                 e = torch.empty(0, dtype=dtype).element_size()
-                log, gemm_flops, gemm_l2 = _launches(module, op, N, K, d, dtype)
-                flops, l2, hbm, launches = gemm_flops, gemm_l2, 0.0, len(log)
+                log, torch_ops = _launches(module, op, N, K, d, dtype)
+                flops, l2, hbm = torch_ops.flops, torch_ops.l2, torch_ops.hbm
                 for kernel, grid, args, meta in log:
                     v = _values(kernel, args, meta)
                     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -283,9 +291,9 @@ def collect(jobs_n: int) -> tuple[list[dict], list[dict]]:
                         jobs[key]["shapes"].add(f"N={N}" + (f",K={K}" if K else "") + f",d={d}")
                 required = (12 * N * K * d) if op == "bank_attention" else 6 * N * N * d
                 ops.append(dict(op=op, dtype=TL_NAMES[dtype], shape=dict(N=N, K=K, d=d) if K else dict(N=N, d=d),
-                                launches=launches, executed_flops=flops, required_flops=required,
+                                triton_launches=len(log), torch_launches=torch_ops.launches, executed_flops=flops, required_flops=required,
                                 flops_ratio=flops / required, hbm_bytes=hbm, l2_bytes=l2,
-                                torch_matmul_flops=gemm_flops))
+                                torch_matmul_flops=torch_ops.flops))
     with ProcessPoolExecutor(max_workers=jobs_n) as pool:
         results = list(pool.map(_compile, [j["job"] for j in jobs.values()]))
     for j, r in zip(jobs.values(), results):
@@ -303,11 +311,11 @@ def markdown(rows, ops) -> str:
         else:
             out.append(f"| {r['kernel']} | {r['dtype']} | {' '.join(r['shape'])} | {r['config']} | "
                        f"{r['shared']} | {r['regs']} | {r['spills']} |")
-    out += ["", "| op | dtype | shape | Triton launches | executed TFLOP | required TFLOP | ratio | HBM GB | L2->SM GB |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out += ["", "| op | dtype | shape | launches (Triton + torch) | executed TFLOP | required TFLOP | ratio | HBM GB | L2->SM GB |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for o in ops:
         shape = ",".join(f"{k}={v}" for k, v in o["shape"].items())
-        out.append(f"| {o['op']} | {o['dtype']} | {shape} | {o['launches']} | {o['executed_flops'] / 1e12:.3f} | "
+        out.append(f"| {o['op']} | {o['dtype']} | {shape} | {o['triton_launches']} + {o['torch_launches']} | {o['executed_flops'] / 1e12:.3f} | "
                    f"{o['required_flops'] / 1e12:.3f} | {o['flops_ratio']:.2f} | {o['hbm_bytes'] / 1e9:.2f} | "
                    f"{o['l2_bytes'] / 1e9:.2f} |")
     return "\n".join(out)

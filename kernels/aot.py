@@ -263,12 +263,12 @@ def _grid(grid, values):
     return grid + (1,) * (3 - len(grid))
 
 
-def collect(jobs_n: int) -> tuple[list[dict], list[dict]]:
+def collect(jobs_n: int, dtypes=DTYPES) -> tuple[list[dict], list[dict]]:
     """-> (per-variant compile rows, per-op model rows)."""
     jobs, rows, ops = {}, [], []
     for op, module in (("bank_attention", bank_attention), ("contrastive_loss", similarity)):
         for N, K, d in SHAPES[op]:
-            for dtype in DTYPES:
+            for dtype in dtypes:
                 e = torch.empty(0, dtype=dtype).element_size()
                 log, torch_ops = _launches(module, op, N, K, d, dtype)
                 flops, l2, hbm = torch_ops.flops, torch_ops.l2, torch_ops.hbm
@@ -321,20 +321,47 @@ def markdown(rows, ops) -> str:
     return "\n".join(out)
 
 
+def targets(rows, ops, before=None) -> list[tuple[str, bool]]:
+    """The CPU-side targets of the kernels (issue 15, SPEC section 9) -> [(description, met)]."""
+    half = [r for r in rows if r["dtype"] in ("bf16", "fp16")]
+    out = [("every variant compiles for sm_90", all("error" not in r for r in rows)),
+           ("0 spill bytes in every bf16/fp16 variant (max %d)" % max((r.get("spills", 0) for r in half), default=0),
+            all(r.get("spills", 1) == 0 for r in half)),
+           ("shared memory <= 227 KB per block (max %d B)" % max(r.get("shared", 0) for r in rows),
+            all(r.get("shared", SHARED_LIMIT + 1) <= SHARED_LIMIT for r in rows))]
+    for op, N, limit in (("bank_attention", 65536, 1.25), ("contrastive_loss", 32768, 1.4)):
+        for o in (o for o in ops if o["op"] == op and o["shape"]["N"] == N and o["dtype"] != "fp32"):
+            out.append((f"{op} {o['dtype']} N={N}: executed / required FLOPs {o['flops_ratio']:.2f} <= {limit}",
+                        o["flops_ratio"] <= limit))
+            old = next((b for b in before or [] if (b["op"], b["dtype"], b["shape"]) == (op, o["dtype"], o["shape"])),
+                       None)
+            if old:
+                gain = old["l2_bytes"] / o["l2_bytes"]
+                out.append((f"{op} {o['dtype']} N={N}: modelled L2 -> SM bytes {gain:.1f}x below before "
+                            f"({old['l2_bytes'] / 1e9:.1f} -> {o['l2_bytes'] / 1e9:.1f} GB), target >= 3x", gain >= 3))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="sm_90", choices=["sm_90"], help="target (the H100 is the one modelled)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--md", help="write the Markdown tables here")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compiles")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16,fp16,fp32")
+    p.add_argument("--before", help="an earlier --json report: the L2 traffic target is relative to it")
     args = p.parse_args(argv)
-    rows, ops = collect(args.jobs)
-    table = markdown(rows, ops)
+    dtypes = [d for d in DTYPES if TL_NAMES[d] in args.dtypes.split(",")]
+    rows, ops = collect(args.jobs, dtypes)
+    before = json.loads(Path(args.before).read_text())["ops"] if args.before else None
+    checks = targets(rows, ops, before)
+    table = markdown(rows, ops) + "\n\n" + "\n".join(f"- {'met' if ok else 'NOT MET'}: {what}" for what, ok in checks)
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(arch=args.arch, triton=triton.__version__, kernels=rows,
-                                                   ops=ops), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(dict(arch=args.arch, triton=triton.__version__, kernels=rows, ops=ops,
+                                                   targets=[dict(target=w, met=ok) for w, ok in checks]),
+                                              indent=1) + "\n")
     if args.md:
         Path(args.md).write_text(f"sm_90 compile report, triton {triton.__version__}\n\n{table}\n")
     return 0 if all("error" not in r for r in rows) else 1

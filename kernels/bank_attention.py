@@ -43,10 +43,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import check_int32, chunking, chunks, constexprs, store_chunks, tile, zeros
+from kernels.tiles import check_int32, chunking, chunks, constexprs, sm_count, store_chunks, tile, zeros
 
 LOG2E = 1.4426950408889634
-H100_SMS = 132  # programs to fill when the device is not a GPU (so the interpreter takes GPU paths)
 BUFFER_BYTES = 64 * 2 ** 20  # backward chunk buffer (P and s dS for a block of rows)
 
 
@@ -194,7 +193,7 @@ def _split(n_tiles: int, programs: int, device: torch.device, fixed: int = 0) ->
     the fewest splits with the shortest makespan, waves * (tiles per split + fixed), where a wave is
     one program per SM and `fixed` is what a program loads before its walk (its held rows), in tiles.
     Splitting pays only below about one wave: partials cost traffic and a merge."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+    sms = sm_count(device)
     if programs >= sms:
         return 1, n_tiles
     best = None

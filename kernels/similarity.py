@@ -37,7 +37,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, tile
+from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, tile
 
 EPS = 1e-12  # F.normalize's clamp of the norm
 BLOCK = 64  # rows and columns of one logit tile
@@ -109,7 +109,7 @@ def _lse_kernel(A, B, NA, NB, LSE_R, LSE_CP, DIAG,   # LSE_CP (N / BLOCK_M, N): 
         m_c = tl.max(s_c, 0)
         lse_c = m_c + tl.log(tl.sum(tl.exp(s_c - m_c[None, :]), 0))
         tl.store(LSE_CP + pid * stride_cp + cols, lse_c.to(LSE_CP.dtype.element_ty), mask=cols < N)
-        if j0 == pid * BLOCK_M:  # the tile holding S_ii (BLOCK_M == BLOCK_N)
+        if (j0 < pid * BLOCK_M + BLOCK_M) & (j0 + BLOCK_N > pid * BLOCK_M):  # a tile holding some S_ii
             diag += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), 1)
     tl.store(LSE_R + rows, (m_i + tl.log(l_i)).to(LSE_R.dtype.element_ty), mask=row_ok)
     tl.store(DIAG + rows, diag.to(DIAG.dtype.element_ty), mask=row_ok)
@@ -173,10 +173,16 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _warps(d: int, itemsize: int) -> dict:
-    """Warps and stages of the tile kernels: 8 warps once the held row block is wide (d > 256)."""
+def _tiles(d: int, itemsize: int) -> dict:
+    """Tile sizes, warps and stages of the logit kernels, from the sm_90 report of kernels.aot: the
+    held 64 rows of a take 64 * d * itemsize bytes of shared memory (96 KB for bf16 at d = 768), so
+    wide rows walk 32-column tiles of b (two stages) to stay within 227 KB; fp32 holds 32 rows."""
     block_d, nc = chunking(d)
-    return dict(num_warps=8 if block_d * nc > 256 else 4, num_stages=2 if itemsize <= 2 else 1)
+    wide = block_d * nc > 256
+    if itemsize > 2 and wide:  # fp32: hold 32 rows, walk 16 columns
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=BLOCK, BLOCK_N=32 if wide else BLOCK, BLOCK_D=block_d, NC=nc,
+                num_warps=8 if wide else 4, num_stages=2)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -190,15 +196,14 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 def _loss_forward(a, b, tau):
     """a, b (N, d) contiguous, one dtype -> loss (0-dim), and what backward needs."""
     N, d = a.shape
-    block_d, nc = chunking(d)
-    blocks = triton.cdiv(N, BLOCK)
-    lse_cp = torch.empty(blocks, N, device=a.device, dtype=acc_dtype(a))  # (N / 64, N)
+    tiles = _tiles(d, a.element_size())
+    blocks = triton.cdiv(N, tiles["BLOCK_M"])
+    lse_cp = torch.empty(blocks, N, device=a.device, dtype=acc_dtype(a))  # (N / BLOCK_M, N)
     check_int32("contrastive_loss", a=a, column_statistics=lse_cp)
     na, nb = _norms(a), _norms(b)
     lse_r, diag = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(2))
     _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0),
-                           lse_cp.stride(0), 1.0 / tau, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, NC=nc,
-                           **constexprs(a), **_warps(d, a.element_size()))
+                           lse_cp.stride(0), 1.0 / tau, **tiles, **constexprs(a))
     lse_c = torch.empty_like(lse_r)
     _col_lse_kernel[(triton.cdiv(N, 256),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0),
                                             BLOCK=256, ACC=constexprs(a)["ACC"], num_warps=4)
@@ -217,21 +222,23 @@ def _unit_grad(x, n, dx_hat):
 def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
     """-> dL/da, dL/db, one chunk of rows of H at a time."""
     N, d = a.shape
-    block_d, nc = chunking(d)
-    chunk = max(BLOCK, BUFFER_BYTES // (N * a.element_size()) // BLOCK * BLOCK)
-    chunk = min(chunk, triton.cdiv(N, BLOCK) * BLOCK)
+    tiles = _tiles(d, a.element_size())
+    bm = tiles["BLOCK_M"]
+    chunk = max(bm, BUFFER_BYTES // (N * a.element_size()) // bm * bm)
+    chunk = min(chunk, triton.cdiv(N, bm) * bm)
     buf = torch.empty(chunk * N, device=a.device, dtype=a.dtype)
     check_int32("contrastive_loss", buffer=buf)
     a_hat, b_hat = (a / na[:, None]).to(a.dtype), (b / nb[:, None]).to(b.dtype)
     da_hat = torch.empty_like(a)
     db_hat = None
-    col_split = max(1, min(triton.cdiv(N, BLOCK), triton.cdiv(132, triton.cdiv(chunk, BLOCK))))
+    programs = triton.cdiv(chunk, bm)  # a chunk's row blocks; below a wave, columns are split too
+    col_split = max(1, min(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(sm_count(a.device), programs)))
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         H = buf[: n * N].view(n, N)
-        _h_kernel[(triton.cdiv(n, BLOCK), col_split)](
+        _h_kernel[(triton.cdiv(n, bm), col_split)](
             a, b, na, nb, lse_r, lse_c, H, N, d, r0, n, a.stride(0), b.stride(0), H.stride(0), 1.0 / tau,
-            BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, NC=nc, **constexprs(a), **_warps(d, a.element_size()))
+            **tiles, **constexprs(a))
         torch.mm(H, b_hat, out=da_hat[r0:r0 + n])
         part = H.t() @ a_hat[r0:r0 + n]  # (N, d)
         db_hat = part.to(na.dtype) if db_hat is None else db_hat.add_(part)

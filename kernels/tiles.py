@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 INT32_MAX = 2 ** 31 - 1
+H100_SMS = 132  # programs to fill when the device is not a GPU (so the interpreter takes GPU paths)
 
 
 @triton.jit
@@ -57,6 +58,11 @@ def chunking(d: int) -> tuple[int, int]:
     (the smallest tl.dot on a GPU)."""
     block = min(256, max(16, triton.next_power_of_2(d)))
     return block, triton.cdiv(d, block)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill: the GPU's, or the H100's when there is no GPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:

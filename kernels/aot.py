@@ -221,7 +221,7 @@ def _bank_bwd(v, grid, e):
     K, d, n = v["K"], v["d"], v["n_rows"]
     rb, splits = grid[:2]
     walks = sum(_split_tiles(_cdiv(K, BK), v["tiles_per_split"], splits)) * rb
-    flops = walks * 2 * BM * BK * 2 * dp  # S and dP
+    flops = rb * splits * 2 * BM * BM * dp + walks * 2 * BM * BK * 2 * dp  # delta as a diagonal; S and dP
     l2 = rb * splits * 4 * BM * dp * e + walks * BK * dp * e  # x, dO held; dO, x_hat for delta; D
     w = 2 * n * K * e  # P and s dS written
     return flops, l2 + w, (3 * n + K) * d * e + w

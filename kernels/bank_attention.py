@@ -141,11 +141,15 @@ def _bwd_kernel(X, D, O, DO, ML, W,             # rows r0 .. r0 + n_rows -> W: P
     n_hi = r0 + n_rows
     xs = chunks(X, rows, n_hi, d, stride_x, BLOCK_D, NC, UPCAST)  # held for the whole bank walk
     dos = chunks(DO, rows, n_hi, d, stride_x, BLOCK_D, NC, UPCAST)
-    delta = tl.zeros((BLOCK_M,), ACC)  # rowsum(dO * x_hat), from a second read of dO: reusing the
-    for c in tl.static_range(NC):      # held tiles would keep them in registers as well as shared memory
+    # delta = rowsum(dO * x_hat) as the diagonal of dO x_hat^T: summed by tl.dot in the order dP is,
+    # so that dP - delta is exactly 0 where P is one-hot; dO is read again here, as reusing the held
+    # tiles would keep them in registers as well as in shared memory
+    dd = tl.zeros((BLOCK_M, BLOCK_M), ACC)
+    for c in tl.static_range(NC):
         dc = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        o = tile(O, rows, dc, n_hi, d, stride_x, UPCAST).to(ACC)
-        delta += tl.sum(tile(DO, rows, dc, n_hi, d, stride_x, UPCAST).to(ACC) * o, 1)
+        o = tile(O, rows, dc, n_hi, d, stride_x, UPCAST)
+        dd += tl.dot(tile(DO, rows, dc, n_hi, d, stride_x, UPCAST), tl.trans(o), out_dtype=ACC)
+    delta = tl.sum(tl.where(local[:, None] == local[None, :], dd, 0.0), 1)
     m_i = tl.load(ML + rows, mask=row_ok, other=0.0)
     inv_l = 1.0 / tl.load(ML + N + rows, mask=row_ok, other=1.0)
     k_lo = pid_s * tiles_per_split * BLOCK_K

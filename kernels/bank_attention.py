@@ -43,7 +43,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import check_int32, chunking, chunks, constexprs, sm_count, store_chunks, tile, zeros
+from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, store_chunks, tile, zeros
 
 LOG2E = 1.4426950408889634
 BUFFER_BYTES = 64 * 2 ** 20  # backward chunk buffer (P and s dS for a block of rows)
@@ -214,11 +214,7 @@ def _partials(splits: int, like: torch.Tensor, rows: int) -> torch.Tensor:
     """The output itself when there is one split, else (splits, rows, d) accumulator-dtype partials."""
     if splits == 1:
         return torch.empty(rows, like.shape[1], device=like.device, dtype=like.dtype)
-    return torch.empty(splits, rows, like.shape[1], device=like.device, dtype=_acc(like))
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(splits, rows, like.shape[1], device=like.device, dtype=acc_dtype(like))
 
 
 def _launch(cfg: Config, x: torch.Tensor) -> dict:
@@ -233,7 +229,7 @@ def _forward(x: torch.Tensor, D: torch.Tensor, scale: float):
     row_blocks = triton.cdiv(N, cfg.BLOCK_M)
     splits, per = _split(triton.cdiv(K, cfg.BLOCK_K), row_blocks, x.device, cfg.BLOCK_M // cfg.BLOCK_K)
     o = _partials(splits, x, N)  # (N, d) or (SPLIT, N, d)
-    ml = torch.empty(splits, 2, N, device=x.device, dtype=_acc(x))  # row max m (base 2), sum l
+    ml = torch.empty(splits, 2, N, device=x.device, dtype=acc_dtype(x))  # row max m (base 2), sum l
     check_int32("bank_attention", x=x, bank=D, partials=o)
     _fwd_kernel[(row_blocks, splits)](
         x, D, o, ml, N, K, d, per,
@@ -271,7 +267,7 @@ def _backward(x, D, out, ml, dout, scale):
         if N <= chunk:
             dD = part
         else:  # several chunks: their sum is kept in fp32
-            dD = part.to(_acc(x)) if dD is None else dD.add_(part)
+            dD = part.to(acc_dtype(x)) if dD is None else dD.add_(part)
     return dx, dD.to(D.dtype)
 
 

@@ -1,25 +1,31 @@
 """sm_90 (H100) compile report of the kernels at the benchmark shapes, without a GPU.
 
-    python -m kernels.aot --arch sm_90 --json benchmarks/kernels_aot.json [--md TABLE.md] [--jobs 2]
+    python -m kernels.aot --arch sm_90 --json benchmarks/kernels_aot_after.json \
+        --md benchmarks/kernels_aot_after.md --before benchmarks/kernels_aot_before.json
 
-What it does, per dtype (bf16, fp16, fp32) and benchmark shape (bank attention N = 64 and 65,536 with
-K = 2,048, d = 768; contrastive loss N = 32,768, d = 768):
+What it does, per dtype (bf16, fp16, fp32; --dtypes picks a subset) and benchmark shape (bank
+attention N = 64 and 65,536 with K = 2,048, d = 768; contrastive loss N = 32,768, d = 768):
 1. Drives the public autograd functions forward + backward on "meta" tensors (shapes only, no data),
    with every @triton.jit kernel of the op's module swapped for a recorder, so the launchers pick their
-   grids, splits and tile sizes exactly as they would on an H100 (132 SMs); torch matmuls issued by
-   a launcher are counted by torch's FlopCounterMode.
+   grids, splits, chunks and tile sizes exactly as they would on an H100 (132 SMs). What the
+   launchers do with torch in between (GEMMs, copies, casts) is seen by a TorchDispatchMode.
 2. Compiles each distinct recorded variant (kernel, signature, constexprs, warps, stages) with
    triton.compile(..., target=GPUTarget("cuda", 90, 32)) through TTIR -> TTGIR -> LLIR -> PTX -> cubin,
-   and reads registers and spill bytes from the log of the ptxas that ships inside the Triton wheel.
+   and reads registers and spill bytes (stores + loads) from the log of the ptxas that ships inside
+   the Triton wheel; shared memory from the compiled metadata.
 3. Models each launch from its recorded grid, sizes and constexprs (the functions in COST below,
    written against the loop structure of each kernel): executed FLOPs (tensor-core products including
    tile padding), L2 -> SM bytes (every tile load of every program; a tile used by two products but
    loaded once counts once) and HBM bytes (each distinct tensor read or written once, i.e. a perfect
-   L2; fp32 partials and buffers included). torch matmuls are modelled as cuBLAS GEMMs with
-   128 x 256 output tiles: L2 -> SM = M N K (1/128 + 1/256) * itemsize.
+   L2; fp32 partials and chunk buffers included). torch matmuls are modelled as cuBLAS GEMMs with
+   128 x 256 output tiles (each tile reads its rows and columns of both operands once); any other
+   torch op that moves data counts its operands and result once, in both L2 and HBM.
 Required FLOPs are the algorithmic count: bank attention 12 N K d (forward 2 GEMMs, backward 4),
-contrastive loss 6 N^2 d (forward 1, backward 2). A first run compiles for minutes on 2 CPU cores;
-Triton's cache makes a rerun take seconds (registers then come from running ptxas on the cached PTX).
+contrastive loss 6 N^2 d (forward 1, backward 2). The targets (0 spill bytes in 16-bit variants,
+shared memory <= 227 KB, FLOP ratios, L2 traffic >= 3x below the --before report) are printed as
+met / NOT MET. A first run compiles for a few minutes on 2 CPU cores; Triton's cache makes a rerun
+quicker (registers then come from running ptxas on the cached PTX). Importing this module turns the
+Triton interpreter off for the process.
 """
 import argparse
 import contextlib

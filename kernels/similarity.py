@@ -15,10 +15,10 @@ Why fuse (N = 32768, d = 768, fp32 logits: one (N, N) array is 4.3 GB): eager no
 backward (~4 x 4.3 GB written and read forward, as much again backward, and >= 8.6 GB alive).
 
 Design (Inf-CL / cut-cross-entropy style; FLOPs in units of one N x N x d GEMM, eager does 3):
-* Forward, one pass (1 unit): a program holds 64 rows of a for the whole walk over the column tiles of
-  b, keeping the row log-sum-exp online and writing, for each column, the log-sum-exp over its own 64
-  rows; _col_lse_kernel merges those into the column log-sum-exp. The diagonal S_ii comes from the one
-  tile on the diagonal. Norms are computed once by a row kernel.
+* Forward, one pass (1 unit): a program holds BLOCK_M = 64 rows of a (32 in fp32) for the whole walk
+  over the column tiles of b, keeping the row log-sum-exp online and writing, for each column, the
+  log-sum-exp over its own rows; _col_lse_kernel merges those into the column log-sum-exp. The
+  diagonal S_ii comes from the tiles that cross the diagonal. Norms are computed once by a row kernel.
 * Backward in row chunks (3 units): _h_kernel recomputes S for a chunk of rows (held) against all
   columns and writes H in the input dtype into a chunk buffer (never the whole N x N); two GEMMs give
   da^ = H b^ and db^ += H^T a^ (fp32 sum over chunks), and the normalisation backward is O(N d).
@@ -40,7 +40,7 @@ import triton.language as tl
 from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, tile
 
 EPS = 1e-12  # F.normalize's clamp of the norm
-BLOCK = 64  # rows and columns of one logit tile
+BLOCK = 64  # rows of a held by one program (16-bit), and columns of a tile when d <= 256
 BUFFER_BYTES = 256 * 2 ** 20  # backward chunk buffer (H for a block of rows)
 
 

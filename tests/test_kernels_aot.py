@@ -10,6 +10,7 @@ dot-shape errors would only show on a GPU. The report runs in a subprocess witho
 bf16 and fp32 are compiled here (fp16 takes the bf16 code paths); `python -m kernels.aot` does all
 three. A first run compiles for a minute or two on 2 cores; Triton's cache makes reruns quick.
 """
+import ast
 import json
 import os
 import subprocess
@@ -37,3 +38,15 @@ def test_kernels_compile_for_sm90_and_meet_the_cpu_side_targets(tmp_path):
     missed = [t["target"] for t in data["targets"] if not t["met"]
               and not (t["target"].startswith("contrastive_loss") and "L2" in t["target"])]
     assert not missed, "targets not met:\n" + "\n".join(missed)
+
+
+def test_ops_stand_alone():
+    # the ops import only the shared tile helpers from kernels/ (no benchmark, no report, no each
+    # other), counting imports inside functions; bench.py and aot.py import the ops, not the reverse
+    for op in ("bank_attention", "similarity", "tiles"):
+        tree = ast.parse((ROOT / "kernels" / f"{op}.py").read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module + "." + a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  for a in n.names}
+        local = {n for n in names if n.startswith("kernels")}
+        assert local <= {f"kernels.tiles.{a}" for a in dir(__import__("kernels.tiles").tiles)}, (op, local)

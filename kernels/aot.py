@@ -269,11 +269,12 @@ def _grid(grid, values):
     return grid + (1,) * (3 - len(grid))
 
 
-def collect(jobs_n: int, dtypes=DTYPES) -> tuple[list[dict], list[dict]]:
+def collect(jobs_n: int, dtypes=DTYPES, width=None) -> tuple[list[dict], list[dict]]:
     """-> (per-variant compile rows, per-op model rows)."""
     jobs, rows, ops = {}, [], []
     for op, module in (("bank_attention", bank_attention), ("contrastive_loss", similarity)):
         for N, K, d in SHAPES[op]:
+            d = width or d
             for dtype in dtypes:
                 e = torch.empty(0, dtype=dtype).element_size()
                 log, torch_ops = _launches(module, op, N, K, d, dtype)
@@ -356,9 +357,10 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compiles")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated subset of bf16,fp16,fp32")
     p.add_argument("--before", help="an earlier --json report: the L2 traffic target is relative to it")
+    p.add_argument("--d", type=int, help="another width than the benchmark's 768 (the variants of narrow d)")
     args = p.parse_args(argv)
     dtypes = [d for d in DTYPES if TL_NAMES[d] in args.dtypes.split(",")]
-    rows, ops = collect(args.jobs, dtypes)
+    rows, ops = collect(args.jobs, dtypes, args.d)
     before = json.loads(Path(args.before).read_text())["ops"] if args.before else None
     checks = targets(rows, ops, before)
     table = markdown(rows, ops) + "\n\n" + "\n".join(f"- {'met' if ok else 'NOT MET'}: {what}" for what, ok in checks)

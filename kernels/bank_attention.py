@@ -182,14 +182,15 @@ def pick_config(d: int, kernel: str = "fwd", itemsize: int = 2) -> Config:
     """Launch configuration for width d, from the sm_90 report of kernels.aot at d = 768 (0 spill
     bytes in 16-bit, shared memory within the H100's 227 KB). The held row block takes
     BLOCK_M * d * itemsize bytes of shared memory (96 KB for 64 rows of bf16; the backward holds x and
-    dO), which leaves room for 16-entry bank tiles at d = 768; fp32 holds fewer rows."""
+    dO), which leaves room for 16-entry bank tiles at d = 768; fp32 holds fewer rows (its forward
+    still spills 332 bytes: fp32 inputs are not the fast path)."""
     block_d, nc = chunking(d)
     wide = block_d * nc > 256
-    block_k = 16 if wide else 64
+    if not wide:
+        return Config(64 if itemsize <= 2 else 32, 64, block_d, nc, 4, 2 if itemsize <= 2 else 1)
     if kernel == "fwd":  # 8 warps share the (64, d) fp32 accumulator: 192 registers each at d = 768
-        return Config(64 if itemsize <= 2 else 32, block_k, block_d, nc, 8 if wide and itemsize <= 2 else 4,
-                      2 if itemsize <= 2 else 1)
-    return Config(64 if itemsize <= 2 else 16, block_k, block_d, nc, 4, 1)
+        return Config(64, 16, block_d, nc, 8, 2) if itemsize <= 2 else Config(32, 16, block_d, nc, 8, 1)
+    return Config(64, 16, block_d, nc, 4, 1) if itemsize <= 2 else Config(16, 32, block_d, nc, 4, 1)
 
 
 def _split(n_tiles: int, programs: int, device: torch.device, fixed: int = 0) -> tuple[int, int]:

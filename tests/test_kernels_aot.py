@@ -40,6 +40,17 @@ def test_kernels_compile_for_sm90_and_meet_the_cpu_side_targets(tmp_path):
     assert not missed, "targets not met:\n" + "\n".join(missed)
 
 
+def test_narrow_variants_compile_for_sm90(tmp_path):
+    # d <= 256 takes other tile sizes (64-entry bank tiles, one chunk): compiled at d = 256
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--dtypes", "bf16,fp32", "--d", "256",
+                           "--json", str(report)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"sm_90 AOT compile failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    missed = [t["target"] for t in json.loads(report.read_text())["targets"] if not t["met"]]
+    assert not missed, "targets not met at d = 256:\n" + "\n".join(missed)
+
+
 def test_ops_stand_alone():
     # the ops import only the shared tile helpers from kernels/ (no benchmark, no report, no each
     # other), counting imports inside functions; bench.py and aot.py import the ops, not the reverse

@@ -27,7 +27,10 @@ Design (H100 first, d up to 1024; FLOPs in units of one N x K x d GEMM, 2 N K d;
   dD = [P; s dS]^T [dO; x]. A single fused backward would need a (BLOCK_K, d) fp32 accumulator for dD
   beside (BLOCK_M, d) for dx, more than the register file at d = 768, so FlashAttention-style kernels
   either recompute S and dP in a second kernel (9 units) or split d (11 units); the buffer costs
-  2 * chunk * K elements instead, chunk sized so that it stays within BUFFER_BYTES.
+  2 * chunk * K elements instead, chunk sized so that it stays within BUFFER_BYTES. delta is taken
+  as the diagonal of dO x_hat^T (BLOCK_M^2 d per program) so that dP - delta is exactly 0 where P is
+  one-hot; at N = 64, where 128 programs split the bank, that repetition makes the executed FLOPs
+  1.8x the algorithmic count (about a microsecond per program).
 * Splits are chosen to fill whole waves of the GPU's SMs (132 when there is no GPU, so the interpreter
   and kernels.aot take the H100's paths). Accumulation is fp32 (fp64 for fp64 inputs, for gradcheck);
   on the GPU an fp32 tl.dot runs as TF32 and fp64 inputs take the eager path.

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -269,40 +268,48 @@ def _grid(grid, values):
     return grid + (1,) * (3 - len(grid))
 
 
+def _config_label(constexprs, options) -> str:
+    sizes = [f"{k}={v}" for k, v in constexprs.items() if k.isupper() and k not in ("UPCAST", "ACC")]
+    return " ".join(sizes + [f"{k}={v}" for k, v in options.items()])
+
+
+def _model_op(module, op, N, K, d, dtype, jobs) -> dict:
+    """Record one op at one shape and dtype: its modelled costs; its kernel variants go into jobs."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    log, torch_ops = _launches(module, op, N, K, d, dtype)
+    flops, l2, hbm = torch_ops.flops, torch_ops.l2, torch_ops.hbm
+    for kernel, grid, args, meta in log:
+        v = _values(kernel, args, meta)
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        if isinstance(kernel, triton.runtime.Autotuner):  # model the first config
+            v = {**v, **kernel.configs[0].kwargs}
+        f, b, h = COST[fn.__name__](v, _grid(grid, v), e)
+        flops, l2, hbm = flops + f, l2 + b, hbm + h
+        for fn_, sig, constexprs, attrs, options in _variants(kernel, args, meta):
+            name = module.__name__.split(".")[-1]
+            key = (name, fn_.__name__, json.dumps(sig), repr(sorted(constexprs.items())),
+                   repr(sorted(options.items())))
+            job = jobs.setdefault(key, dict(kernel=f"{name}.{fn_.__name__}", dtype=TL_NAMES[dtype], shapes=set(),
+                                            config=_config_label(constexprs, options),
+                                            job=(name, fn_.__name__, sig, constexprs, attrs, options)))
+            job["shapes"].add(f"N={N}" + (f",K={K}" if K else "") + f",d={d}")
+    required = 12 * N * K * d if op == "bank_attention" else 6 * N * N * d
+    return dict(op=op, dtype=TL_NAMES[dtype], shape=dict(N=N, K=K, d=d) if K else dict(N=N, d=d),
+                triton_launches=len(log), torch_launches=torch_ops.launches, executed_flops=flops,
+                required_flops=required, flops_ratio=flops / required, hbm_bytes=hbm, l2_bytes=l2,
+                torch_matmul_flops=torch_ops.flops)
+
+
 def collect(jobs_n: int, dtypes=DTYPES, width=None) -> tuple[list[dict], list[dict]]:
     """-> (per-variant compile rows, per-op model rows)."""
-    jobs, rows, ops = {}, [], []
+    jobs, ops = {}, []
     for op, module in (("bank_attention", bank_attention), ("contrastive_loss", similarity)):
         for N, K, d in SHAPES[op]:
-            d = width or d
             for dtype in dtypes:
-                e = torch.empty(0, dtype=dtype).element_size()
-                log, torch_ops = _launches(module, op, N, K, d, dtype)
-                flops, l2, hbm = torch_ops.flops, torch_ops.l2, torch_ops.hbm
-                for kernel, grid, args, meta in log:
-                    v = _values(kernel, args, meta)
-                    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-                    if isinstance(kernel, triton.runtime.Autotuner):  # model the first config
-                        v = {**v, **kernel.configs[0].kwargs}
-                    f, b, h = COST[fn.__name__](v, _grid(grid, v), e)
-                    flops, l2, hbm = flops + f, l2 + b, hbm + h
-                    for fn_, sig, constexprs, attrs, options in _variants(kernel, args, meta):
-                        key = (module.__name__.split(".")[-1], fn_.__name__, json.dumps(sig),
-                               repr(sorted(constexprs.items())), repr(sorted(options.items())))
-                        jobs.setdefault(key, dict(kernel=f"{key[0]}.{fn_.__name__}", dtype=TL_NAMES[dtype],
-                                                  shapes=set(), job=(key[0], fn_.__name__, sig, constexprs,
-                                                                     attrs, options),
-                                                  config=" ".join(f"{k}={v}" for k, v in constexprs.items()
-                                                                  if k.isupper() and k not in ("UPCAST", "ACC"))
-                                                  + " " + " ".join(f"{k}={v}" for k, v in options.items())))
-                        jobs[key]["shapes"].add(f"N={N}" + (f",K={K}" if K else "") + f",d={d}")
-                required = (12 * N * K * d) if op == "bank_attention" else 6 * N * N * d
-                ops.append(dict(op=op, dtype=TL_NAMES[dtype], shape=dict(N=N, K=K, d=d) if K else dict(N=N, d=d),
-                                triton_launches=len(log), torch_launches=torch_ops.launches, executed_flops=flops, required_flops=required,
-                                flops_ratio=flops / required, hbm_bytes=hbm, l2_bytes=l2,
-                                torch_matmul_flops=torch_ops.flops))
+                ops.append(_model_op(module, op, N, K, width or d, dtype, jobs))
     with ProcessPoolExecutor(max_workers=jobs_n) as pool:
         results = list(pool.map(_compile, [j["job"] for j in jobs.values()]))
+    rows = []
     for j, r in zip(jobs.values(), results):
         rows.append(dict(kernel=j["kernel"], dtype=j["dtype"], shape=sorted(j["shapes"]), config=j["config"],
                          **({"shared": r["shared"], "regs": r["regs"], "spills": r["spills"]} if r["ok"]
@@ -318,13 +325,13 @@ def markdown(rows, ops) -> str:
         else:
             out.append(f"| {r['kernel']} | {r['dtype']} | {' '.join(r['shape'])} | {r['config']} | "
                        f"{r['shared']} | {r['regs']} | {r['spills']} |")
-    out += ["", "| op | dtype | shape | launches (Triton + torch) | executed TFLOP | required TFLOP | ratio | HBM GB | L2->SM GB |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    out += ["", "| op | dtype | shape | launches (Triton + torch) | executed TFLOP | required TFLOP | ratio "
+            "| HBM GB | L2->SM GB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for o in ops:
         shape = ",".join(f"{k}={v}" for k, v in o["shape"].items())
-        out.append(f"| {o['op']} | {o['dtype']} | {shape} | {o['triton_launches']} + {o['torch_launches']} | {o['executed_flops'] / 1e12:.3f} | "
-                   f"{o['required_flops'] / 1e12:.3f} | {o['flops_ratio']:.2f} | {o['hbm_bytes'] / 1e9:.2f} | "
-                   f"{o['l2_bytes'] / 1e9:.2f} |")
+        out.append(f"| {o['op']} | {o['dtype']} | {shape} | {o['triton_launches']} + {o['torch_launches']} | "
+                   f"{o['executed_flops'] / 1e12:.3f} | {o['required_flops'] / 1e12:.3f} | {o['flops_ratio']:.2f} | "
+                   f"{o['hbm_bytes'] / 1e9:.2f} | {o['l2_bytes'] / 1e9:.2f} |")
     return "\n".join(out)
 
 

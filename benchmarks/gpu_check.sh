@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, in one call of at most ~6 minutes on one CUDA GPU with no network: the kernels'
-# own checks against their references on the GPU, the test suite (kernels through the interpreter,
-# the rest on CPU), kernels/bench.py, a short `python train.py` on CUDA and 30 steps of the paper
-# preset (volumes/s, MFU, peak memory; synthetic data at 256 x 256 x 128). Tables and logs go to
-# $OUT (default: out/gpu_check). Commit the bench table as benchmarks/<card>.md with the date.
+# own checks on the GPU (forward and both gradients at d = 768 against float64), the test suite
+# (kernels through the interpreter, the rest on CPU), kernels/bench.py (each size checked against the
+# reference, then timed), a short `python train.py` on CUDA and 30 steps of the paper preset
+# (volumes/s, MFU, peak memory; synthetic data at 256 x 256 x 128). Tables and logs go to $OUT
+# (default: out/gpu_check). Commit the bench table ($OUT/kernel_bench.md, which names the card,
+# versions and date) as benchmarks/kernels_<card>.md, against the targets of SPEC section 9.
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -35,13 +37,12 @@ step() {  # name, timeout in seconds, command...
 }
 step kernel_bank_attention 45 env TRITON_INTERPRET=0 "$PY" -m kernels.bank_attention
 step kernel_similarity 45 env TRITON_INTERPRET=0 "$PY" -m kernels.similarity
-step bench 120 env TRITON_INTERPRET=0 "$PY" -m kernels.bench --csv "$OUT/kernel_bench.csv"
+step bench 200 env TRITON_INTERPRET=0 "$PY" -m kernels.bench --out "$OUT/kernel_bench" --repeats 10
 step train_cuda 60 env TRITON_INTERPRET=0 "$PY" train.py --device=cuda --synth_n=300 \
   --max_iters=100 --eval_interval=0 --synth_dir="$OUT/synth" --out_dir="$OUT/train"
 step train_paper 90 env TRITON_INTERPRET=0 "$PY" train.py --device=cuda --preset=paper --synth_n=100 \
   --max_iters=30 --log_interval=5 --eval_interval=0 --synth_dir="$OUT/synth" --out_dir="$OUT/paper"
 step pytest 120 "$PY" -m pytest -q -x tests
-tail -n 40 "$OUT/bench.log" > "$OUT/bench_table.md"
 grep "^step" "$OUT/train_paper.log" | tail -3 > "$OUT/paper_preset_speed.txt"  # vol/s, MFU, peak GiB
 rm -rf "$OUT/synth" "$OUT/train/ckpt.pt" "$OUT/paper/ckpt.pt"
 exit $status

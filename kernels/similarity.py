@@ -1,33 +1,30 @@
 """Fused symmetric InfoNCE on cosine logits, and fused cosine scoring (SPEC sections 3 and 8).
 
-    python -m kernels.similarity      # check against the eager reference, then benchmark
+    python -m kernels.similarity      # check against a float64 reference (interpreter without a GPU)
 
 Maths, with a, b (N, d) un-normalised embeddings (row i of a is paired with row i of b) and tau:
     n_i = max(||a_i||, eps), a^ = a / n (likewise b^, m_j)      eps = 1e-12, as F.normalize
     S = a^ b^T / tau  (N, N)        Loss = mean_i [lse_j S_ij - S_ii] + mean_j [lse_i S_ij - S_jj]
 Backward, for an upstream gradient g, with row / column softmaxes of S:
-    G = g / N * (softmax_rows(S) + softmax_cols(S) - 2 I)      (N, N), never stored
+    H = softmax_rows(S) + softmax_cols(S) - 2 I    (N, N)      G = g / N * H
     da^ = G b^ / tau,   db^ = G^T a^ / tau
-    da = (da^ - a^ (a^ . da^)) / n  (n > eps; else da^ / eps),   and a^ . da^ = sum_j G_ij S_ij,
-so the normalisation backward needs one extra scalar per row, not another pass over d.
+    da = (da^ - a^ (a^ . da^)) / n  (n > eps; else da^ / eps)        (F.normalize's backward)
 
 Why fuse (N = 32768, d = 768, fp32 logits: one (N, N) array is 4.3 GB): eager normalises (two
 (N, d) copies), writes S, and each cross-entropy reads S, writes its log-softmax and keeps it for
 backward (~4 x 4.3 GB written and read forward, as much again backward, and >= 8.6 GB alive).
-The fused loss reads a and b once per tile, holds one 64 x 64 tile of S at a time and writes only
-O(N) statistics plus an (N / 64, N) fp32 table of per-row-block column log-sum-exps (67 MB).
 
-Design (Inf-CL / cut-cross-entropy style):
-* Forward, one pass: a program owns 64 rows of a and walks all column tiles of b, keeping the row
-  log-sum-exp online and writing, for each column, the log-sum-exp over its own 64 rows; a second
-  small kernel merges those into the column log-sum-exp. The diagonal S_ii comes from the one tile
-  on the diagonal. Norms are computed once by a row kernel (recomputing them per tile would cost
-  as much CUDA-core work as the tensor-core dot itself).
-* Backward, two launches of one kernel: rows of a against all of b gives da; the same kernel with
-  a and b swapped (G becomes G^T, the row and column statistics swap) gives db. Each recomputes S
-  tile by tile from the saved statistics; atomics for db would cost (N / 64) * N * d fp32 adds.
-* The d-chunked accumulator tuple, the sizing table and the bf16 upcast in the interpreter follow
-  kernels/bank_attention.py. Accumulation is fp32 (fp64 for fp64 inputs, used by gradcheck).
+Design (Inf-CL / cut-cross-entropy style; FLOPs in units of one N x N x d GEMM, eager does 3):
+* Forward, one pass (1 unit): a program holds BLOCK_M = 64 rows of a (32 in fp32) for the whole walk
+  over the column tiles of b, keeping the row log-sum-exp online and writing, for each column, the
+  log-sum-exp over its own rows; _col_lse_kernel merges those into the column log-sum-exp. The
+  diagonal S_ii comes from the tiles that cross the diagonal. Norms are computed once by a row kernel.
+* Backward in row chunks (3 units): _h_kernel recomputes S for a chunk of rows (held) against all
+  columns and writes H in the input dtype into a chunk buffer (never the whole N x N); two GEMMs give
+  da^ = H b^ and db^ += H^T a^ (fp32 sum over chunks), and the normalisation backward is O(N d).
+  A fused kernel holding a (64, d) fp32 gradient accumulator would recompute S once per gradient
+  (4 units for da and db, 5 with the forward) and exceed the register file at d = 768.
+* Tile helpers come from kernels/tiles.py. Accumulation is fp32 (fp64 for fp64 inputs, gradcheck).
 """
 import os
 
@@ -40,11 +37,11 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.bank_attention import BLOCK_D, Config, _tile, _zeros  # shared tile helpers, sizing
-from kernels.bank_attention import pick_config as bank_pick_config
+from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, tile
 
 EPS = 1e-12  # F.normalize's clamp of the norm
-NC_MAX = 12  # widest gradient accumulator (in BLOCK_D chunks) one program keeps
+BLOCK = 64  # rows of a held by one program (16-bit), and columns of a tile when d <= 256
+BUFFER_BYTES = 256 * 2 ** 20  # backward chunk buffer (H for a block of rows)
 
 
 def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -69,21 +66,20 @@ def _norm_kernel(X, NRM,                        # x (N, d) -> max(||x_i||, eps) 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     sq = tl.zeros((BLOCK_M,), ACC)
     for c0 in range(0, d, BLOCK_D):
-        t = _tile(X, rows, c0 + tl.arange(0, BLOCK_D), N, d, stride_x, UPCAST).to(ACC)
+        t = tile(X, rows, c0 + tl.arange(0, BLOCK_D), N, d, stride_x, UPCAST).to(ACC)
         sq += tl.sum(t * t, 1)
     tl.store(NRM + rows, tl.maximum(tl.sqrt(sq), eps).to(NRM.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
-def _cos_logits(A, B, NA, NB, rows, cols, N, d, stride_a, stride_b, inv_tau,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _cos_logits(As, B, NA, NB, rows, cols, N, d, stride_b, inv_tau,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
                 UPCAST: tl.constexpr, ACC: tl.constexpr):
-    """S tile = (a[rows] . b[cols]) / (n_rows m_cols) / tau, (BLOCK_M, BLOCK_N), zero outside N."""
+    """S tile = (a[rows] . b[cols]) / (n_rows m_cols) / tau, (BLOCK_M, BLOCK_N); As holds a[rows]."""
     s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for c0 in range(0, d, BLOCK_D):
-        dc = c0 + tl.arange(0, BLOCK_D)
-        bt = _tile(B, cols, dc, N, d, stride_b, UPCAST)
-        s += tl.dot(_tile(A, rows, dc, N, d, stride_a, UPCAST), tl.trans(bt), out_dtype=ACC)
+    for c in tl.static_range(NC):
+        bt = tile(B, cols, c * BLOCK_D + tl.arange(0, BLOCK_D), N, d, stride_b, UPCAST)
+        s += tl.dot(As[c], tl.trans(bt), out_dtype=ACC)
     na = tl.load(NA + rows, mask=rows < N, other=1.0)
     nb = tl.load(NB + cols, mask=cols < N, other=1.0)
     return s * ((1.0 / na)[:, None] * (1.0 / nb)[None, :] * inv_tau)
@@ -92,18 +88,19 @@ def _cos_logits(A, B, NA, NB, rows, cols, N, d, stride_a, stride_b, inv_tau,
 @triton.jit
 def _lse_kernel(A, B, NA, NB, LSE_R, LSE_CP, DIAG,   # LSE_CP (N / BLOCK_M, N): column lse per row block
                 N, d, stride_a, stride_b, stride_cp, inv_tau,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
                 UPCAST: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
+    As = chunks(A, rows, N, d, stride_a, BLOCK_D, NC, UPCAST)  # held for the whole walk
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_M,), ACC)
     diag = tl.zeros((BLOCK_M,), ACC)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s = _cos_logits(A, B, NA, NB, rows, cols, N, d, stride_a, stride_b, inv_tau,
-                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, ACC)  # (BLOCK_M, BLOCK_N)
+        s = _cos_logits(As, B, NA, NB, rows, cols, N, d, stride_b, inv_tau,
+                        BLOCK_M, BLOCK_N, BLOCK_D, NC, UPCAST, ACC)  # (BLOCK_M, BLOCK_N)
         s_r = tl.where((cols < N)[None, :], s, float("-inf"))  # row statistics: online lse
         m_new = tl.maximum(m_i, tl.max(s_r, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_r - m_new[:, None]), 1)
@@ -112,7 +109,7 @@ def _lse_kernel(A, B, NA, NB, LSE_R, LSE_CP, DIAG,   # LSE_CP (N / BLOCK_M, N): 
         m_c = tl.max(s_c, 0)
         lse_c = m_c + tl.log(tl.sum(tl.exp(s_c - m_c[None, :]), 0))
         tl.store(LSE_CP + pid * stride_cp + cols, lse_c.to(LSE_CP.dtype.element_ty), mask=cols < N)
-        if j0 == pid * BLOCK_M:  # the tile holding S_ii (BLOCK_M == BLOCK_N)
+        if (j0 < pid * BLOCK_M + BLOCK_M) & (j0 + BLOCK_N > pid * BLOCK_M):  # a tile holding some S_ii
             diag += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), 1)
     tl.store(LSE_R + rows, (m_i + tl.log(l_i)).to(LSE_R.dtype.element_ty), mask=row_ok)
     tl.store(DIAG + rows, diag.to(DIAG.dtype.element_ty), mask=row_ok)
@@ -134,42 +131,25 @@ def _col_lse_kernel(LSE_CP, LSE_C,              # (N / BLOCK_M, N) -> (N,): log-
 
 
 @triton.jit
-def _grad_kernel(A, B, NA, NB, LSE_A, LSE_B, GRAD, DA,   # rows of a vs all of b -> dLoss/da (N, d)
-                 N, d, stride_a, stride_b, stride_da, inv_tau, inv_n, eps,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
-    pid_m, pid_g = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    g0 = pid_g * NC * BLOCK_D  # first output column of this program's group
-    lse_r = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
-    coef = tl.load(GRAD).to(ACC) * inv_n  # upstream gradient / N, read on device (no host sync)
-    proj = tl.zeros((BLOCK_M,), ACC)  # a^ . da^ = sum_j G_ij S_ij
-    acc = _zeros(BLOCK_M, BLOCK_D, NC, ACC)
-    for j0 in range(0, N, BLOCK_N):
+def _h_kernel(A, B, NA, NB, LSE_R, LSE_C, H,    # rows r0 .. r0 + n_rows of a vs all of b -> H (n_rows, N)
+              N, d, r0, n_rows, stride_a, stride_b, stride_h, inv_tau,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
+              UPCAST: tl.constexpr, ACC: tl.constexpr):
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = r0 + local
+    row_ok = local < n_rows
+    As = chunks(A, rows, r0 + n_rows, d, stride_a, BLOCK_D, NC, UPCAST)  # held for the whole walk
+    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
+    j_lo = tl.program_id(1) * BLOCK_N
+    for j0 in range(j_lo, N, tl.num_programs(1) * BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s = _cos_logits(A, B, NA, NB, rows, cols, N, d, stride_a, stride_b, inv_tau,
-                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, ACC)
-        lse_c = tl.load(LSE_B + cols, mask=cols < N, other=0.0)
-        p = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])  # both softmaxes
-        p = p - 2.0 * (rows[:, None] == cols[None, :]).to(ACC)
-        g = tl.where(row_ok[:, None] & (cols < N)[None, :], p * coef, 0.0)  # G tile
-        proj += tl.sum(g * s, 1)
-        nb = tl.load(NB + cols, mask=cols < N, other=1.0)
-        w = g * ((1.0 / nb) * inv_tau)[None, :]  # so that w @ b = G b^ / tau
-        new = ()
-        for c in tl.static_range(NC):
-            bt = _tile(B, cols, g0 + c * BLOCK_D + tl.arange(0, BLOCK_D), N, d, stride_b, UPCAST)
-            new = new + (acc[c] + tl.dot(w.to(bt.dtype), bt, out_dtype=ACC),)
-        acc = new
-    na = tl.load(NA + rows, mask=row_ok, other=1.0)
-    keep = tl.where(na > eps, proj / na, 0.0)  # projection removed only where the norm was not clamped
-    for c in tl.static_range(NC):
-        dc = g0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
-        at = _tile(A, rows, dc, N, d, stride_a, UPCAST).to(ACC)
-        da = (acc[c] - at * keep[:, None]) / na[:, None]
-        tl.store(DA + rows[:, None] * stride_da + dc[None, :], da.to(DA.dtype.element_ty),
-                 mask=row_ok[:, None] & (dc < d)[None, :])
+        s = _cos_logits(As, B, NA, NB, rows, cols, N, d, stride_b, inv_tau,
+                        BLOCK_M, BLOCK_N, BLOCK_D, NC, UPCAST, ACC)
+        lse_c = tl.load(LSE_C + cols, mask=cols < N, other=0.0)
+        h = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])  # both softmaxes
+        h = h - 2.0 * (rows[:, None] == cols[None, :]).to(ACC)
+        tl.store(H + local[:, None] * stride_h + cols[None, :], h.to(H.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -182,8 +162,8 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
     s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for c0 in range(0, d, BLOCK_D):
         dc = c0 + tl.arange(0, BLOCK_D)
-        bt = _tile(B, cols, dc, C, d, stride_b, UPCAST)
-        s += tl.dot(_tile(A, rows, dc, N, d, stride_a, UPCAST), tl.trans(bt), out_dtype=ACC)
+        bt = tile(B, cols, dc, C, d, stride_b, UPCAST)
+        s += tl.dot(tile(A, rows, dc, N, d, stride_a, UPCAST), tl.trans(bt), out_dtype=ACC)
     na = tl.load(NA + rows, mask=rows < N, other=1.0)
     nb = tl.load(NB + cols, mask=cols < C, other=1.0)
     s = s / na[:, None] / nb[None, :]
@@ -193,55 +173,77 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
 
 # ----------------------------------------------------------------------------- launchers
 
-def pick_config(d: int, itemsize: int = 2) -> Config:
-    """Launch configuration of the gradient kernel (sized like bank_attention's dx kernel)."""
-    return bank_pick_config(d, itemsize=itemsize, nc_max=NC_MAX)
-
-
-def _meta(x: torch.Tensor) -> dict:
-    upcast = os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16
-    return dict(UPCAST=upcast, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+def _tiles(d: int, itemsize: int) -> dict:
+    """Tile sizes, warps and stages of the logit kernels, from the sm_90 report of kernels.aot: the
+    held 64 rows of a take 64 * d * itemsize bytes of shared memory (96 KB for bf16 at d = 768), so
+    wide rows walk 32-column tiles of b (two stages) to stay within 227 KB; fp32 holds 32 rows."""
+    block_d, nc = chunking(d)
+    wide = block_d * nc > 256
+    if itemsize > 2 and wide:  # fp32: hold 32 rows, walk 16 columns
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=BLOCK, BLOCK_N=32 if wide else BLOCK, BLOCK_D=block_d, NC=nc,
+                num_warps=8 if wide else 4, num_stages=2)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
     """max(||x_i||, eps) in the accumulator dtype, (N,)."""
-    n = torch.empty(x.shape[0], device=x.device, dtype=_acc_dtype(x))
+    n = torch.empty(x.shape[0], device=x.device, dtype=acc_dtype(x))
     _norm_kernel[(triton.cdiv(x.shape[0], 64),)](x, n, x.shape[0], x.shape[1], x.stride(0), EPS,
-                                                 BLOCK_M=64, BLOCK_D=BLOCK_D, **_meta(x), num_warps=4)
+                                                 BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
     return n
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _loss_forward(a, b, tau):
     """a, b (N, d) contiguous, one dtype -> loss (0-dim), and what backward needs."""
     N, d = a.shape
+    tiles = _tiles(d, a.element_size())
+    blocks = triton.cdiv(N, tiles["BLOCK_M"])
+    lse_cp = torch.empty(blocks, N, device=a.device, dtype=acc_dtype(a))  # (N / BLOCK_M, N)
+    check_int32("contrastive_loss", a=a, column_statistics=lse_cp)
     na, nb = _norms(a), _norms(b)
-    blocks = triton.cdiv(N, 64)
     lse_r, diag = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(2))
-    lse_cp = torch.empty(blocks, N, device=a.device, dtype=na.dtype)  # (N / 64, N)
     _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0),
-                           lse_cp.stride(0), 1.0 / tau, BLOCK_M=64, BLOCK_N=64, BLOCK_D=BLOCK_D,
-                           **_meta(a), num_warps=4, num_stages=2)
+                           lse_cp.stride(0), 1.0 / tau, **tiles, **constexprs(a))
     lse_c = torch.empty_like(lse_r)
     _col_lse_kernel[(triton.cdiv(N, 256),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0),
-                                            BLOCK=256, ACC=_meta(a)["ACC"], num_warps=4)
+                                            BLOCK=256, ACC=constexprs(a)["ACC"], num_warps=4)
     loss = ((lse_r - diag).sum() + (lse_c - diag).sum()) / N
     return loss, (na, nb, lse_r, lse_c)
 
 
-def _grad(a, b, na, nb, lse_a, lse_b, grad, tau):
-    """dLoss/da for rows of a against all of b; called with (b, a, ...) it gives dLoss/db."""
+def _unit_grad(x, n, dx_hat):
+    """F.normalize's backward: x (N, d), n = max(||x||, eps) (N,), dL/dx^ (N, d) fp32 -> dL/dx."""
+    x_hat = x.to(dx_hat.dtype) / n[:, None]
+    proj = (x_hat * dx_hat).sum(1, keepdim=True)  # x^ . dx^
+    keep = (n > EPS)[:, None]  # the projection is removed only where the norm was not clamped
+    return ((dx_hat - torch.where(keep, x_hat * proj, 0.0)) / n[:, None]).to(x.dtype)
+
+
+def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
+    """-> dL/da, dL/db, one chunk of rows of H at a time."""
     N, d = a.shape
-    cfg = pick_config(d, a.element_size())
-    da = torch.empty_like(a)
-    _grad_kernel[(triton.cdiv(N, cfg.BLOCK_M), cfg.groups)](
-        a, b, na, nb, lse_a, lse_b, grad, da, N, d, a.stride(0), b.stride(0), da.stride(0),
-        1.0 / tau, 1.0 / N, EPS, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
-        NC=cfg.NC, **_meta(a), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return da
+    tiles = _tiles(d, a.element_size())
+    bm = tiles["BLOCK_M"]
+    chunk = max(bm, BUFFER_BYTES // (N * a.element_size()) // bm * bm)
+    chunk = min(chunk, triton.cdiv(N, bm) * bm)
+    buf = torch.empty(chunk * N, device=a.device, dtype=a.dtype)
+    check_int32("contrastive_loss", buffer=buf)
+    a_hat, b_hat = (a / na[:, None]).to(a.dtype), (b / nb[:, None]).to(b.dtype)
+    da_hat = torch.empty_like(a)
+    db_hat = None
+    programs = triton.cdiv(chunk, bm)  # a chunk's row blocks; below a wave, columns are split too
+    col_split = max(1, min(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(sm_count(a.device), programs)))
+    for r0 in range(0, N, chunk):
+        n = min(chunk, N - r0)
+        H = buf[: n * N].view(n, N)
+        _h_kernel[(triton.cdiv(n, bm), col_split)](
+            a, b, na, nb, lse_r, lse_c, H, N, d, r0, n, a.stride(0), b.stride(0), H.stride(0), 1.0 / tau,
+            **tiles, **constexprs(a))
+        torch.mm(H, b_hat, out=da_hat[r0:r0 + n])
+        part = H.t() @ a_hat[r0:r0 + n]  # (N, d)
+        db_hat = part.to(na.dtype) if db_hat is None else db_hat.add_(part)
+    coef = grad.to(na.dtype) / (N * tau)  # device scalar: no host sync
+    return _unit_grad(a, na, da_hat.to(na.dtype) * coef), _unit_grad(b, nb, db_hat * coef)
 
 
 class ContrastiveLoss(torch.autograd.Function):
@@ -255,9 +257,7 @@ class ContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, na, nb, lse_r, lse_c = ctx.saved_tensors
-        grad = grad.to(na.dtype).contiguous()
-        da = _grad(a, b, na, nb, lse_r, lse_c, grad, ctx.tau)
-        db = _grad(b, a, nb, na, lse_c, lse_r, grad, ctx.tau)  # swapped: G -> G^T
+        da, db = _grads(a, b, na, nb, lse_r, lse_c, grad, ctx.tau)
         return da, db, None
 
 
@@ -268,6 +268,8 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, name: str, same_rows: bool):
     if min(a.shape[0], b.shape[0], a.shape[1]) < 1 or a.device != b.device:
         raise ValueError(f"{name} needs non-empty inputs on one device, got {tuple(a.shape)} on {a.device}, "
                          f"{tuple(b.shape)} on {b.device}")
+    if a.shape[1] > 1024:
+        raise ValueError(f"{name} supports d <= 1024 (one program holds a row), got d = {a.shape[1]}")
     dtype = torch.promote_types(a.dtype, b.dtype)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"{name} supports fp16, bf16, fp32 and fp64, got {dtype}")
@@ -290,9 +292,10 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return cosine_scores_reference(a, b)
     (N, d), C = a.shape, b.shape[0]
     out = torch.empty(N, C, device=a.device, dtype=a.dtype)
+    check_int32("cosine_scores", a=a, b=b, scores=out)
     _cosine_kernel[(triton.cdiv(N, 64), triton.cdiv(C, 64))](
         a, b, _norms(a), _norms(b), out, N, C, d, a.stride(0), b.stride(0), out.stride(0),
-        BLOCK_M=64, BLOCK_N=64, BLOCK_D=BLOCK_D, **_meta(a), num_warps=4, num_stages=2)
+        BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **constexprs(a), num_warps=4, num_stages=2)
     return out
 
 
@@ -316,5 +319,4 @@ def _check():
 
 
 if __name__ == "__main__":
-    _check()
-    print("timings: python -m kernels.bench --op contrastive_loss")
+    _check()  # timing: python -m kernels.bench

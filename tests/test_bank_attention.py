@@ -7,8 +7,8 @@ difference of large terms, and eager PyTorch itself misses them in fp16/bf16. La
 checked separately, against eager PyTorch in the same dtype.
 
 Shapes are a covering subset of N in {1, 3, 64, 129}, K in {1, 17, 2048}, d in {8, 33, 768}: every
-value appears, as do the paths they select (bank split + combine for small N and large K, row split
-of dD, several row blocks, one and several output-column groups, masked tails in every dimension).
+value appears, as do the paths they select (bank split + combine for small N and large K, splits
+of the bank in the backward, several row blocks and row chunks, masked tails in every dimension).
 """
 import math
 
@@ -62,12 +62,12 @@ def _sigma(d: int, scale: float) -> float:
     (1, 17, 8, torch.float32, False),       # one row, one partial bank tile
     (3, 5, 33, torch.float16, True),        # (K = 1 has its own test: dx is exactly 0 there)
     (64, 17, 33, torch.bfloat16, False),    # the paper's batch of 64 as one row block
-    (129, 17, 8, torch.float32, True),      # three row blocks; dD split over the rows
+    (129, 17, 8, torch.float32, True),      # three row blocks
     (1, 2048, 8, torch.float32, True),      # bank split over 32 programs, then combined
     (3, 2048, 33, torch.bfloat16, False),
-    (64, 17, 768, torch.float32, True),     # the paper's width: 12 chunks in one accumulator
+    (64, 17, 768, torch.float32, True),     # the paper's width: 3 chunks of 256 in one accumulator
     (3, 17, 768, torch.float16, False),
-    (129, 17, 768, torch.bfloat16, True),   # d = 768 for dD: two column groups
+    (129, 17, 768, torch.bfloat16, True),   # bf16 P and s dS rounded before the second products
 ])
 def test_forward_and_grads_match_float64(N, K, d, dtype, scaled):
     scale = 1 / math.sqrt(d) if scaled else 1.0
@@ -140,13 +140,25 @@ def test_bad_shapes_are_rejected_with_a_clear_message():
 
 @pytest.mark.parametrize("itemsize", [2, 4])
 def test_config_table_covers_every_width(itemsize):
-    for kernel in ("fwd", "dx", "dD"):
+    for kernel in ("fwd", "bwd"):
         for d in range(1, 1025):
             cfg = ba.pick_config(d, kernel, itemsize)
-            width = cfg.NC * cfg.BLOCK_D
-            assert cfg.NC in ba.NC_CHOICES and min(cfg.BLOCK_M, cfg.BLOCK_K, cfg.BLOCK_D) >= 16
-            assert cfg.groups * width >= d > (cfg.groups - 1) * width, (kernel, d, cfg)  # no empty group
-    assert ba.pick_config(768, "fwd").groups == 1  # the paper's width: logits computed once
+            assert min(cfg.BLOCK_M, cfg.BLOCK_K, cfg.BLOCK_D) >= 16  # tl.dot's minimum on a GPU
+            assert cfg.NC * cfg.BLOCK_D >= d > (cfg.NC - 1) * cfg.BLOCK_D, (kernel, d, cfg)  # no empty chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_in_several_row_chunks(dtype, monkeypatch):
+    # a small buffer forces several chunks of rows: dx per chunk, dD summed over chunks in fp32
+    monkeypatch.setattr(ba, "BUFFER_BYTES", 2 * 17 * 64 * torch.empty(0, dtype=dtype).element_size())
+    x, D, dO = _inputs(200, 17, 33, dtype, sigma=_sigma(33, 1.0))
+    _check_against_float64(x, D, dO, 1.0, TOL[dtype])
+
+
+def test_huge_inputs_are_refused_before_any_launch():
+    x = torch.empty(2 ** 21, 1024, device="meta")  # 2^31 elements: past 32-bit offsets
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        ba.bank_attention(x, torch.empty(16, 1024, device="meta"))
 
 
 def test_small_n_splits_the_bank_and_large_n_does_not():

@@ -35,7 +35,7 @@ def _loss_and_grads(fn, a, b, tau, upstream):
     (3, 33, torch.float16, 0.1),
     (64, 33, torch.bfloat16, 0.1),    # the paper's batch: one tile
     (129, 8, torch.float32, 0.05),    # three row and column tiles with a ragged tail
-    (65, 768, torch.float32, 0.1),    # the paper's width: 12 accumulator chunks
+    (65, 768, torch.float32, 0.1),    # the paper's width: the held rows are 3 chunks of 256
     (70, 768, torch.bfloat16, 0.01),  # logits up to 100
     (17, 100, torch.float16, 1.0),
 ])
@@ -95,6 +95,24 @@ def test_cosine_scores_match_float64(N, C, d, dtype):
     assert got.shape == (N, C) and got.dtype == dtype
     worst, mean = _rel_err(got, want)
     assert worst <= TOL[dtype], f"max rel err {worst:.2e} (mean {mean:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_in_several_row_chunks(dtype, monkeypatch):
+    # a small buffer forces several chunks of rows of H: da per chunk, db summed over chunks in fp32
+    monkeypatch.setattr(sim, "BUFFER_BYTES", 64 * 150 * torch.empty(0, dtype=dtype).element_size())
+    a, b = _pairs(150, 20, dtype, seed=3)
+    got = _loss_and_grads(sim.contrastive_loss, a, b, 0.1, 1.0)
+    want = _loss_and_grads(sim.contrastive_loss_reference, a.double(), b.double(), 0.1, 1.0)
+    for name, g, w in zip(("loss", "da", "db"), got, want):
+        worst, mean = _rel_err(g, w)
+        assert worst <= TOL[dtype], f"{name}: max rel err {worst:.2e} (mean {mean:.2e}) > {TOL[dtype]:g}"
+
+
+def test_huge_inputs_are_refused_before_any_launch():
+    a = torch.empty(2 ** 19, 16, device="meta")  # (N / 64, N) column statistics: 2^32 elements
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        sim.contrastive_loss(a, a, 0.1)
 
 
 def test_bad_inputs_are_rejected_with_a_clear_message():

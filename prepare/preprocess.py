@@ -260,9 +260,10 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None):
 
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
 
-def radchest_jobs(root, labels_csv=None):
+def radchest_jobs(root, labels_csv=None, devices="official"):
     """RAD-ChestCT .npz volumes under root -> (jobs, failed). Labels from labels_csv or from the
-    *Abnormality_and_Location_Labels*.csv files in root."""
+    *Abnormality_and_Location_Labels*.csv files in root; devices: which device labels make
+    "Medical material" (prepare/tables.py)."""
     root = Path(root)
     found = sorted(root.rglob("*Abnormality_and_Location*.csv"))
     csvs = [Path(labels_csv)] if labels_csv else found
@@ -270,7 +271,7 @@ def radchest_jobs(root, labels_csv=None):
         raise FileNotFoundError(f"{root}: no *Abnormality_and_Location_Labels*.csv (give --labels)")
     labels = {}
     for c in csvs:
-        labels.update(read_radchest_labels(c))
+        labels.update(read_radchest_labels(c, devices=devices))
     files = sorted(root.rglob("*.npz"))
     if not files:
         raise FileNotFoundError(f"{root}: no .npz volumes")
@@ -311,12 +312,15 @@ def preprocess_main(argv=None):
     p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
                    help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
     p.add_argument("--labels", help="RAD-ChestCT label CSV (default: found under --root)")
+    p.add_argument("--radchest_devices", choices=("official", "all"), default="official",
+                   help="RAD-ChestCT 'Medical material': the official 11 device labels, or all 13 "
+                        "(adds heart_valve_replacement and sternotomy)")
     a = p.parse_args(argv)
     try:
         if a.dataset == "ctrate":
             (jobs, failed), classes = ctrate_jobs(a.root, a.split), CTRATE_CLASSES
         elif a.dataset == "radchest":
-            (jobs, failed), classes = radchest_jobs(a.root, a.labels), RADCHEST_CLASSES
+            (jobs, failed), classes = radchest_jobs(a.root, a.labels, a.radchest_devices), RADCHEST_CLASSES
         else:
             (jobs, failed), classes = folder_jobs(a.root), ()
         t = PREPROCESS[a.preset]

@@ -85,7 +85,11 @@ class TrainConfig:
                                "pytorch_model.bin, vocab.txt; e.g. CXR-BERT): initialises the text "
                                "encoder, sets its size, and its vocab.txt replaces the tokenizer")
     vit_weights: str = _f("", "timm-style ViT weights (.safetensors, .pth, .bin): a 2-D ViT "
-                              "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one loads as is")
+                              "(ImageNet ViT-B/16) is inflated to the 3-D patch, a 3-D one (the "
+                              "official M3AE ViT-B, pos_embed included) loads as is")
+    vit_flip: str = _f("", "axes (letters of xyz) along which the --vit_weights' voxel order is "
+                           "reversed from ours (RAS): the official weights saw the files' own order, "
+                           "so give the axes where the files' affine is not RAS (README)")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (prepare/summarize.py)")
     text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
@@ -124,6 +128,8 @@ def parse_args(argv=None) -> TrainConfig:
             setattr(cfg, k, v)
     if cfg.optimizer not in ("adam", "adamw"):
         p.error(f"--optimizer must be adam or adamw, got {cfg.optimizer!r}")
+    if set(cfg.vit_flip) - set("xyz"):
+        p.error(f"--vit_flip takes letters from 'xyz', got {cfg.vit_flip!r}")
     return cfg
 
 
@@ -384,7 +390,8 @@ def build_model(cfg: TrainConfig, mcfg, device, ckpt, train_recs, log):
         if cfg.text_weights:
             log(pretrained.load_bert(model.text, cfg.text_weights).summary())
         if cfg.vit_weights:
-            log(pretrained.load_vit(model.visual, cfg.vit_weights).summary())
+            flip = pretrained.parse_flip(cfg.vit_flip)
+            log(pretrained.load_vit(model.visual, cfg.vit_weights, flip).summary())
     return model.to(device)
 
 

@@ -91,7 +91,9 @@ class TrainConfig:
                            "reversed from ours (RAS): the official weights saw the files' own order, "
                            "so give the axes where the files' affine is not RAS (README)")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
-    summary_backend: str = _f("rules", "report summarization: rules (offline) or llm (prepare/summarize.py)")
+    summary_backend: str = _f("rules", "report summarization (prepare/summarize.py): rules (offline, "
+                                       "findings named with the class names), rules_report (offline, "
+                                       "the report's own wording) or llm")
     text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
                                   "sentences (official); random = a random count from 1 to min(5, n), "
                                   "so one-sentence texts like the zero-shot prompts are seen "

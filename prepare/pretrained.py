@@ -6,6 +6,7 @@ what of theirs was not used (unexpected), each with the reason.
     python -m prepare.pretrained --bert DIR                  # DIR: config.json, model.safetensors or
                                                             #      pytorch_model.bin, vocab.txt
     python -m prepare.pretrained --vit FILE --preset paper   # FILE: .safetensors, .pth or .bin
+    python -m prepare.pretrained --flip_of CT.nii.gz         # the --vit_flip for file-order weights
 
 Files are read without extra dependencies: safetensors by its documented layout (8-byte little-endian
 header length, JSON header, raw little-endian tensors), pickles with torch.load(weights_only=True).
@@ -256,6 +257,18 @@ def load_vit(visual: ViT3D, path, flip=()) -> LoadReport:
     return report
 
 
+def file_order_flip(path) -> str:
+    """The --vit_flip letters for volumes like this NIfTI: the axes our canonical (RAS) loading
+    reverses. Weights trained on the files' own voxel order (the official code reads them with
+    SimpleITK and never reorients) see our volumes correctly once flipped along these axes."""
+    import nibabel as nib  # only this helper reads a volume
+    ornt = nib.io_orientation(nib.load(str(path)).affine)  # (3, 2): RAS axis and sign per file axis
+    if list(ornt[:, 0]) != [0, 1, 2]:
+        raise ValueError(f"{path}: voxel axes are {''.join(nib.aff2axcodes(nib.load(str(path)).affine))}, "
+                         f"a permutation of RAS; flipping the weights cannot express it")
+    return "".join("xyz"[i] for i in range(3) if ornt[i, 1] < 0)
+
+
 def parse_flip(text: str) -> tuple:
     """'xy' -> (0, 1): the --vit_flip axes as indices."""
     bad = set(text) - set("xyz")
@@ -271,7 +284,11 @@ if __name__ == "__main__":
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size to load into")
     p.add_argument("--vit_flip", default="", type=parse_flip, help="axes (x, y, z) along which the ViT weights' voxel "
                    "order is reversed from ours, e.g. xy (default: none)")
+    p.add_argument("--flip_of", help="a NIfTI of the data set: print the --vit_flip that makes "
+                   "file-order weights (the official ones) see our RAS volumes right")
     a = p.parse_args()
+    if a.flip_of:
+        print(f"--vit_flip={file_order_flip(a.flip_of)}")
     if a.bert:
         cfg = ModelConfig(**{**PRESETS[a.preset].__dict__, **bert_text_config(a.bert)})
         print(load_bert(TextEncoder(cfg), a.bert).summary())

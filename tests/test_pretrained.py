@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from prepare import pretrained
 from model import PRESETS, ViT3D, TextEncoder, interpolate_table, sincos_3d
 
@@ -254,3 +255,23 @@ def test_flipped_weights_see_a_flipped_volume_as_the_original(tmp_path, axes):
         err = (a - b).abs().max().item()
         assert err <= TOL, f"flip {axes}, volume {shape}: max abs error {err:.2e}"
     assert not torch.allclose(pooled_input(theirs, reoriented), a, atol=1e-3)  # the flip matters
+
+
+def test_file_order_flip_reads_the_affine(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+    vol = np.zeros((4, 5, 6), np.int16)
+    for name, diag, want in (("lps", (-0.7, -0.7, 1.5), "xy"), ("ras", (0.7, 0.7, 1.5), ""),
+                             ("lpi", (-1, -1, -1), "xyz")):
+        nib.save(nib.Nifti1Image(vol, np.diag([*diag, 1.0])), tmp_path / f"{name}.nii.gz")
+        assert pretrained.file_order_flip(tmp_path / f"{name}.nii.gz") == want
+        marked = vol.copy()
+        marked[1, 2, 3] = 7
+        nib.save(nib.Nifti1Image(marked, np.diag([*diag, 1.0])), tmp_path / "m.nii.gz")
+        ras, _ = data.load_nifti(tmp_path / "m.nii.gz")  # what our pipeline trains on
+        np.testing.assert_array_equal(ras, np.flip(marked, ["xyz".index(c) for c in want]))
+    assert pretrained.parse_flip("yx") == (0, 1) and pretrained.parse_flip("") == ()
+    swapped = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(vol, swapped), tmp_path / "swap.nii.gz")
+    with pytest.raises(ValueError, match=r"swap\.nii\.gz: voxel axes are ARS"):
+        pretrained.file_order_flip(tmp_path / "swap.nii.gz")

@@ -1112,7 +1112,7 @@ def build_parser():
     p.add_argument("--bootstrap", default="ours", choices=["ours", "official"],
                    help="ours: the intervals above only; official: also the official BrgSA numbers "
                         "(thresholds frozen on all rows, mean over 5000 volume resamples, seed i), "
-                        "comparable with the paper's tables")
+                        "comparable with the paper's tables (default: ours)")
     p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--batch_size", type=int, default=8, help="volumes per forward pass")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")

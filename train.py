@@ -89,7 +89,7 @@ class TrainConfig:
                               "official M3AE ViT-B, pos_embed included) loads as is")
     vit_flip: str = _f("", "axes (letters of xyz) along which the --vit_weights' voxel order is "
                            "reversed from ours (RAS): the official weights saw the files' own order, "
-                           "so give the axes where the files' affine is not RAS (README)")
+                           "so give the axes where the files' affine is not RAS (README; default: none)")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
     summary_backend: str = _f("rules", "report summarization (prepare/summarize.py): rules (offline, "
                                        "findings named with the class names), rules_report (offline, "

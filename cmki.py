@@ -1,7 +1,11 @@
 """The BrgSA method's maths: the Cross-Modal Knowledge Bank, CMKI, the losses and zero-shot scoring.
 
-Follows section 3 of Lai et al., "Bridged Semantic Alignment for Zero-shot 3D Medical Image
-Diagnosis" (arXiv 2501.03565) and the official code:
+The method of Lai et al., "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagnosis"
+(arXiv 2501.03565, section 3); the exact equations below are those of the official code
+(github.com/laihaoran/BrgSA): the bank and CMKI in gloria/models/dictionarylearning.py
+(SharedDictionaryLearning: orthogonal init, no 1/sqrt(d) unless norm=True), the three losses, their
+weights and the zero-shot score in gloria/models/gloria_model_clip_proj_dict.py with the weights and
+temperature of configs/mimic_pretrain_llm_clip_3D_proj_dict.yaml (tau = 1 / temp3 = 0.1):
 
     x_hat   = softmax(s * x @ D.T) @ D                        CMKI, one head, no projections, s = 1
     L_INFO  = CE(S, I) + CE(S.T, I),  S_ij = cos(v_i, t_j) / tau

@@ -191,8 +191,9 @@ def auprc(scores, labels) -> float:
 def roc_corner_threshold(scores, labels) -> float:
     """Threshold whose (FPR, TPR) lies closest to (0, 1); predictions are `score > threshold`.
 
-    Every distinct score is a candidate (the official scripts scan a 0..1 grid, which assumes
-    probabilities; cosine scores live in [-1, 1]). Ties in distance go to the lowest threshold.
+    Every distinct score is a candidate, as in the official BrgSA script (CT-CLIP's scans a 0..1
+    grid, which assumes probabilities; cosine scores live in [-1, 1]). Ties in distance go to the
+    lowest threshold (more positives); official_threshold gives the official rule (the highest).
     """
     return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["threshold"][0])
 
@@ -341,6 +342,54 @@ def summarize_diagnosis(point, boot, classes, positives, level: float = 0.95) ->
 
     per_class = {c: dict(positives=int(positives[j]), **block(j)) for j, c in enumerate(classes)}
     return dict(per_class=per_class, macro=block(None))
+
+
+# ----------------------------------------------------------------------------- metrics: the official procedure
+
+def official_threshold(scores, labels) -> float:
+    """The official BrgSA threshold: the distinct score t closest to (FPR, TPR) = (0, 1) for the
+    rule `score > t`, candidates scanned ascending with `<=`, so ties go to the *highest* threshold
+    (bootstrap_evaluation/bootstrap_performance.py, find_ours_threshold). nan with one class only."""
+    runs = Runs(scores)
+    P, T = runs.sums(np.ones((1, len(scores))), np.asarray(labels).astype(bool))
+    cum_p, cum_n = np.cumsum(P[:, 0]), np.cumsum(T[:, 0] - P[:, 0])  # at or below each distinct score
+    if cum_p[-1] == 0 or cum_n[-1] == 0:
+        return float("nan")
+    d = np.square(cum_p / cum_p[-1]) + np.square(1.0 - cum_n / cum_n[-1])  # (1-TPR)^2 + FPR^2
+    return float(runs.values[len(d) - 1 - np.argmin(d[::-1])])  # last minimum
+
+
+def official_bootstrap(scores, labels, classes, n_boot: int = 5000, block: int = 250) -> dict:
+    """The official BrgSA bootstrap: thresholds frozen on the full set (official_threshold), then
+    n_boot volume-level resamples, resample i drawn by np.random.seed(i) and
+    np.random.choice(N, N, replace=True); each metric's headline is its mean over the resamples.
+
+    scores, labels (N, C) -> {"per_class": {class: {metric: mean}}, "macro": {...}, "n": n_boot}.
+    Resamples without both classes of a class are left out of that class's mean (nan-mean).
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+    N, C = scores.shape
+    thr = np.array([official_threshold(scores[:, j], labels[:, j]) for j in range(C)])
+    keys = ("auc", "auprc") + THRESHOLDED
+    samples = {k: np.empty((n_boot, C)) for k in keys}
+    for a in range(0, n_boot, block):
+        idx = [np.random.RandomState(i).choice(N, size=N, replace=True)
+               for i in range(a, min(a + block, n_boot))]
+        w = np.stack([np.bincount(i, minlength=N) for i in idx]).astype(np.float32)  # (B, N) draws
+        for j in range(C):
+            r = ranked_metrics(scores[:, j], labels[:, j], w)
+            c = confusion_at(scores[:, j], labels[:, j], np.full(len(w), thr[j]), w)
+            ok = np.isfinite(r["auc"])  # the official script needs both classes in a resample
+            m = dict(auc=r["auc"], auprc=r["auprc"], **confusion_metrics(**c))
+            for k in keys:
+                samples[k][a:a + len(w), j] = np.where(ok, m[k], np.nan)
+    per_class = {c: dict(threshold=float(thr[j]),
+                         **{k: float(_nanmean(samples[k][:, j], 0)) for k in keys})
+                 for j, c in enumerate(classes)}
+    macro = {k: float(_nanmean(_nanmean(samples[k], 1), 0)) for k in keys}
+    return dict(n=n_boot, unit="volume", per_class=per_class, macro=macro,
+                note="official BrgSA procedure: thresholds frozen on the full set, the mean over "
+                     "volume-level resamples (seed i) is the headline; no interval")
 
 
 # ----------------------------------------------------------------------------- metrics: calibration split
@@ -1240,6 +1289,10 @@ def build_parser():
     p.add_argument("--boot_unit", default="patient", choices=["patient", "volume"],
                    help="resampling unit: patient (reconstructions move together) or volume")
     p.add_argument("--seed", type=int, default=0, help="calibration split, bootstrap, linear probe")
+    p.add_argument("--bootstrap", default="ours", choices=["ours", "official"],
+                   help="ours: the intervals above only; official: also the official BrgSA numbers "
+                        "(thresholds frozen on all rows, mean over 5000 volume resamples, seed i), "
+                        "comparable with the paper's tables (default: ours)")
     p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--batch_size", type=int, default=8, help="volumes per forward pass")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
@@ -1340,6 +1393,9 @@ def main(argv=None):
         raise ValueError(f"{args.labels or args.label_csv or args.data}: no class has both positive "
                          f"and negative labels among the {result['n_volumes']} evaluated volumes, "
                          f"so AUROC is undefined; nothing written")
+    if args.bootstrap == "official":
+        a = result["arrays"]
+        result["official"] = official_bootstrap(a["scores"], a["labels"], result["classes"])
     print(format_table(result))
     for w in result["warnings"]:
         print(f"eval.py: warning: {w}", file=sys.stderr)
@@ -1351,6 +1407,10 @@ def main(argv=None):
         print(f"note: {note}", file=sys.stderr)
     print(f"macro AUROC {result['macro_auc']:.4f} over {n_auc} of {len(result['auc'])} classes, "
           f"{result['n_volumes']} volumes; eval.json -> {path}")
+    if "official" in result:
+        o = result["official"]
+        print(f"official bootstrap: macro AUROC {o['macro']['auc']:.4f}, F1 {o['macro']['f1']:.4f}, "
+              f"ACC {o['macro']['acc']:.4f} (mean over {o['n']} volume resamples)")
     return result
 
 

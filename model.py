@@ -1,18 +1,24 @@
 """The BrgSA model: a 3D ViT for CT volumes, a BERT-style text encoder, and the shared knowledge bank.
 
-Follows section 3 of Lai et al. (arXiv 2501.03565) and the official code:
-- ViT3D: Conv3d patch embedding, CLS token, fixed 3D sin-cos positions built for the input's patch
-  grid (so 224x224x112 training crops and 256x256x128 test volumes both work), pre-norm blocks,
-  final LayerNorm, CLS -> Linear(d, d) -> v (or the mean of the patch tokens: vit_pool="mean").
-- TextEncoder: BERT layout (post-norm layers, learned positions, token types) so BERT / CXR-BERT
-  weights can be loaded; pooling as in the official code: the last 4 hidden states are summed, the
-  non-padding tokens are summed and divided by the maximum length (a constant), then Linear -> t.
+The encoders of Lai et al. (arXiv 2501.03565, section 3) as the official code builds them
+(github.com/laihaoran/BrgSA):
+- ViT3D: gloria/models/stander_3D_vit_relate_pe.py (make_3d_model, timm blocks): Conv3d patch
+  embedding, CLS token, pre-norm blocks (LayerNorm eps 1e-6), final LayerNorm (eps 1e-5),
+  CLS -> Linear(d, d) -> v (or the mean of the patch tokens: vit_pool="mean"). Positions, paper
+  preset: a table for the 14^3 training-crop grid (sin-cos on 0..1 coordinates unless pretrained
+  weights bring theirs), trilinearly interpolated to the input's grid (16^3 for 256x256x128 test
+  volumes). The tiny preset keeps a fixed sin-cos table rebuilt on integer indices for each grid.
+- TextEncoder: BERT layout (post-norm layers, learned positions, token types) so the official
+  M3AE CXR-BERT weights can be loaded; pooling as gloria/models/text_model.py (BertEncoderWithProj):
+  the last 4 hidden states are summed, the non-padding tokens are summed and divided by the maximum
+  length (a constant), then Linear -> t. Dropout 0.1 in the paper preset, as BERT-base's config.
 - BrgSA: both encoders plus the Cross-Modal Knowledge Bank; forward returns the loss dict of cmki.py.
 
     python model.py        # prints the parameter count of each preset
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -50,11 +56,23 @@ class ModelConfig:
     gamma: float = 1.0                   # weight of L_INFO-R
     dropout: float = 0.0                 # inside the encoders; the official ViT uses none
     grad_checkpoint: bool = False        # recompute block activations in backward to save memory
+    # official-code details (defaults keep the tiny preset and older checkpoints as they were)
+    pos_embed: str = "sincos"            # "sincos": fixed table rebuilt on integer indices per grid;
+                                         # "table": official, a stored table for the crop grid
+                                         # (sin-cos on 0..1 coordinates or pretrained), trilinearly
+                                         # interpolated to the input grid, not trained
+    vit_norm_eps: float = 1e-5           # LayerNorm eps of the ViT blocks (official 1e-6; final 1e-5)
+    text_dropout: float = None           # dropout of the text encoder (None: `dropout`; BERT-base 0.1)
+    init: str = "trunc_normal"           # Linear init: trunc_normal(0.02) everywhere, or "official":
+                                         # xavier in the ViT, BERT's normal(0.02) in the text
+                                         # encoder, PyTorch's default in the two projection heads
 
 
 PRESETS = {
     # The paper's model: ViT-B/16x16x8 + BERT-base, d = 768, K = 2048 (about 200 M parameters).
-    "paper": ModelConfig(),
+    # Follows the official code's ViT (learned-table positions, LayerNorm eps, xavier init) and
+    # BERT (dropout 0.1); starts from random weights unless pretrained ones are loaded (README).
+    "paper": ModelConfig(pos_embed="table", vit_norm_eps=1e-6, text_dropout=0.1, init="official"),
     # The CPU default: small enough to train on 2 cores in ~2 minutes on the synthetic set, at
     # 7 x 7 x 10 mm voxels (a 48 x 48 x 32 volume covers a 34 x 34 x 32 cm chest). Unlike the paper:
     # the whole volume (no random crop), the mean of the patch tokens instead of CLS, and input
@@ -84,6 +102,35 @@ def sincos_3d(grid: tuple, width: int, device=None) -> torch.Tensor:
         parts += [angle.sin(), angle.cos()]
     table = torch.cat(parts, dim=1)  # (T, 3*per_axis)
     return F.pad(table, (0, width - table.shape[1]))
+
+
+def sincos_table(grid: tuple, width: int) -> torch.Tensor:
+    """The official code's initial position table -> (1 + gx*gy*gz, width), row 0 (CLS) zero.
+
+    Coordinates run over 0..1 along each axis (np.linspace), width // 3 channels per axis as
+    [sin | cos] at frequencies 10000^(-i / (width // 6)); leftover channels stay zero.
+    """
+    half = width // 3 // 2
+    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    axes = torch.meshgrid(*[torch.linspace(0, 1, g, dtype=torch.float64) for g in grid], indexing="ij")
+    parts = []
+    for pos in axes:
+        angle = pos.reshape(-1, 1) * omega  # (T, half)
+        parts += [angle.sin(), angle.cos()]
+    table = F.pad(torch.cat(parts, dim=1), (0, width - 6 * half))  # (T, width)
+    return F.pad(table, (0, 0, 1, 0)).float()  # CLS row first
+
+
+def interpolate_table(table: torch.Tensor, base: tuple, grid: tuple) -> torch.Tensor:
+    """(1 + prod(base), C) position table -> (1 + prod(grid), C): the patch rows trilinearly
+    interpolated from the base grid to `grid` (align_corners=False, as the official code); the CLS
+    row is kept."""
+    if tuple(grid) == tuple(base):
+        return table
+    C = table.shape[-1]
+    patch = table[1:].reshape(1, *base, C).permute(0, 4, 1, 2, 3)  # (1, C, bx, by, bz)
+    patch = F.interpolate(patch, size=tuple(grid), mode="trilinear", align_corners=False)
+    return torch.cat([table[:1], patch.permute(0, 2, 3, 4, 1).reshape(-1, C)])
 
 
 class MLP(nn.Module):
@@ -116,9 +163,9 @@ class Attention(nn.Module):
 class PreNormBlock(nn.Module):
     """ViT block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, eps: float = 1e-5):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
         self.attn, self.mlp = Attention(width, heads, dropout), MLP(width, 4 * width, dropout)
 
     def forward(self, x):
@@ -152,10 +199,18 @@ class ViT3D(nn.Module):
         self.cfg = cfg
         if cfg.vit_pool not in ("cls", "mean"):
             raise ValueError(f"vit_pool must be 'cls' or 'mean', got {cfg.vit_pool!r}")
+        if cfg.pos_embed not in ("sincos", "table"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'table', got {cfg.pos_embed!r}")
         w = cfg.vit_width
         self.patch_embed = nn.Conv3d(1, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
-        self.blocks = nn.ModuleList(PreNormBlock(w, cfg.vit_heads, cfg.dropout)
+        self.base_grid = tuple(c // p for c, p in zip(cfg.crop_size, cfg.patch_size))
+        if cfg.pos_embed == "table":
+            # (1 + T0, C) for the training-crop grid (14^3 in the paper). A buffer, not a parameter:
+            # the official code interpolates it under torch.no_grad, so BrgSA training never moves
+            # it; it is what the pretrained weights (or the sin-cos init) put there.
+            self.register_buffer("pos_embed", sincos_table(self.base_grid, w))
+        self.blocks = nn.ModuleList(PreNormBlock(w, cfg.vit_heads, cfg.dropout, cfg.vit_norm_eps)
                                     for _ in range(cfg.vit_depth))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, cfg.embed_dim)
@@ -186,8 +241,13 @@ class ViT3D(nn.Module):
         x = self.patch_embed(volume)  # (B, C, gx, gy, gz)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (B, T, C), T = gx*gy*gz
-        x = x + sincos_3d(grid, x.shape[-1], x.device).to(x.dtype)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)  # (B, 1, C)
+        if self.cfg.pos_embed == "table":  # official: interpolated to this grid (16^3 at test)
+            pos = interpolate_table(self.pos_embed, self.base_grid, grid).to(x.dtype)  # (1 + T, C)
+            x, cls = x + pos[1:], cls + pos[:1]
+        else:
+            x = x + sincos_3d(grid, x.shape[-1], x.device).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = _run_block(block, self.cfg.grad_checkpoint, x)
         x = self.norm(x)  # (B, 1 + T, C)
@@ -203,8 +263,9 @@ class TextEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_len, w)
         self.token_type_embeddings = nn.Embedding(2, w)
         self.embed_norm = nn.LayerNorm(w, eps=1e-12)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(PostNormBlock(w, cfg.text_heads, cfg.text_mlp, cfg.dropout)
+        p = cfg.dropout if cfg.text_dropout is None else cfg.text_dropout
+        self.dropout = nn.Dropout(p)
+        self.layers = nn.ModuleList(PostNormBlock(w, cfg.text_heads, cfg.text_mlp, p)
                                     for _ in range(cfg.text_depth))
         self.head = nn.Linear(w, cfg.embed_dim)
         for emb in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
@@ -236,12 +297,21 @@ class BrgSA(nn.Module):
         self.visual = ViT3D(cfg)
         self.text = TextEncoder(cfg)
         self.bank = cmki.KnowledgeBank(cfg.bank_size, cfg.embed_dim)
-        self.apply(self._init_linear)
+        if cfg.init not in ("trunc_normal", "official"):
+            raise ValueError(f"init must be 'trunc_normal' or 'official', got {cfg.init!r}")
+        if cfg.init == "official":
+            self.visual.apply(partial(self._init_linear, fn=nn.init.xavier_uniform_))
+            self.text.apply(partial(self._init_linear, fn=partial(nn.init.normal_, std=0.02)))
+            nn.init.normal_(self.visual.cls_token, std=0.02)
+            for head in (self.visual.head, self.text.head):  # plain nn.Linear officially
+                head.reset_parameters()
+        else:
+            self.apply(partial(self._init_linear, fn=partial(nn.init.trunc_normal_, std=0.02)))
 
     @staticmethod
-    def _init_linear(m):
+    def _init_linear(m, fn):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            fn(m.weight)
             nn.init.zeros_(m.bias)
 
     @property

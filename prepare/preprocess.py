@@ -288,9 +288,10 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out
 
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders
 
-def radchest_jobs(root, labels_csv=None):
+def radchest_jobs(root, labels_csv=None, devices="official"):
     """RAD-ChestCT .npz volumes under root -> (jobs, failed). Labels from labels_csv or from the
-    *Abnormality_and_Location_Labels*.csv files in root."""
+    *Abnormality_and_Location_Labels*.csv files in root; devices: which device labels make
+    "Medical material" (prepare/tables.py)."""
     root = Path(root)
     found = sorted(root.rglob("*Abnormality_and_Location*.csv"))
     csvs = [Path(labels_csv)] if labels_csv else found
@@ -298,7 +299,7 @@ def radchest_jobs(root, labels_csv=None):
         raise FileNotFoundError(f"{root}: no *Abnormality_and_Location_Labels*.csv (give --labels)")
     labels = {}
     for c in csvs:
-        labels.update(read_radchest_labels(c))
+        labels.update(read_radchest_labels(c, devices=devices))
     files = sorted(root.rglob("*.npz"))
     if not files:
         raise FileNotFoundError(f"{root}: no .npz volumes")
@@ -383,6 +384,9 @@ def preprocess_main(argv=None):
                    "CSV of volume name + one 0/1 column per class, any class names")
     p.add_argument("--allow_non_hu", action="store_true", help="keep volumes that do not look like "
                    "a CT in HU (no air, values out of range) instead of failing them")
+    p.add_argument("--radchest_devices", choices=("official", "all"), default="official",
+                   help="RAD-ChestCT 'Medical material': the official 11 device labels, or all 13 "
+                        "(adds heart_valve_replacement and sternotomy)")
     a = p.parse_args(argv)
     if a.split is not None and a.dataset != "ctrate":
         p.error(f"--split is for CT-RATE only: a {a.dataset} dataset has no splits (every volume "
@@ -391,7 +395,7 @@ def preprocess_main(argv=None):
         if a.dataset == "ctrate":
             (jobs, failed), classes = ctrate_jobs(a.root, a.split or "train"), CTRATE_CLASSES
         elif a.dataset == "radchest":
-            (jobs, failed), classes = radchest_jobs(a.root, a.labels), RADCHEST_CLASSES
+            (jobs, failed), classes = radchest_jobs(a.root, a.labels, a.radchest_devices), RADCHEST_CLASSES
         else:
             jobs, failed, classes = folder_jobs(a.root, a.labels)
         t = PREPROCESS[a.preset]

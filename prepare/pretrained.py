@@ -6,12 +6,14 @@ what of theirs was not used (unexpected), each with the reason.
     python -m prepare.pretrained --bert DIR                  # DIR: config.json, model.safetensors or
                                                             #      pytorch_model.bin, vocab.txt
     python -m prepare.pretrained --vit FILE --preset paper   # FILE: .safetensors, .pth or .bin
+    python -m prepare.pretrained --flip_of CT.nii.gz         # the --vit_flip for file-order weights
 
 Files are read without extra dependencies: safetensors by its documented layout (8-byte little-endian
 header length, JSON header, raw little-endian tensors), pickles with torch.load(weights_only=True).
 """
 import argparse
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model import PRESETS, ModelConfig, TextEncoder, ViT3D
+from model import PRESETS, ModelConfig, TextEncoder, ViT3D, interpolate_table
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -188,9 +190,43 @@ def inflate_patch_embed(w2d: torch.Tensor, depth: int) -> torch.Tensor:
     return grey[..., None].expand(*grey.shape, depth) / depth  # (C, 1, ph, pw, depth)
 
 
-def load_vit(visual: ViT3D, path) -> LoadReport:
+def position_table(t: torch.Tensor, base: tuple, path) -> torch.Tensor:
+    """A checkpoint's pos_embed (1, 1 + N, C) -> our (1 + T0, C) for the base grid: as is when
+    N = T0, else trilinearly resized from a cubic grid (the official load_weight does the same)."""
+    t = t.reshape(-1, t.shape[-1])
+    n = t.shape[0] - 1
+    if n == math.prod(base):
+        return t
+    side = round(n ** (1 / 3))
+    if side ** 3 != n:
+        raise ValueError(f"{path}: pos_embed has {n} patch rows, neither the {base} grid "
+                         f"({math.prod(base)} rows) nor a cube to interpolate from")
+    return interpolate_table(t, (side,) * 3, base)
+
+
+def flip_vit(mapped: dict, axes, base: tuple) -> dict:
+    """Weights for volumes stored in the other voxel order along `axes` (0 = x, 1 = y, 2 = z).
+
+    Flipping the patch kernel along an axis gives every patch of the flipped volume the embedding
+    its mirror patch had, and flipping the position table's grid along it moves each position
+    with its patch; the transformer sees the same set of tokens, so v is unchanged.
+    """
+    out = dict(mapped)
+    if axes and "patch_embed.weight" in out:
+        out["patch_embed.weight"] = out["patch_embed.weight"].flip([2 + a for a in axes])
+    if axes and "pos_embed" in out:
+        t = out["pos_embed"]
+        grid = t[1:].reshape(*base, -1).flip(list(axes))
+        out["pos_embed"] = torch.cat([t[:1], grid.reshape(-1, t.shape[-1])])
+    return out
+
+
+def load_vit(visual: ViT3D, path, flip=()) -> LoadReport:
     """Fill visual from timm-style weights (names as timm's VisionTransformer: patch_embed.proj,
-    cls_token, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm)."""
+    cls_token, pos_embed, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm): a 2-D
+    ImageNet ViT, or a 3-D one such as the official BrgSA starting point (M3AE's ViT-B 16x16x8,
+    pos_embed (1, 1 + 14^3, 768)). flip: axes (0 = x, 1 = y, 2 = z) along which the weights'
+    voxel order is the reverse of ours (see flip_vit)."""
     sd, report = read_weights(path), LoadReport(str(path))
     own = visual.state_dict()
     mapped, theirs = {}, {}
@@ -202,20 +238,43 @@ def load_vit(visual: ViT3D, path) -> LoadReport:
                 raise ValueError(f"{path}: 2-D patch {tuple(t.shape[2:])} does not match the in-plane "
                                  f"patch {tuple(visual.cfg.patch_size[:2])}")
             t = inflate_patch_embed(t, visual.cfg.patch_size[2])
-        if name == "pos_embed":
-            report.unexpected[name] = "ViT3D uses fixed 3-D sin-cos positions (not learned)"
+        if name == "pos_embed" and "pos_embed" in own:
+            mapped[name], theirs[name] = position_table(t, visual.base_grid, path), name
+        elif name == "pos_embed":
+            report.unexpected[name] = ("pos_embed='sincos': fixed positions rebuilt per grid "
+                                       "(the paper preset's pos_embed='table' loads it)")
         elif name.startswith(("head.", "fc_norm.", "head_drop.")):
             report.unexpected[name] = "classifier of the source model: ViT3D.head is trained anew"
         elif ours in own and not ours.startswith("head."):
             mapped[ours], theirs[ours] = t, name
         else:
             report.unexpected[name] = "no counterpart in ViT3D (other architecture or deeper)"
-    _assign(visual, mapped, theirs, report)
+    _assign(visual, flip_vit(mapped, tuple(flip), visual.base_grid), theirs, report)
     report.missing.update({k: "projection to the shared embedding space: trained from scratch"
                            for k in report.missing if k.startswith("head.")})
     if "input_mean" in report.missing:
         report.missing["input_mean"] = "the training set's mean volume: set by train.py from the data"
     return report
+
+
+def file_order_flip(path) -> str:
+    """The --vit_flip letters for volumes like this NIfTI: the axes our canonical (RAS) loading
+    reverses. Weights trained on the files' own voxel order (the official code reads them with
+    SimpleITK and never reorients) see our volumes correctly once flipped along these axes."""
+    import nibabel as nib  # only this helper reads a volume
+    ornt = nib.io_orientation(nib.load(str(path)).affine)  # (3, 2): RAS axis and sign per file axis
+    if list(ornt[:, 0]) != [0, 1, 2]:
+        raise ValueError(f"{path}: voxel axes are {''.join(nib.aff2axcodes(nib.load(str(path)).affine))}, "
+                         f"a permutation of RAS; flipping the weights cannot express it")
+    return "".join("xyz"[i] for i in range(3) if ornt[i, 1] < 0)
+
+
+def parse_flip(text: str) -> tuple:
+    """'xy' -> (0, 1): the --vit_flip axes as indices."""
+    bad = set(text) - set("xyz")
+    if bad:
+        raise ValueError(f"--vit_flip takes letters from 'xyz', got {text!r}")
+    return tuple("xyz".index(c) for c in sorted(set(text)))
 
 
 if __name__ == "__main__":
@@ -226,9 +285,16 @@ if __name__ == "__main__":
                    "(default: %(default)s)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                    help="model size to load into (default: %(default)s)")
+    p.add_argument("--vit_flip", default="", type=parse_flip, help="axes (x, y, z) along which the "
+                   "ViT weights' voxel order is reversed from ours, e.g. xy (default: none)")
+    p.add_argument("--flip_of", help="a NIfTI of the data set: print the --vit_flip that makes "
+                   "file-order weights (the official ones) see our RAS volumes right "
+                   "(default: %(default)s)")
     a = p.parse_args()
+    if a.flip_of:
+        print(f"--vit_flip={file_order_flip(a.flip_of)}")
     if a.bert:
         cfg = ModelConfig(**{**PRESETS[a.preset].__dict__, **bert_text_config(a.bert)})
         print(load_bert(TextEncoder(cfg), a.bert).summary())
     if a.vit:
-        print(load_vit(ViT3D(PRESETS[a.preset]), a.vit).summary())
+        print(load_vit(ViT3D(PRESETS[a.preset]), a.vit, a.vit_flip).summary())

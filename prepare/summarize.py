@@ -28,23 +28,29 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from prepare.summarize_llm import LLM_DEFAULTS, LLMClient, SummaryError
 from prepare.summarize_rules import check_text, summarize_rules
 
 
+RULE_WORDING = {"rules": "class", "rules_report": "report"}  # rule backends -> summarize_rules wording
+BACKENDS = (*RULE_WORDING, "llm")
+
+
 def summarize(text: str, backend: str = "rules", **llm_options) -> list[str]:
     """Summarise one report into a list of short sentences (never empty).
 
-    backend "rules" is offline and deterministic; "llm" calls an OpenAI-compatible endpoint
-    (options: url, model, api_key_env, timeout, retries; see LLMClient)."""
+    backend "rules" is offline and deterministic (class findings named with the class name);
+    "rules_report" is the same but keeps the report's own wording for them; "llm" calls an
+    OpenAI-compatible endpoint (options: url, model, api_key_env, timeout, retries; see LLMClient)."""
     text = check_text(text)
-    if backend == "rules":
-        return summarize_rules(text)
+    if backend in RULE_WORDING:
+        return summarize_rules(text, RULE_WORDING[backend])
     if backend == "llm":
         return LLMClient(**llm_options).summarize(text)
-    raise ValueError(f"unknown backend {backend!r}; expected 'rules' or 'llm'")
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,16 +139,17 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
     unique = list(dict.fromkeys(texts))
     names_of = _names_by_text(texts, names)
     cache_path = Path(cache_path) if cache_path else None
-    if backend not in ("rules", "llm"):
-        raise ValueError(f"unknown backend {backend!r}; expected 'rules' or 'llm'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     # one cache file may hold several backends' summaries; a run reuses only its own
-    source = "rules" if backend == "rules" else f"llm:{llm_options.get('model', LLM_DEFAULTS['model'])}"
+    source = backend if backend in RULE_WORDING else f"llm:{llm_options.get('model', LLM_DEFAULTS['model'])}"
     cached = _read_cache(cache_path, source)[0] if cache_path else {}
     summaries = {t: cached[report_key(t)] for t in unique if report_key(t) in cached}
     todo = [t for t in unique if t not in summaries]
     errors: dict[str, str] = {}
     writer = _CacheWriter(cache_path) if cache_path and todo else None
-    work = LLMClient(**llm_options).summarize if backend == "llm" else summarize_rules
+    work = (LLMClient(**llm_options).summarize if backend == "llm"
+            else partial(summarize_rules, wording=RULE_WORDING[backend]))
     meter = _Progress(len(todo), len(summaries), progress)
     in_a_row = [0]  # consecutive server-side failures
 
@@ -280,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True,
                     help="JSONL cache/output, one {key, names, summary|error} line per report "
                     "(names: the rows' VolumeName or AccessionNo, else 'row N'); reruns resume it")
-    ap.add_argument("--backend", choices=["rules", "llm"], default="rules",
-                    help="rules: offline, deterministic; llm: OpenAI-compatible endpoint")
+    ap.add_argument("--backend", choices=list(BACKENDS), default="rules",
+                    help="rules: offline, deterministic, class findings named with the class name; "
+                         "rules_report: the same keeping the report's own wording; llm: "
+                         "OpenAI-compatible endpoint")
     ap.add_argument("--url", default=LLM_DEFAULTS["url"],
                     help="llm: base URL; POSTs go to {url}/chat/completions")
     ap.add_argument("--model", default=LLM_DEFAULTS["model"], help="llm: model name sent in the request")
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     names, texts = read_reports(args.reports, args.text_column)
-    options = {} if args.backend == "rules" else dict(
+    options = {} if args.backend in RULE_WORDING else dict(
         url=args.url, model=args.model, api_key_env=args.api_key_env, timeout=args.timeout,
         retries=args.retries)
     try:

@@ -371,16 +371,22 @@ def finding_classes(text: str) -> set[str]:
             for name, _ in _clause_findings(c)}
 
 
-def summarize_rules(text: str) -> list[str]:
-    """Rule-based summary: one sentence per positive class finding (class name included), then the
-    other positive findings as short clauses; duplicates (findings + impression) are merged."""
+def summarize_rules(text: str, wording: str = "class") -> list[str]:
+    """Rule-based summary: one sentence per positive class finding, then the other positive
+    findings as short clauses; duplicates (findings + impression) are merged.
+
+    wording "class" names each class finding with the class name (render_finding), the way the
+    paper's GPT-4o summaries are reported to read; "report" keeps the report's own clause for it
+    (shortened as the other findings are), so the zero-shot prompt's words are not given away."""
+    if wording not in ("class", "report"):
+        raise ValueError(f"wording must be 'class' or 'report', got {wording!r}")
     best: dict[str, str] = {}  # class -> its most specific rendering
     others: list[str] = []
     for sentence in split_sentences(check_text(text)):
         for clause in split_clauses(sentence):
             findings = _clause_findings(clause)
             for name, match in findings:
-                rendered = render_finding(name, match, clause)
+                rendered = render_finding(name, match, clause) if wording == "class" else _shorten(clause)
                 if len(rendered) > len(best.get(name, "")):
                     best[name] = rendered
             if not findings:

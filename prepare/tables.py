@@ -68,10 +68,15 @@ class CTRateTables:
 
 # ----------------------------------------------------------------------------- RAD-ChestCT labels
 
-# RAD-ChestCT abnormalities (label columns "<abnormality>*<location>") behind each of its 16 classes
+# RAD-ChestCT abnormalities (label columns "<abnormality>*<location>") behind each of its 16 classes.
+# "Medical material" ORs the 11 device labels of the official BrgSA mapping; the official code keeps
+# heart valve replacement and sternotomy as long-tail classes of their own (its RAD-ChestCT-LT list),
+# so they are not medical material there. devices="all" adds them back (both are implanted metal and
+# a radiologist would call them medical material), at the cost of numbers that differ from the paper.
 RADCHEST_DEVICES = ("catheter_or_port", "chest_tube", "clip", "gi_tube", "hardware",
-                    "heart_valve_replacement", "pacemaker_or_defib", "staple", "stent",
-                    "sternotomy", "suture", "tracheal_tube", "breast_implant")
+                    "pacemaker_or_defib", "staple", "stent", "suture", "tracheal_tube",
+                    "breast_implant")
+RADCHEST_DEVICES_EXTRA = ("heart_valve_replacement", "sternotomy")
 RADCHEST_SOURCES = {
     "Medical material": RADCHEST_DEVICES, "Calcification": ("calcification",),
     "Cardiomegaly": ("cardiomegaly",), "Pericardial effusion": ("pericardial_effusion",),
@@ -85,22 +90,32 @@ RADCHEST_SOURCES = {
 }
 
 
-def read_radchest_labels(path, name_column="NoteAcc_DEID"):
+def radchest_sources(devices: str = "official") -> dict:
+    """RADCHEST_SOURCES with "Medical material" as the official 11 devices or "all" 13."""
+    if devices not in ("official", "all"):
+        raise ValueError(f"RAD-ChestCT devices must be 'official' or 'all', got {devices!r}")
+    extra = RADCHEST_DEVICES_EXTRA if devices == "all" else ()
+    return {**RADCHEST_SOURCES, "Medical material": RADCHEST_DEVICES + extra}
+
+
+def read_radchest_labels(path, name_column="NoteAcc_DEID", devices: str = "official"):
     """{volume: float32 (16,)} from a RAD-ChestCT abnormality x location label CSV.
 
     Columns "<abnormality>*<location>" (or a bare "<abnormality>") are OR-ed per abnormality, then
-    per class over RADCHEST_SOURCES. A class with none of its abnormalities present is an error.
+    per class over radchest_sources(devices). A class with none of its abnormalities present is an
+    error.
     """
+    sources = radchest_sources(devices)
     rows = read_csv(path, (name_column,))
     by_abn = {}
     for c in (rows[0] if rows else {}):
         if c != name_column:
             by_abn.setdefault(c.split("*")[0].strip().lower(), []).append(c)
-    missing = [k for k, v in RADCHEST_SOURCES.items() if not any(a in by_abn for a in v)]
+    missing = [k for k, v in sources.items() if not any(a in by_abn for a in v)]
     if missing:
         raise ValueError(f"{path}: no label columns for class(es) {missing} "
-                         f"(expected e.g. {RADCHEST_SOURCES[missing[0]][0]}*<location>)")
-    cols = [[c for a in RADCHEST_SOURCES[k] for c in by_abn.get(a, [])] for k in RADCHEST_CLASSES]
+                         f"(expected e.g. {sources[missing[0]][0]}*<location>)")
+    cols = [[c for a in sources[k] for c in by_abn.get(a, [])] for k in RADCHEST_CLASSES]
     out = {}
     for row in rows:
         try:

@@ -670,6 +670,77 @@ def test_bootstrap_speed_scale_runs(capsys):
     assert np.all(lo < point["auc"]) and np.all(point["auc"] < hi)
 
 
+def brute_official_threshold(s, y):
+    """The official script's loop, written out: ascending distinct scores, `<=` keeps the last."""
+    best, best_d = None, 1e4
+    for t in np.sort(np.unique(s)):
+        pred = s > t
+        tpr = (pred & (y == 1)).sum() / (y == 1).sum()
+        fpr = (pred & (y == 0)).sum() / (y == 0).sum()
+        d = math.sqrt((1 - tpr) ** 2 + fpr ** 2)
+        if d <= best_d:
+            best, best_d = t, d
+    return best
+
+
+def test_official_threshold_ties_go_to_the_highest():
+    # (0.5, 1) at t = 0.1 and (0, 0.5) at t = 0.3 are equally close: the official rule keeps 0.3
+    s, y = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 1, 0, 1])
+    assert E.official_threshold(s, y) == brute_official_threshold(s, y) == 0.3
+    assert E.roc_corner_threshold(s, y) == 0.1  # ours: the lowest
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(6, 50))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = rng.integers(0, 5 + seed, n) / 4.0
+        assert E.official_threshold(s, y) == brute_official_threshold(s, y)
+    assert np.isnan(E.official_threshold(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_official_bootstrap_is_the_mean_over_seeded_volume_resamples():
+    rng = np.random.default_rng(4)
+    n, n_boot = 30, 12
+    y = rng.integers(0, 2, (n, 2))
+    y[:2] = [[0, 1], [1, 0]]
+    s = np.round(y + rng.normal(0, 0.9, (n, 2)), 1)  # rounded: ties
+    r = E.official_bootstrap(s, y, ["a", "b"], n_boot=n_boot, block=5)
+    for j, c in enumerate("ab"):
+        thr = brute_official_threshold(s[:, j], y[:, j])
+        auc, f1, acc = [], [], []
+        for i in range(n_boot):  # what the official script does per resample
+            np.random.seed(i)
+            idx = np.random.choice(range(n), size=n, replace=True)
+            rs, ry = s[idx, j], y[idx, j]
+            if ry.min() == ry.max():
+                continue
+            auc.append(brute_auroc(rs, ry))
+            m = E.binary_metrics(rs > thr, ry)
+            f1.append(m["f1"])
+            acc.append(m["acc"])
+        assert r["per_class"][c]["threshold"] == thr
+        assert r["per_class"][c]["auc"] == pytest.approx(np.mean(auc), abs=1e-12)
+        assert r["per_class"][c]["f1"] == pytest.approx(np.mean(f1), abs=1e-12)
+        assert r["per_class"][c]["acc"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert r["macro"]["auc"] == pytest.approx(np.mean([r["per_class"][c]["auc"] for c in "ab"]))
+
+
+def test_official_bootstrap_flag_writes_its_block(tmp_path):
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, (40, 2))
+    s = y + rng.normal(0, 1, (40, 2))
+    names = [f"v{i}" for i in range(40)]
+    _write(tmp_path / "s.csv", ["VolumeName", "A", "B"], [[v, *map(str, r)] for v, r in zip(names, s)])
+    _write(tmp_path / "l.csv", ["VolumeName", "A", "B"], [[v, *map(str, r)] for v, r in zip(names, y)])
+    out = E.main(["--scores", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "l.csv"),
+                  "--out_dir", str(tmp_path / "o"), "--n_boot", "0", "--no_plots",
+                  "--bootstrap", "official"])
+    saved = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert saved["official"]["n"] == 5000 and saved["official"]["unit"] == "volume"
+    assert saved["official"]["macro"]["auc"] == pytest.approx(out["official"]["macro"]["auc"])
+    assert abs(saved["official"]["macro"]["auc"] - out["macro_auc"]) < 0.05  # near the point value
+
+
 # ----------------------------------------------------------------------------- calibration split
 
 def test_patient_id():

@@ -1,10 +1,13 @@
 """model.py: shapes for both presets, the paper preset's size, the official text pooling, patch grids."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import PRESETS, BrgSA, TextEncoder, ViT3D, sincos_3d
+from model import (PRESETS, BrgSA, ModelConfig, TextEncoder, ViT3D, interpolate_table, sincos_3d,
+                   sincos_table)
 
 SMALL = dataclasses.replace(PRESETS["tiny"], vit_width=48, vit_depth=2, vit_heads=2, text_width=48,
                             text_depth=2, text_heads=2, text_mlp=96, embed_dim=24, bank_size=16,
@@ -125,3 +128,101 @@ def test_grad_checkpoint_gives_same_gradients():
         m(vol, ids, mask)["total"].backward()
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ----------------------------------------------------------------------------- official-code details
+
+def linear_interp_matrix(n: int, m: int) -> np.ndarray:
+    """(m, n) weights of 1-D linear resizing n -> m with align_corners=False (PyTorch's rule:
+    source x = (i + 0.5) n / m - 0.5, clamped at 0), in float64."""
+    W = np.zeros((m, n))
+    for i in range(m):
+        x = max((i + 0.5) * n / m - 0.5, 0.0)
+        lo = min(int(np.floor(x)), n - 1)
+        hi, f = min(lo + 1, n - 1), x - lo
+        W[i, lo] += 1 - f
+        W[i, hi] += f
+    return W
+
+
+def test_position_table_interpolation_is_trilinear():
+    torch.manual_seed(0)
+    base, grid, C = (3, 4, 2), (5, 4, 3), 6
+    table = torch.randn(1 + 24, C, dtype=torch.float64)
+    out = interpolate_table(table, base, grid)
+    assert out.shape == (1 + 60, C) and torch.equal(out[0], table[0])  # CLS row untouched
+    # independent reference: a separable product of 1-D linear resizes, in float64
+    W = [linear_interp_matrix(n, m) for n, m in zip(base, grid)]
+    ref = np.einsum("ai,bj,ck,ijkd->abcd", *W, table[1:].numpy().reshape(*base, C))
+    np.testing.assert_allclose(out[1:].numpy(), ref.reshape(-1, C), rtol=0, atol=1e-12)
+    # and the same as F.interpolate of the table laid out as a (1, C, gx, gy, gz) volume
+    vol = table[1:].reshape(1, *base, C).permute(0, 4, 1, 2, 3)
+    f = F.interpolate(vol, size=grid, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(out[1:], f.permute(0, 2, 3, 4, 1).reshape(-1, C))
+    assert interpolate_table(table, base, base) is table
+
+
+def test_official_sincos_table_formula():
+    grid, C = (2, 3, 4), 24
+    t = sincos_table(grid, C).double().numpy()
+    assert t.shape == (1 + 24, C) and not t[0].any()
+    half = C // 6
+    omega = 10000.0 ** (-np.arange(half) / half)
+    coords = np.meshgrid(*[np.linspace(0, 1, g) for g in grid], indexing="ij")
+    ref = np.concatenate([f(c.reshape(-1, 1) * omega) for c in coords for f in (np.sin, np.cos)], 1)
+    np.testing.assert_allclose(t[1:], ref, atol=1e-6)
+
+
+def test_table_positions_feed_the_blocks_interpolated_to_the_input_grid():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["tiny"], pos_embed="table", input_centering=False,
+                              crop_size=(32, 32, 16), patch_size=(16, 16, 8), vit_width=24,
+                              vit_heads=2, vit_depth=1, vit_pool="cls")
+    vit = ViT3D(cfg).eval()
+    assert vit.base_grid == (2, 2, 2) and vit.pos_embed.shape == (9, 24)
+    vit.pos_embed.normal_()  # as if pretrained: every row distinct
+    seen = {}
+    vit.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    for shape in ((32, 32, 16), (48, 32, 24)):  # the crop grid, then a larger test grid
+        x = torch.randn(2, 1, *shape)
+        with torch.no_grad():
+            vit(x)
+            grid = tuple(s // p for s, p in zip(shape, cfg.patch_size))
+            pos = interpolate_table(vit.pos_embed, (2, 2, 2), grid)
+            tokens = vit.patch_embed(x).flatten(2).transpose(1, 2) + pos[1:]
+            ref = torch.cat([vit.cls_token.expand(2, -1, -1) + pos[0], tokens], 1)
+        torch.testing.assert_close(seen["x"], ref)
+    assert "pos_embed" not in dict(vit.named_parameters())  # stored, not trained
+
+
+def test_paper_preset_follows_the_official_code_and_tiny_is_unchanged():
+    paper, tiny = PRESETS["paper"], PRESETS["tiny"]
+    assert (paper.pos_embed, paper.vit_norm_eps, paper.text_dropout, paper.dropout, paper.init) == \
+        ("table", 1e-6, 0.1, 0.0, "official")
+    assert (tiny.pos_embed, tiny.vit_norm_eps, tiny.text_dropout, tiny.init) == \
+        ("sincos", 1e-5, None, "trunc_normal")
+    assert "visual.pos_embed" not in BrgSA(tiny).state_dict()
+    # an older checkpoint's config (no new fields) builds the model it was trained with
+    old = {k: v for k, v in dataclasses.asdict(paper).items()
+           if k not in ("pos_embed", "vit_norm_eps", "text_dropout", "init")}
+    assert ModelConfig(**old).pos_embed == "sincos"
+
+
+def test_official_init_eps_and_dropout_on_a_reduced_paper_model():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["paper"], vit_width=96, vit_depth=2, vit_heads=4,
+                              text_width=64, text_depth=2, text_heads=4, text_mlp=128,
+                              vocab_size=100, embed_dim=32, bank_size=16)
+    m = BrgSA(cfg)
+    blk = m.visual.blocks[0]
+    assert blk.norm1.eps == blk.norm2.eps == 1e-6 and m.visual.norm.eps == 1e-5
+    assert blk.mlp.dropout.p == 0.0 and m.text.dropout.p == m.text.layers[0].mlp.dropout.p == 0.1
+    assert m.text.layers[0].attn.dropout == 0.1
+    fc1 = blk.mlp.fc1.weight.detach()  # xavier uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+    b = (6 / (96 + 384)) ** 0.5
+    assert fc1.abs().max() <= b and fc1.abs().max() > 0.95 * b and fc1.std().item() == pytest.approx(b / 3 ** 0.5, rel=0.05)
+    assert m.text.layers[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert m.text.layers[0].mlp.fc1.weight.abs().max() > 0.06  # normal, not truncated at 2 std
+    head = m.visual.head.weight.detach()  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert head.abs().max() <= 96 ** -0.5 and head.abs().max() > 0.9 * 96 ** -0.5
+    assert not m.visual.head.bias.eq(0).all()

@@ -269,6 +269,31 @@ def test_radchest_label_rules_and_score_mapping(tmp_path):
     torch.testing.assert_close(data.ctrate_to_radchest(torch.from_numpy(s)), torch.from_numpy(m))
 
 
+def test_radchest_medical_material_official_11_devices(tmp_path):
+    """Official mapping: 11 device labels; sternotomy / valve replacement only with devices='all'."""
+    assert len(tables.RADCHEST_DEVICES) == 11
+    assert not set(tables.RADCHEST_DEVICES_EXTRA) & set(tables.RADCHEST_DEVICES)
+    base = {f"{a[0]}*lung": 0 for k, a in tables.RADCHEST_SOURCES.items() if k != "Medical material"}
+    devices = tables.RADCHEST_DEVICES + tables.RADCHEST_DEVICES_EXTRA
+    rows = [dict(NoteAcc_DEID="sternotomy_only", **base, **{f"{d}*heart": int(d == "sternotomy")
+                                                           for d in devices}),
+            dict(NoteAcc_DEID="valve_only", **base, **{f"{d}*heart": int(d == "heart_valve_replacement")
+                                                       for d in devices}),
+            dict(NoteAcc_DEID="pacemaker", **base, **{f"{d}*heart": int(d == "pacemaker_or_defib")
+                                                      for d in devices}),
+            dict(NoteAcc_DEID="none", **base, **{f"{d}*heart": 0 for d in devices})]
+    write_csv(tmp_path / "l.csv", rows)
+    mm = data.RADCHEST_CLASSES.index("Medical material")
+    official = tables.read_radchest_labels(tmp_path / "l.csv")
+    every = tables.read_radchest_labels(tmp_path / "l.csv", devices="all")
+    assert [official[n][mm] for n in ("sternotomy_only", "valve_only", "pacemaker", "none")] == [0, 0, 1, 0]
+    assert [every[n][mm] for n in ("sternotomy_only", "valve_only", "pacemaker", "none")] == [1, 1, 1, 0]
+    for n in official:  # nothing else moves
+        assert np.array_equal(np.delete(official[n], mm), np.delete(every[n], mm))
+    with pytest.raises(ValueError, match="'official' or 'all'"):
+        tables.read_radchest_labels(tmp_path / "l.csv", devices="most")
+
+
 def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
     src = shared_data / "ct_volumes"
     folder = tmp_path / "in" / "sub"

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from prepare import pretrained
-from model import PRESETS, ViT3D, TextEncoder, sincos_3d
+from model import PRESETS, ViT3D, TextEncoder, interpolate_table, sincos_3d
 
 TOL = 1e-5
 
@@ -171,3 +172,106 @@ def test_3d_vit_weights_load_as_is_and_wrong_sizes_fail(tmp_path):
     assert set(report.missing) == {"head.weight", "head.bias"} and torch.equal(dst.patch_embed.weight, src.patch_embed.weight)
     with pytest.raises(ValueError, match="another model size"):
         pretrained.load_vit(ViT3D(replace(cfg, vit_width=32, vit_heads=4)), tmp_path / "vit3d.pth")
+
+
+# ----------------------------------------------------------------------------- the official 3-D ViT
+
+OFFICIAL = replace(PRESETS["paper"], crop_size=(32, 32, 16), image_size=(48, 32, 24),
+                   patch_size=(16, 16, 8), vit_width=48, vit_depth=2, vit_heads=4, embed_dim=24)
+
+
+def official_state_dict(grid=(2, 2, 2), C=48, depth=2, seed=0):
+    """A state dict in the official ViT3D's layout (stander_3D_vit_relate_pe.py: timm Blocks with
+    LayerNorm eps 1e-6, patch_embed.proj a Conv3d, cls_token, pos_embed (1, 1 + N, C), norm), with
+    random weights; and the timm-style blocks + final norm that compute with them."""
+    torch.manual_seed(seed)
+    blocks = nn.ModuleList(timm_block(C, 4) for _ in range(depth)).eval()
+    for b in blocks:
+        b.norm1.eps = b.norm2.eps = 1e-6
+    norm = nn.LayerNorm(C)
+    sd = {f"blocks.{k}": v for k, v in blocks.state_dict().items()}
+    sd.update({f"norm.{k}": v for k, v in norm.state_dict().items()})
+    for v in sd.values():
+        v.add_(0.05 * torch.randn_like(v))
+    n = grid[0] * grid[1] * grid[2]
+    sd.update({"patch_embed.proj.weight": torch.randn(C, 1, 16, 16, 8) * 0.02,
+               "patch_embed.proj.bias": torch.randn(C) * 0.05, "cls_token": torch.randn(1, 1, C),
+               "pos_embed": torch.randn(1, 1 + n, C)})
+    blocks.load_state_dict({k[7:]: v for k, v in sd.items() if k.startswith("blocks.")})
+    norm.load_state_dict({"weight": sd["norm.weight"], "bias": sd["norm.bias"]})
+    return sd, blocks, norm
+
+
+def test_official_3d_vit_loads_with_its_position_table_and_computes_the_same(tmp_path):
+    sd, blocks, norm = official_state_dict()
+    torch.save(sd, tmp_path / "vit_b16_3D_m3ae.pth")  # a bare state dict, as the official file
+    vit = ViT3D(OFFICIAL).eval()
+    report = pretrained.load_vit(vit, tmp_path / "vit_b16_3D_m3ae.pth")
+    assert set(report.missing) == {"head.weight", "head.bias"} and not report.unexpected, report.summary()
+    assert torch.equal(vit.pos_embed, sd["pos_embed"][0])
+    volume = torch.randn(2, 1, 48, 32, 24)  # test grid 3 x 2 x 3, the table is for 2 x 2 x 2
+    # reference: the official forward (TokenizerImage with _interpolate_pos_encoding, blocks, norm)
+    pos = sd["pos_embed"][:, 1:].reshape(1, 2, 2, 2, 48).permute(0, 4, 1, 2, 3)
+    pos = F.interpolate(pos, size=(3, 2, 3), mode="trilinear", align_corners=False)
+    x = F.conv3d(volume, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=(16, 16, 8))
+    x = torch.cat([sd["cls_token"].expand(2, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+    x = x + torch.cat([sd["pos_embed"][:, :1], pos.flatten(2).transpose(1, 2)], 1)
+    with torch.no_grad():
+        for b in blocks:
+            x = b(x)
+        ref = norm(x)[:, 0]
+    err = (pooled_input(vit, volume) - ref).abs().max().item()
+    assert err <= TOL, f"max abs error {err:.2e} vs the official forward"
+
+
+def test_official_pos_embed_of_another_cube_is_resized_and_sincos_models_skip_it(tmp_path):
+    sd, _, _ = official_state_dict(grid=(3, 3, 3))
+    torch.save({"state_dict": sd}, tmp_path / "w.pth")
+    vit = ViT3D(OFFICIAL)
+    pretrained.load_vit(vit, tmp_path / "w.pth")
+    torch.testing.assert_close(vit.pos_embed, interpolate_table(sd["pos_embed"][0], (3, 3, 3), (2, 2, 2)))
+    plain = ViT3D(replace(OFFICIAL, pos_embed="sincos"))
+    report = pretrained.load_vit(plain, tmp_path / "w.pth")
+    assert "pos_embed" in report.unexpected and "sincos" in report.unexpected["pos_embed"]
+    sd["pos_embed"] = torch.randn(1, 1 + 12, 48)  # 12 rows: not the 2^3 grid, not a cube
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad\.pth: pos_embed has 12 patch rows"):
+        pretrained.load_vit(ViT3D(OFFICIAL), tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("axes", [(0,), (0, 1), (2,), (0, 1, 2)])
+def test_flipped_weights_see_a_flipped_volume_as_the_original(tmp_path, axes):
+    """Weights trained on the files' own voxel order, loaded with flip=axes, give on our reoriented
+    volume exactly what the unflipped weights give on the file-order volume."""
+    sd, _, _ = official_state_dict()
+    torch.save(sd, tmp_path / "w.pth")
+    theirs, ours = ViT3D(OFFICIAL).eval(), ViT3D(OFFICIAL).eval()
+    pretrained.load_vit(theirs, tmp_path / "w.pth")
+    pretrained.load_vit(ours, tmp_path / "w.pth", flip=axes)
+    for shape in ((32, 32, 16), (48, 32, 24)):  # the table's grid and an interpolated one
+        file_order = torch.randn(2, 1, *shape)
+        reoriented = file_order.flip([2 + a for a in axes])
+        a, b = pooled_input(theirs, file_order), pooled_input(ours, reoriented)
+        err = (a - b).abs().max().item()
+        assert err <= TOL, f"flip {axes}, volume {shape}: max abs error {err:.2e}"
+    assert not torch.allclose(pooled_input(theirs, reoriented), a, atol=1e-3)  # the flip matters
+
+
+def test_file_order_flip_reads_the_affine(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+    vol = np.zeros((4, 5, 6), np.int16)
+    for name, diag, want in (("lps", (-0.7, -0.7, 1.5), "xy"), ("ras", (0.7, 0.7, 1.5), ""),
+                             ("lpi", (-1, -1, -1), "xyz")):
+        nib.save(nib.Nifti1Image(vol, np.diag([*diag, 1.0])), tmp_path / f"{name}.nii.gz")
+        assert pretrained.file_order_flip(tmp_path / f"{name}.nii.gz") == want
+        marked = vol.copy()
+        marked[1, 2, 3] = 7
+        nib.save(nib.Nifti1Image(marked, np.diag([*diag, 1.0])), tmp_path / "m.nii.gz")
+        ras, _ = data.load_nifti(tmp_path / "m.nii.gz")  # what our pipeline trains on
+        np.testing.assert_array_equal(ras, np.flip(marked, ["xyz".index(c) for c in want]))
+    assert pretrained.parse_flip("yx") == (0, 1) and pretrained.parse_flip("") == ()
+    swapped = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(vol, swapped), tmp_path / "swap.nii.gz")
+    with pytest.raises(ValueError, match=r"swap\.nii\.gz: voxel axes are ARS"):
+        pretrained.file_order_flip(tmp_path / "swap.nii.gz")

@@ -121,6 +121,23 @@ def test_bad_input_errors(bad, error, words):
         summarize.summarize(bad)
 
 
+def test_report_wording_keeps_the_reports_words_for_the_same_findings(tmp_path):
+    text = ("Millimetric nonspecific nodules are observed in both lungs. Minimal atelectatic changes "
+            "in the lower lobes. No pleural effusion. Thoracic aorta diameter is 38 mm.")
+    named = summarize.summarize(text)
+    own = summarize.summarize(text, backend="rules_report")
+    assert named == ["Minimal atelectasis in the lower lobe.", "Millimetric bilateral lung nodules."]
+    assert own == ["Minimal atelectatic changes in the lower lobes.",
+                   "Millimetric nonspecific nodules in both lungs."]
+    assert all(summarize_rules.finding_classes(a) == summarize_rules.finding_classes(b)
+               for a, b in zip(named, own))  # the same findings, in other words
+    summaries, _, _ = summarize.run_batch([text], tmp_path / "c.jsonl", "rules_report", progress=False)
+    assert summaries[text] == own
+    assert summarize.load_cache(tmp_path / "c.jsonl", "rules") == {}  # cached under its own name
+    with pytest.raises(ValueError, match="wording"):
+        summarize_rules.summarize_rules(text, wording="mixed")
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         summarize.summarize("Emphysema.", backend="gpt")

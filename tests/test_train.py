@@ -43,6 +43,39 @@ def test_bad_preset_is_rejected():
         train.parse_args(["--preset=huge"])
 
 
+def test_paper_preset_uses_adam_with_l2_and_tiny_adamw():
+    assert train.parse_args(["--preset=paper"]).optimizer == "adam"
+    assert train.parse_args([]).optimizer == "adamw"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--optimizer=sgd"])
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_optimizer_update_equals_the_formula(kind):
+    """Two steps in float64 against Adam's update written out: L2 (adam) puts wd * p into the
+    gradient before the moments; decoupled (adamw) shrinks p by lr * wd outside them."""
+    cfg = train.parse_args(["--preset=paper", f"--optimizer={kind}", "--weight_decay=0.1",
+                            "--lr=0.01"])
+    torch.manual_seed(0)
+    p0 = torch.randn(7, dtype=torch.float64)
+    grads = [torch.randn(7, dtype=torch.float64) for _ in range(2)]
+    p = torch.nn.Parameter(p0.clone())
+    opt = train.make_optimizer([p], cfg, fused=False)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    lr, (b1, b2), wd, eps = cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, 1e-8
+    ref, m, v = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    for t, g in enumerate(grads, 1):
+        if kind == "adam":
+            g = g + wd * ref
+        else:
+            ref = ref * (1 - lr * wd)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref = ref - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cmki, "USE_KERNELS", False)  # eager maths: fast (kernels: test_kernels_training)
     out = tmp_path / "run"
@@ -236,7 +269,7 @@ def run_cli(*args, timeout=120):
     ("--eval_interval=-1", "--eval_interval must be >= 0, got -1"),
     ("--lr=0", "--lr must be > 0, got 0.0"),
     ("--dtype=float64", "--dtype must be one of ['auto', 'bfloat16', 'float16', 'float32'], got 'float64'"),
-    ("--summary_backend=gpt", "--summary_backend must be one of ['rules', 'llm'], got 'gpt'"),
+    ("--summary_backend=gpt", "--summary_backend must be one of ['rules', 'rules_report', 'llm'], got 'gpt'"),
     ("--device=tpu", "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("--batch_size=6", "--batch_size=6 must be a multiple of world size 1 x --grad_accum=4"),
 ])

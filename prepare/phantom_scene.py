@@ -433,14 +433,20 @@ def _painted(vol, masks, k, paint):
         masks[k] = vol != before
 
 
+def _settle(vol, masks, values):
+    """Remember the values just painted under every new mask (render_volume's last step compares)."""
+    for k, m in (masks or {}).items():
+        values.setdefault(k, vol[m].copy())
+
+
 def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None):
     """Render one chest for an 18-label vector -> (hu float32 (X, Y, Z) in canonical RAS order, spacing).
 
     All draws from `rng` happen up front and never depend on the labels, so the same rng state with
     and without one label gives the same scene apart from that finding. `spacing`/`noise_seed`
     override the drawn grid and noise: a second reconstruction of the same scene.
-    masks: a dict that receives {class index: bool (X, Y, Z)} for every positive finding, the voxels
-    its painter set (a later finding may paint over part of it; cardiomegaly: the enlarged heart).
+    masks: a dict that receives {class index: bool (X, Y, Z)} for every positive finding: the voxels
+    its painter set that nothing drawn later painted over (cardiomegaly: the enlarged heart).
     Recording draws nothing, so the volume is the same with or without it."""
     labels = np.asarray(labels).astype(bool)
     seeds = rng.integers(0, 2 ** 63, size=3 + len(CLASSES))       # anatomy, noise, grid, one per class
@@ -453,17 +459,25 @@ def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None):
     vol = np.full(g.shape, -1000.0, np.float32)
     _paint_body(vol, g, A)
     L = _lungs(vol, g, A, arng)
+    values = {}
     for k, painter in PARENCHYMA:
         if labels[k]:
             _painted(vol, masks, k, lambda: painter(vol, g, A, L, sub(k)))
+            _settle(vol, masks, values)
     _heart(vol, g, A, labels, sub(CORONARY), masks)
+    _settle(vol, masks, values)
     _aorta(vol, g, A, labels, sub(ARTERIAL), masks)
+    _settle(vol, masks, values)
     for k, painter in ((LYMPH, _nodes), (HERNIA, _hernia)):
         if labels[k]:
             _painted(vol, masks, k, lambda: painter(vol, g, A, sub(k)))
+            _settle(vol, masks, values)
     _airways(vol, g, A, labels, L, sub(BRONCHIECTASIS), masks)
+    _settle(vol, masks, values)
     if labels[MATERIAL]:
         _painted(vol, masks, MATERIAL, lambda: _device(vol, g, A, sub(MATERIAL)))
+    for k, m in (masks or {}).items():  # drop what a later painter covered
+        m[m] = vol[m] == values.get(k, vol[m])
     nrng = np.random.default_rng(seeds[1] if noise_seed is None else noise_seed)
     vol += nrng.standard_normal(g.shape, dtype=np.float32) * np.float32(nrng.uniform(10, 20))
     return vol, spacing

@@ -842,3 +842,40 @@ def test_heatmap_bad_input_is_named(tiny, tmp_path):
                        text=True, cwd=str(E.Path(E.__file__).parent))
     assert r.returncode != 0 and "eval.py: error: --findings: empty finding" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
+    from prepare import phantom
+    model, tok = tiny
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    root = phantom.generate(tmp_path / "synth", n=4, valid_fraction=0.5, seed=1, workers=1,
+                            log=lambda *a: None, masks=True)
+    base = ["--ckpt", str(ckpt), "--data", str(root), "--out_dir", str(tmp_path / "o"), "--n_boot", "20"]
+    E.main(base + ["--heatmap", str(tmp_path / "maps"), "--heatmap_n", "1", "--findings", FINDING])
+    maps = sorted((tmp_path / "maps").glob("*.nii.gz"))
+    assert [m.name for m in maps] == ["valid_1_a_1_pleural_effusion.nii.gz"]
+    src = nib.load(str(next(root.rglob("valid_1_a_1.nii.gz"))))
+    out = nib.load(str(maps[0]))
+    assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+    summary = E.main(base + ["--grounding"])
+    labels = _read_csv(root / "multi_abnormality_labels" / "valid_predicted_labels.csv")
+    positives = {c for row in labels for c in CLASSES if row[c] == "1"}
+    assert set(summary["per_finding"]) == positives and summary["missing_masks"] == 0
+    table = capsys.readouterr().out
+    assert "pointing ±1 patch" in table and "macro mean" in table
+    rows = _read_csv(tmp_path / "o" / "grounding.csv")
+    assert rows[-1]["finding"] == "macro mean" and len(rows) == len(positives) + 1
+    for e in summary["per_finding"].values():
+        assert 0 <= e["chance"] <= e["chance_patch"] <= 1 and 0 <= e["auroc"] <= 1
+    with pytest.raises(ValueError, match="--grounding scores label classes"):
+        E.main(base + ["--grounding", "--findings", "lung"])
+    plain = phantom.generate(tmp_path / "plain", n=2, valid_fraction=0.5, seed=1, workers=1,
+                             log=lambda *a: None)
+    with pytest.raises(ValueError, match="no finding mask found"):
+        E.main(["--ckpt", str(ckpt), "--data", str(plain), "--out_dir", str(tmp_path / "o2"),
+                "--grounding"])
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

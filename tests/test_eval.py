@@ -879,3 +879,20 @@ def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
 def _read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def test_heatmap_png_written_or_skipped_with_a_message(tiny, tmp_path, monkeypatch, capsys):
+    _, tok = tiny
+    model = _known_answer_model(tok)
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    path, _ = _save(_scene()[0], tmp_path / "scan.nii.gz", lps=True)
+    args = ["--ckpt", str(ckpt), "--volume", str(path), "--findings", FINDING]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    E.main(args + ["--heatmap", str(tmp_path / "without")])
+    assert "matplotlib is not installed, heat map PNGs skipped" in capsys.readouterr().out
+    assert not list((tmp_path / "without").glob("*.png"))
+    assert (tmp_path / "without" / "scan_pleural_effusion.nii.gz").is_file()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    E.main(args + ["--heatmap", str(tmp_path / "with")])
+    assert (tmp_path / "with" / "scan_pleural_effusion.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,6 +15,10 @@ Percentile bootstrap 95% intervals resample patients (or volumes) with replaceme
 With report texts: report->volume and volume->report Recall@{1,5,10,50,100} and mAP, and the
 modality gap (centroid distance, true vs random pair cosine, linear-probe accuracy) of the raw
 (v, t) and the bank-mapped (v_hat, t_hat) embeddings.
+Grounding (where the model sees a finding): each patch token, through the image head, is scored
+against the finding's prompt like a whole volume; the patch map is written as a NIfTI on the input's
+own grid and affine (and a PNG); --grounding scores such maps against the synthetic set's painted
+masks (pointing game with its chance level, AUROC of map values inside vs outside the mask).
 Outputs in --out_dir: eval.json (every number, its interval and which rows it uses), metrics.csv,
 scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png
 (matplotlib is optional: without it the plots are skipped with a message).
@@ -31,6 +35,8 @@ resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array p
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
+    python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" --heatmap maps
+    python eval.py --ckpt out/ckpt.pt --data data_synth/grounding/dataset --grounding --out_dir out/grounding
     python eval.py --help                                              # every flag
 """
 import argparse
@@ -1361,16 +1367,23 @@ def run_grounding(args, cfg: EvalConfig, device) -> dict:
         raise ValueError(f"{args.data}: no finding mask found (write the set with python -m "
                          f"prepare.phantom --masks)")
     summary = grounding_summary(rows, cfg.n_boot, cfg.seed)
-    summary.update(kind=args.heatmap_kind, volumes=len(records), missing_masks=missing)
-    table = format_grounding(summary, args.heatmap_kind)
+    summary.update(kind=args.heatmap_kind, volumes=len(records), pairs=len(rows), missing_masks=missing)
+    write_grounding(summary, args.out_dir)
+    return summary
+
+
+def write_grounding(summary: dict, out_dir) -> Path:
+    """Print the grounding table and write grounding.md, grounding.csv and grounding.json."""
+    table = format_grounding(summary, summary["kind"])
     print(table)
-    od = writable_dir(args.out_dir, "--out_dir")
+    od = writable_dir(out_dir, "--out_dir")
     _write_atomic(od / "grounding.md", table + "\n")
     _write_atomic(od / "grounding.csv", _csv_text(*grounding_rows(summary)))
     _write_atomic(od / "grounding.json", json.dumps(_jsonable(summary), indent=2))
-    print(f"grounding of {len(rows)} (volume, finding) pairs in {len(records)} volumes"
+    missing = summary["missing_masks"]
+    print(f"grounding of {summary['pairs']} (volume, finding) pairs in {summary['volumes']} volumes"
           + (f", {missing} positive findings without a mask" if missing else "") + f" -> {od}")
-    return summary
+    return od
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1418,13 +1431,14 @@ def build_parser():
                    "NIfTI on the input's own grid and affine (+ PNG with matplotlib); with --volume "
                    "for that scan, with --data for the first --heatmap_n volumes (default: none)")
     p.add_argument("--heatmap_n", type=int, default=4, help="--data mode: volumes that get heat "
-                   "maps")
+                   "maps (default: 4)")
     p.add_argument("--heatmap_kind", default="score", choices=HEATMAP_KINDS, help="per-patch map: "
                    "score = 1/2[cos(u,t)+cos(u_hat,t)] (the zero-shot rule), raw = cos(u,t), "
-                   "bank = cos(u_hat,t)")
+                   "bank = cos(u_hat,t) (default: score)")
     p.add_argument("--grounding", action="store_true", help="with --data: score the maps against "
                    "the finding masks of prepare.phantom --masks (pointing game, AUROC in vs out) "
-                   "instead of the diagnosis evaluation; writes grounding.md/.csv/.json to --out_dir")
+                   "instead of the diagnosis evaluation; writes grounding.md/.csv/.json to --out_dir "
+                   "(default: off)")
     return p
 
 

@@ -14,6 +14,7 @@ The scene (anatomy, findings, rendering) lives in prepare/phantom_scene.py and t
 in prepare/phantom_reports.py; this file draws the labels, writes the files and runs the command line.
 
     python -m prepare.phantom --out data/phantom --n 1000 --seed 0
+    python -m prepare.phantom --out data/grounding --n 120 --seed 12 --masks   # + per-finding masks
     python -m prepare.phantom --out data/real_text --reports ../shared/data/ctclip_reports_18labels/reports_shared.csv
 """
 import argparse

@@ -754,10 +754,9 @@ def test_heatmap_keeps_input_grid_and_points_at_the_finding(tiny, tmp_path, lps,
     heat = np.asarray(out.dataobj)
     peak = np.array(np.unravel_index(np.argmax(heat), heat.shape))
     world = affine[:3, :3] @ peak + affine[:3, 3]
-    ras = np.diag([9.0, 11.0, 18.0])
-    ras_affine_origin = affine[:3, 3] if not lps else affine[:3, :3] @ [hu.shape[0] - 1, hu.shape[1] - 1, 0] + affine[:3, 3]
-    lo = ras @ [s.start for s in box] + ras_affine_origin
-    hi = ras @ [s.stop - 1 for s in box] + ras_affine_origin
+    ras, origin = np.diag([9.0, 11.0, 18.0]), np.array([-100.0, -50.0, -20.0])  # both files alike
+    lo = ras @ [s.start for s in box] + origin  # world mm of the block's first and last voxel
+    hi = ras @ [s.stop - 1 for s in box] + origin
     assert np.all(world >= lo - 1e-6) and np.all(world <= hi + 1e-6), (world, lo, hi)
     assert heat.max() > 0.5 and np.median(heat) < -0.9  # bright block ~ +t, tissue ~ -t
 

@@ -1366,6 +1366,7 @@ def run_grounding(args, cfg: EvalConfig, device) -> dict:
     if not rows:
         raise ValueError(f"{args.data}: no finding mask found (write the set with python -m "
                          f"prepare.phantom --masks)")
+    rows.sort(key=lambda r: findings.index(r["finding"]))  # table rows in --findings order
     summary = grounding_summary(rows, cfg.n_boot, cfg.seed)
     summary.update(kind=args.heatmap_kind, volumes=len(records), pairs=len(rows), missing_masks=missing)
     write_grounding(summary, args.out_dir)

@@ -15,6 +15,10 @@ Percentile bootstrap 95% intervals resample patients (or volumes) with replaceme
 With report texts: report->volume and volume->report Recall@{1,5,10,50,100} and mAP, and the
 modality gap (centroid distance, true vs random pair cosine, linear-probe accuracy) of the raw
 (v, t) and the bank-mapped (v_hat, t_hat) embeddings.
+Grounding (where the model sees a finding): each patch token, through the image head, is scored
+against the finding's prompt like a whole volume; the patch map is written as a NIfTI on the input's
+own grid and affine (and a PNG); --grounding scores such maps against the synthetic set's painted
+masks (pointing game with its chance level, AUROC of map values inside vs outside the mask).
 Outputs in --out_dir: eval.json (every number, its interval and which rows it uses), metrics.csv,
 scores.csv + labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png
 (matplotlib is optional: without it the plots are skipped with a message).
@@ -34,6 +38,8 @@ resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array p
         # prompts "There is {class}" for the CSV's class columns
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
+    python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" --heatmap maps
+    python eval.py --ckpt out/ckpt.pt --data data_synth/grounding/dataset --grounding --out_dir out/grounding
     python eval.py --help                                              # every flag
 """
 import argparse
@@ -48,6 +54,7 @@ import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -55,7 +62,8 @@ import cmki
 import data as data_lib
 from model import BrgSA, ModelConfig
 from prepare import summarize
-from prepare.preprocess import ensure_cache
+from prepare.phantom import mask_path
+from prepare.preprocess import ctrate_jobs, ensure_cache
 
 RETRIEVAL_KS = (1, 5, 10, 50, 100)
 THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
@@ -1235,6 +1243,349 @@ def write_plots(result: dict, out: Path) -> list:
     return written
 
 
+# ----------------------------------------------------------------------------- grounding maps
+
+HEATMAP_KINDS = ("score", "raw", "bank")
+
+
+@torch.no_grad()
+def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConfig = None,
+               kind: str = "score") -> torch.Tensor:
+    """Where the model sees each finding: (B, 1, X, Y, Z) model input -> (B, F, gx, gy, gz).
+
+    Every patch token goes through the image head as the pooled token does, u_i = head(LN(x_i)), and
+    is scored against the finding's prompt embeddings t like a whole volume: score = 1/2 [cos(u_i, t)
+    + cos(CMKI(u_i), t)] (the zero-shot rule), raw = cos(u_i, t), bank = cos(CMKI(u_i), t); a prompt
+    ensemble is averaged. With mean pooling (the tiny preset) v = mean_i u_i, so the raw map is the
+    per-patch term of cos(v, t) before the division by |v|: a decomposition, not a saliency guess.
+    """
+    if kind not in HEATMAP_KINDS:
+        raise ValueError(f"--heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
+    cfg = cfg or EvalConfig()
+    brgsa_cfg = replace(cfg, protocol="brgsa", templates=cfg.templates if cfg.protocol == "brgsa" else ())
+    prompts = prompt_set(list(findings), brgsa_cfg)  # heat maps use "There is {}" (or --template)
+    t = embed_texts(model, tokenizer, [p for _, p in prompts], x.device)  # (P, d)
+    tokens, grid = model.visual.tokens(x)
+    u = model.visual.head(tokens[:, 1:]).float()  # (B, T, d) one embedding per patch
+    flat, bank = u.reshape(-1, u.shape[-1]), model.bank.weight.float()
+    if kind == "raw":
+        s = cmki.cosine_scores(flat, t)
+    elif kind == "bank":
+        s = cmki.cosine_scores(cmki.cmki(flat, bank, model.scale), t)
+    else:
+        s = cmki.zero_shot_scores(flat, t, bank, model.scale)  # (B*T, P)
+    idx = torch.tensor([j for j, _ in prompts], device=s.device)
+    per = torch.zeros(len(flat), len(findings), device=s.device).index_add_(1, idx, s)
+    per = per / torch.bincount(idx, minlength=len(findings))  # (B*T, F) ensemble mean
+    return per.reshape(len(x), *grid, len(findings)).permute(0, 4, 1, 2, 3)  # (B, F, gx, gy, gz)
+
+
+def _axis_weights(n: int, s: float, t: float, m: int, p: int):
+    """One canonical axis of n voxels at s mm, resampled to t mm and centre-cropped/padded to m
+    voxels of p-voxel patches (data.preprocess_volume) -> (W (n, m // p) linear interpolation of the
+    patch grid at each input voxel, inside (n,) bool: the voxel lies in the model's field of view)."""
+    r = int(n * (s / t))  # F.interpolate's output length: floor(n * scale)
+    offset = (r - m) // 2 if r >= m else -((m - r) // 2)  # resampled index of model voxel 0
+    k = np.arange(n)
+    mu = (k + 0.5) * (s / t) - 0.5 - offset  # input voxel k in model voxel coordinates
+    g = m // p
+    gamma = np.clip((mu + 0.5) / p - 0.5, 0, g - 1)  # patch-grid coordinate, patch centres at integers
+    i0 = np.floor(gamma).astype(int)
+    i1, f = np.minimum(i0 + 1, g - 1), gamma - i0
+    W = np.zeros((n, g))
+    np.add.at(W, (k, i0), 1 - f)
+    np.add.at(W, (k, i1), f)
+    return W, (mu >= -0.5) & (mu <= m - 0.5)
+
+
+@dataclass
+class Geometry:
+    """How the model's patch grid sits in an input volume's own voxel grid (file axis order)."""
+    shape: tuple          # the input's array shape (as stored, e.g. (X, Y, Z) or (X, Y, Z, 1))
+    affine: np.ndarray    # the input's affine, copied unchanged onto every heat map
+    axes: tuple           # canonical RAS axis of each file axis
+    weights: list         # per file axis: (n_i, g_axes[i]) interpolation weights
+    inside: np.ndarray    # bool (n0, n1, n2): voxels inside the model's field of view
+    tolerance: tuple      # one patch in input voxels, per file axis
+    header: object = None  # the input's NIfTI header (qform / sform codes), None for .npy
+
+
+def input_geometry(shape, affine, spacing_ras, cfg: ModelConfig, header=None) -> Geometry:
+    """Geometry of a NIfTI input: its axes reoriented to RAS as data.load_nifti does (nibabel's
+    io_orientation, the closest axes for an oblique affine), spacing_ras (3,) in RAS order as the
+    preprocessing used it, then each RAS axis resampled and cropped/padded as the preset does."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    axes, weights, inside, tol = [], [], [], []
+    for i in range(3):
+        a, flip = int(ornt[i, 0]), ornt[i, 1] < 0
+        s, t, p = float(spacing_ras[a]), float(cfg.spacing[a]), int(cfg.patch_size[a])
+        W, ok = _axis_weights(int(shape[i]), s, t, int(cfg.image_size[a]), p)
+        axes.append(a)
+        weights.append(W[::-1] if flip else W)  # file index f is canonical index n - 1 - f
+        inside.append(ok[::-1] if flip else ok)
+        tol.append(max(1, int(round(p * t / s))))
+    mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    return Geometry(tuple(shape), np.asarray(affine, np.float64), tuple(axes), weights, mask,
+                    tuple(tol), header)
+
+
+def model_geometry(cfg: ModelConfig) -> Geometry:
+    """Geometry of a preprocessed (.npy) input: the model's own grid, canonical RAS, centred affine."""
+    affine = np.diag([*cfg.spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(cfg.image_size) - 1) / 2 * np.asarray(cfg.spacing)
+    return input_geometry(cfg.image_size, affine, cfg.spacing, cfg)
+
+
+def to_input_grid(patch_map, geom: Geometry) -> np.ndarray:
+    """(gx, gy, gz) patch-grid map -> float32 map of geom.shape: trilinear between patch centres,
+    edge patches held out to the field of view's border; voxels the model never saw (cropped
+    away) get the map's minimum."""
+    G = np.asarray(patch_map, np.float64).transpose(geom.axes)  # axis i = RAS axis of file axis i
+    W0, W1, W2 = geom.weights
+    heat = np.einsum("ia,jb,kc,abc->ijk", W0, W1, W2, G, optimize=True)
+    heat[~geom.inside] = G.min()
+    return heat.astype(np.float32).reshape(geom.shape)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def writable_dir(path, flag: str) -> Path:
+    """Create `path` if needed and prove it takes a file; a clear error names the flag otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def write_heatmap(heat, geom: Geometry, path) -> Path:
+    """float32 NIfTI with the input's own affine (and qform / sform codes): overlays in any viewer."""
+    img = nib.Nifti1Image(np.asarray(heat, np.float32), geom.affine)
+    if geom.header is not None:
+        img.set_qform(geom.header.get_qform(), int(geom.header["qform_code"]))
+        img.set_sform(geom.header.get_sform(), int(geom.header["sform_code"]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return Path(path)
+
+
+def write_heatmap_png(heat, volume, path, title: str) -> bool:
+    """Three orthogonal slices through the map's maximum over the scan; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    heat = np.asarray(heat).reshape(np.asarray(heat).shape[:3])
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, a in zip(axes, range(3)):
+        cut = [slice(None)] * 3
+        cut[a] = peak[a]
+        if volume is not None:  # raw or HU: window by percentiles
+            vol = np.asarray(volume).reshape(heat.shape)
+            lo, hi = np.percentile(vol[::2, ::2, ::2], [1, 99])
+            ax.imshow(vol[tuple(cut)].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        im = ax.imshow(heat[tuple(cut)].T, cmap="jet", origin="lower", alpha=0.45)
+        ax.set_title(f"file axis {a} = {peak[a]}", fontsize=8)
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _heatmap_input(path, cfg: ModelConfig):
+    """A single scan -> (model input (1, 1, X, Y, Z), Geometry, HU in file order or None)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        hu = np.load(path)
+        if tuple(hu.shape) != tuple(cfg.image_size):
+            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
+                             f"{tuple(cfg.image_size)}")
+        geom, shown = model_geometry(cfg), hu
+    else:
+        raw, spacing = data_lib.load_nifti(path)  # checks the file, the shape and the spacing
+        img = nib.load(str(path))
+        geom = input_geometry(img.shape, img.affine, spacing, cfg, img.header)
+        hu = data_lib.preprocess_volume(raw, spacing, cfg.spacing, cfg.image_size)
+        shown = np.asanyarray(img.dataobj)
+    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None]
+    return x, geom, shown
+
+
+def write_scan_heatmaps(maps, geom: Geometry, shown, name: str, findings, out_dir,
+                        kind: str = "score") -> list:
+    """One scan's patch maps (F, gx, gy, gz) -> out_dir/<name>_<finding>.nii.gz on the scan's own
+    grid (+ a .png of three slices through the maximum when matplotlib is installed)."""
+    written, png = [], True
+    for f, m in zip(findings, maps):
+        heat = to_input_grid(m, geom)
+        base = Path(out_dir) / f"{name}_{_slug(f)}"
+        written.append(write_heatmap(heat, geom, base.with_name(base.name + ".nii.gz")))
+        png = png and write_heatmap_png(heat, shown, base.with_name(base.name + ".png"),
+                                        f"{name}: {f} ({kind})")
+    if not png:
+        print("eval: matplotlib is not installed, heat map PNGs skipped (the NIfTI maps are written)")
+    return written
+
+
+# ----------------------------------------------------------------------------- grounding score
+
+def grounding_metrics(heat, mask, geom: Geometry) -> dict:
+    """One finding's map against its painted mask, both on the input grid, over the voxels the
+    model saw. hit: the map's maximum lies in the mask; hit_patch: within one patch of it (the mask
+    dilated by a box of one patch per axis); chance / chance_patch: the hit rate of a uniformly random
+    point (the volume fraction of the mask / of the dilated mask); auroc: map values inside vs
+    outside the mask (chance 0.5)."""
+    inside = geom.inside
+    heat = np.asarray(heat).reshape(inside.shape)
+    m = np.asarray(mask).reshape(inside.shape) > 0
+    peak = np.unravel_index(np.argmax(np.where(inside, heat, -np.inf)), heat.shape)
+    near = torch.from_numpy(m.astype(np.float32))[None, None]
+    for a, k in enumerate(geom.tolerance):  # box dilation, one axis at a time
+        size, pad = [1, 1, 1], [0, 0, 0]
+        size[a], pad[a] = 2 * k + 1, k
+        near = torch.nn.functional.max_pool3d(near, size, stride=1, padding=pad)
+    near = near[0, 0].numpy() > 0
+    return dict(hit=float(m[peak]), hit_patch=float(near[peak]), chance=float(m[inside].mean()),
+                chance_patch=float(near[inside].mean()), auroc=auroc(heat[inside], m[inside]))
+
+
+def grounding_summary(rows, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Per finding (and the macro mean over findings): mean of each metric over its volumes and a
+    percentile bootstrap interval of the mean AUROC (volumes resampled). A finding "beats chance"
+    when the interval's lower end is above 0.5; the pointing game is reported beside its chance."""
+    keys = ("hit", "hit_patch", "chance", "chance_patch", "auroc")
+    rng, out = np.random.default_rng(seed), {}
+    for f in dict.fromkeys(r["finding"] for r in rows):
+        mine = [r for r in rows if r["finding"] == f and not math.isnan(r["auroc"])]
+        if not mine:
+            continue
+        entry = {k: float(np.mean([r[k] for r in mine])) for k in keys}
+        a = np.array([r["auroc"] for r in mine])
+        draws = a[rng.integers(0, len(a), (max(n_boot, 1), len(a)))].mean(1)
+        lo, hi = percentile_ci(draws, level)
+        out[f] = dict(n=len(mine), **entry, auroc_ci=[float(lo), float(hi)],
+                      beats_chance=bool(lo > 0.5))
+    macro = {k: float(np.mean([e[k] for e in out.values()])) for k in keys} if out else {}
+    return dict(per_finding=out, macro=macro)
+
+
+GROUNDING_COLUMNS = ("finding", "n", "hit", "chance", "hit_patch", "chance_patch", "auroc",
+                     "auroc_lo", "auroc_hi", "beats_chance")
+
+
+def grounding_rows(summary: dict):
+    """grounding_summary -> (header, rows) for grounding.csv (the macro row last)."""
+    rows = []
+    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
+        ci = e.get("auroc_ci", ["", ""])
+        rows.append([f, e.get("n", ""), e["hit"], e["chance"], e["hit_patch"], e["chance_patch"],
+                     e["auroc"], *ci, e.get("beats_chance", "")])
+    return list(GROUNDING_COLUMNS), rows
+
+
+def format_grounding(summary: dict, kind: str) -> str:
+    """Markdown table of grounding_summary (pointing game beside its chance level, AUROC and CI)."""
+    lines = [f"| finding ({kind} map) | n | pointing | chance | pointing ±1 patch | chance | "
+             "AUROC in vs out [95% CI] | beats chance |", "|---|---|---|---|---|---|---|---|"]
+    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
+        ci = e.get("auroc_ci")
+        auc = _fmt(e["auroc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        verdict = {True: "yes", False: "no"}.get(e.get("beats_chance"), "")
+        lines.append(f"| {f} | {e.get('n', '')} | {_fmt(e['hit'])} | {_fmt(e['chance'])} | "
+                     f"{_fmt(e['hit_patch'])} | {_fmt(e['chance_patch'])} | {auc} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _data_sources(path, split) -> dict:
+    """{volume name: source NIfTI path} of a CT-RATE-layout --data; {} for a preprocessed dir."""
+    try:
+        jobs, _ = ctrate_jobs(path, split)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {j["name"]: Path(j["src"]) for j in jobs}
+
+
+@torch.no_grad()
+def run_grounding(args, cfg: EvalConfig, device) -> dict:
+    """--data with --heatmap / --grounding: heat maps of the first --heatmap_n volumes, and the
+    grounding score of every volume's positive findings against the masks of prepare.phantom --masks."""
+    if args.heatmap_n < 0:
+        raise ValueError(f"--heatmap_n must be >= 0, got {args.heatmap_n}")
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.heatmap, "--heatmap") if args.heatmap else None
+    records = load_split(args.data, args.split, model.cfg, args)
+    classes = list(records[0].classes)
+    findings = list(args.findings or classes)
+    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
+    sources = _data_sources(args.data, args.split or "valid")
+    if args.grounding:
+        unknown = [f for f in findings if f not in classes]
+        if unknown:
+            raise ValueError(f"--findings {unknown}: --grounding scores label classes of --data, "
+                             f"one of {classes}")
+        if not sources:
+            raise ValueError(f"--grounding needs a CT-RATE-layout --data with masks (python -m "
+                             f"prepare.phantom --masks), got {args.data}")
+    rows, missing = [], 0
+    for i, r in enumerate(records if args.grounding else records[:args.heatmap_n]):
+        src = sources.get(r.name)
+        img = nib.load(str(src)) if src is not None else None
+        geom = (input_geometry(img.shape, img.affine, r.spacing, model.cfg, img.header)
+                if img is not None else model_geometry(model.cfg))
+        x = data_lib.load_volume(r.npy_path)[None].to(device)  # (1, 1, X, Y, Z)
+        maps = patch_maps(model, tokenizer, x, findings, cfg, args.heatmap_kind)[0].cpu().numpy()
+        if out is not None and i < args.heatmap_n:
+            shown = np.asanyarray(img.dataobj) if img is not None else np.load(r.npy_path)
+            write_scan_heatmaps(maps, geom, shown, r.name, findings, out, args.heatmap_kind)
+        for f, m in zip(findings, maps):
+            if not args.grounding or src is None or not r.labels[classes.index(f)]:
+                continue
+            path = mask_path(src.parents[3], src.name, f)
+            if not path.is_file():
+                missing += 1
+                continue
+            mask = np.asanyarray(nib.load(str(path)).dataobj)
+            rows.append(dict(finding=f, volume=r.name, **grounding_metrics(to_input_grid(m, geom),
+                                                                           mask, geom)))
+    if out is not None:
+        print(f"eval: heat maps of {min(args.heatmap_n, len(records))} volumes -> {out}")
+    if not args.grounding:
+        return {}
+    if not rows:
+        raise ValueError(f"{args.data}: no finding mask found (write the set with python -m "
+                         f"prepare.phantom --masks)")
+    rows.sort(key=lambda r: findings.index(r["finding"]))  # table rows in --findings order
+    summary = grounding_summary(rows, cfg.n_boot, cfg.seed)
+    summary.update(kind=args.heatmap_kind, volumes=len(records), pairs=len(rows), missing_masks=missing)
+    write_grounding(summary, args.out_dir)
+    return summary
+
+
+def write_grounding(summary: dict, out_dir) -> Path:
+    """Print the grounding table and write grounding.md, grounding.csv and grounding.json."""
+    table = format_grounding(summary, summary["kind"])
+    print(table)
+    od = writable_dir(out_dir, "--out_dir")
+    _write_atomic(od / "grounding.md", table + "\n")
+    _write_atomic(od / "grounding.csv", _csv_text(*grounding_rows(summary)))
+    _write_atomic(od / "grounding.json", json.dumps(_jsonable(summary), indent=2))
+    missing = summary["missing_masks"]
+    print(f"grounding of {summary['pairs']} (volume, finding) pairs in {summary['volumes']} volumes"
+          + (f", {missing} positive findings without a mask" if missing else "") + f" -> {od}")
+    return od
+
+
 # ----------------------------------------------------------------------------- command line
 
 class DefaultsHelp(argparse.RawTextHelpFormatter):
@@ -1297,6 +1648,18 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=8, help="volumes per forward pass")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--heatmap", metavar="DIR", help="write a grounding heat map per finding to DIR: "
+                   "NIfTI on the input's own grid and affine (+ PNG with matplotlib); with --volume "
+                   "for that scan, with --data for the first --heatmap_n volumes (default: none)")
+    p.add_argument("--heatmap_n", type=int, default=4, help="--data mode: volumes that get heat "
+                   "maps (default: 4)")
+    p.add_argument("--heatmap_kind", default="score", choices=HEATMAP_KINDS, help="per-patch map: "
+                   "score = 1/2[cos(u,t)+cos(u_hat,t)] (the zero-shot rule), raw = cos(u,t), "
+                   "bank = cos(u_hat,t) (default: score)")
+    p.add_argument("--grounding", action="store_true", help="with --data: score the maps against "
+                   "the finding masks of prepare.phantom --masks (pointing game, AUROC in vs out) "
+                   "instead of the diagnosis evaluation; writes grounding.md/.csv/.json to --out_dir "
+                   "(default: off)")
     return p
 
 
@@ -1376,9 +1739,17 @@ def main(argv=None):
             p.error("--volume needs --ckpt")
         model, tokenizer, _ = load_checkpoint(args.ckpt, device)
         findings = args.findings or list(data_lib.CTRATE_CLASSES)
+        out = writable_dir(args.heatmap, "--heatmap") if args.heatmap else None
         scores = score_scan(model, tokenizer, args.volume, findings, device, cfg, args.allow_non_hu)
         thresholds = read_thresholds(args.thresholds, cfg.protocol) if args.thresholds else {}
         print_scan(args.volume, scores, thresholds, cfg.protocol)
+        if out is not None:
+            x, geom, shown = _heatmap_input(args.volume, model.cfg)
+            maps = patch_maps(model, tokenizer, x.to(device), findings, cfg, args.heatmap_kind)
+            name = data_lib.volume_key(args.volume)
+            written = write_scan_heatmaps(maps[0].cpu().numpy(), geom, shown, name, findings, out,
+                                          args.heatmap_kind)
+            print(f"eval: {len(written)} heat maps ({args.heatmap_kind}) -> {out}")
         return scores
     if args.scores or args.labels:
         if not (args.scores and args.labels):
@@ -1387,6 +1758,8 @@ def main(argv=None):
     else:
         if not (args.ckpt and args.data):
             p.error("give --ckpt and --data, --scores and --labels, or --ckpt and --volume")
+        if args.heatmap or args.grounding:
+            return run_grounding(args, cfg, device)
         result = _run_model(args, cfg, device)
     n_auc = sum(math.isfinite(a) for a in result["auc"].values())
     if n_auc == 0:

@@ -227,6 +227,13 @@ class ViT3D(nn.Module):
         self.input_mean.copy_(mean.reshape(self.input_mean.shape))
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:  # (B, 1, X, Y, Z) -> v (B, d)
+        x, _ = self.tokens(volume)  # (B, 1 + T, C)
+        return self.head(x[:, 0] if self.cfg.vit_pool == "cls" else x[:, 1:].mean(1))  # (B, d)
+
+    def tokens(self, volume: torch.Tensor):
+        """(B, 1, X, Y, Z) -> (final-normed tokens (B, 1 + T, C), CLS first, patch grid (gx, gy, gz)).
+
+        Patch token i is patch (ix, iy, iz) of the grid in C order; eval.py's grounding maps read them."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"ViT3D expects (B, 1, X, Y, Z), got {tuple(volume.shape)}")
         if self.cfg.input_centering:
@@ -250,8 +257,7 @@ class ViT3D(nn.Module):
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = _run_block(block, self.cfg.grad_checkpoint, x)
-        x = self.norm(x)  # (B, 1 + T, C)
-        return self.head(x[:, 0] if self.cfg.vit_pool == "cls" else x[:, 1:].mean(1))  # (B, d)
+        return self.norm(x), tuple(grid)  # (B, 1 + T, C)
 
 
 class TextEncoder(nn.Module):

@@ -14,6 +14,7 @@ The scene (anatomy, findings, rendering) lives in prepare/phantom_scene.py and t
 in prepare/phantom_reports.py; this file draws the labels, writes the files and runs the command line.
 
     python -m prepare.phantom --out data/phantom --n 1000 --seed 0
+    python -m prepare.phantom --out data/grounding --n 120 --seed 12 --masks   # + per-finding masks
     python -m prepare.phantom --out data/real_text --reports ../shared/data/ctclip_reports_18labels/reports_shared.csv
 """
 import argparse
@@ -82,29 +83,43 @@ SPLITS = {"train": ("train_metadata.csv", "train_reports.csv", "train_predicted_
           "valid": ("validation_metadata.csv", "validation_reports.csv", "valid_predicted_labels.csv")}
 
 
-def write_volume(path, hu, spacing):
-    """Store canonical-RAS HU as int16 raw (HU + 1024) in LPS order: affine diag(-sx, -sy, sz), so that
-    readers must reorient. gzip with mtime 0 keeps the bytes reproducible. -> metadata fields."""
-    raw = (np.clip(np.rint(hu), -1024, 3071) - INTERCEPT).astype(np.int16)[::-1, ::-1, :]   # 12-bit raw, RAS -> LPS axes
-    (sx, sy, sz), (nx, ny, nz) = spacing, raw.shape
+def _write_lps(path, ras, spacing):
+    """Store a canonical-RAS array in LPS order: affine diag(-sx, -sy, sz), so that readers must
+    reorient. gzip with mtime 0 keeps the bytes reproducible. -> RAS mm of voxel 0."""
+    (sx, sy, sz), (nx, ny, nz) = spacing, ras.shape
     origin = np.array([(nx - 1) / 2 * sx, (ny - 1) / 2 * sy, -(nz - 1) / 2 * sz])         # RAS mm of voxel 0
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = origin
-    img = nib.Nifti1Image(np.ascontiguousarray(raw), affine)
+    img = nib.Nifti1Image(np.ascontiguousarray(ras[::-1, ::-1, :]), affine)              # RAS -> LPS axes
     img.header.set_xyzt_units("mm")
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     Path(path).write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+    return origin
+
+
+def write_volume(path, hu, spacing):
+    """Store canonical-RAS HU as int16 raw (HU + 1024), LPS-oriented (_write_lps). -> metadata fields."""
+    raw = (np.clip(np.rint(hu), -1024, 3071) - INTERCEPT).astype(np.int16)   # 12-bit raw
+    sx, sy, sz = spacing
+    origin = _write_lps(path, raw, spacing)
     lps = [-origin[0], -origin[1], origin[2]]
     return dict(XYSpacing=f"[{sx}, {sy}]", ZSpacing=sz, RescaleSlope=1, RescaleIntercept=INTERCEPT,
                 ImageOrientationPatient="[1, 0, 0, 0, 1, 0]",
                 ImagePositionPatient="[" + ", ".join(f"{v:.4f}" for v in lps) + "]")
 
 
+def mask_path(root, volume_name, finding):
+    """Where the --masks option writes one finding's mask of one volume:
+    ROOT/masks/<volume name without .nii.gz>/<finding, lower case, '_' for spaces>.nii.gz."""
+    stem = volume_name[:-len(".nii.gz")] if volume_name.endswith(".nii.gz") else volume_name
+    return Path(root) / "masks" / stem / (finding.lower().replace(" ", "_") + ".nii.gz")
+
+
 def _make_scan(job):
     """Render and write every reconstruction of one scan; -> list of (split, meta, report, labels) rows."""
-    root, split, patient, seed, index, labels, text = job
+    root, split, patient, seed, index, labels, text, with_masks = job
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     drawn = sample_labels(rng)
     labels = drawn if labels is None else np.asarray(labels)
@@ -118,9 +133,14 @@ def _make_scan(job):
     for r in range(1, n_recon + 1):
         name = f"{split}_{patient}_a_{r}.nii.gz"
         spacing = None if r == 1 else draw_spacing(recon_rng)
+        masks = {} if with_masks else None
         hu, spacing = render_volume(labels, np.random.default_rng(scene_seed), spacing,
-                                    None if r == 1 else int(recon_rng.integers(2 ** 63)))
+                                    None if r == 1 else int(recon_rng.integers(2 ** 63)), masks)
         meta = write_volume(folder / name, hu, spacing)
+        for k, m in (masks or {}).items():  # uint8 0/1 on the volume's own grid and affine
+            path = mask_path(root, name, CLASSES[k])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_lps(path, m.astype(np.uint8), spacing)
         rows.append((split, dict(VolumeName=name, **meta), dict(VolumeName=name, **report),
                      dict(VolumeName=name, **{c: int(v) for c, v in zip(CLASSES, labels)})))
     return rows
@@ -155,11 +175,13 @@ def _write_csv(path, columns, rows):
         w.writerows(rows)
 
 
-def generate(out_dir, n=1000, valid_fraction=0.2, seed=0, workers=2, reports_csv=None, log=print):
+def generate(out_dir, n=1000, valid_fraction=0.2, seed=0, workers=2, reports_csv=None, log=print,
+             masks=False):
     """Write a synthetic CT-RATE-style data set under out_dir/dataset and return that path.
 
     The first round(n * (1 - valid_fraction)) scans are train_*, the rest valid_*. With reports_csv,
-    each real report's labels drive its volume and its text becomes Findings_EN (n <= number of rows)."""
+    each real report's labels drive its volume and its text becomes Findings_EN (n <= number of rows).
+    masks: also write each positive finding's mask (mask_path); the volumes stay byte-identical."""
     t0, root = time.time(), Path(out_dir) / "dataset"
     real = read_reports_csv(reports_csv) if reports_csv is not None else None
     n = min(int(n), len(real)) if real is not None else int(n)
@@ -170,7 +192,7 @@ def generate(out_dir, n=1000, valid_fraction=0.2, seed=0, workers=2, reports_csv
     for i in range(n):
         split, patient = ("train", i + 1) if i < n_train else ("valid", i - n_train + 1)
         labels, text = real[i] if real is not None else (None, None)
-        jobs.append((str(root), split, patient, int(seed), i, labels, text))
+        jobs.append((str(root), split, patient, int(seed), i, labels, text, bool(masks)))
     for sub in ("metadata", "radiology_text_reports", "multi_abnormality_labels"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     tables = {s: ([], [], []) for s in SPLITS}
@@ -219,9 +241,13 @@ def main(argv=None):
     p.add_argument("--reports", default=None, metavar="CSV",
                    help="CSV with report_text + the 18 label columns: each row's labels drive one volume and "
                         "its text becomes the report (n = number of rows unless --n is smaller)")
+    p.add_argument("--masks", action="store_true",
+                   help="also write each positive finding's voxel mask (NIfTI, the volume's grid and affine) "
+                        "to OUT/dataset/masks/<volume>/<finding>.nii.gz (default: off)")
     a = p.parse_args(argv)
     try:
-        generate(a.out, n=a.n, valid_fraction=a.valid_fraction, seed=a.seed, workers=a.workers, reports_csv=a.reports)
+        generate(a.out, n=a.n, valid_fraction=a.valid_fraction, seed=a.seed, workers=a.workers, reports_csv=a.reports,
+                 masks=a.masks)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"phantom: error: {e}")
 

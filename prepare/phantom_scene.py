@@ -295,14 +295,30 @@ PARENCHYMA = [(MOSAIC, _mosaic), (EMPHYSEMA, _emphysema), (OPACITY, _opacity), (
               (NODULE, _nodule), (PLEURAL, _pleural)]
 
 
-def _heart(vol, g, A, labels, rng):
-    """Pericardial fluid rim (if any), myocardium and contrast blood pool, coronary calcium (if any)."""
+def _mark(masks, k, shape, sl, m):
+    """Add the box-local bool mask m (at slices sl) to finding k's mask; nothing when masks is None."""
+    if masks is not None:
+        masks.setdefault(k, np.zeros(shape, bool))[sl] |= m
+
+
+def _heart(vol, g, A, labels, rng, masks=None):
+    """Pericardial fluid rim (if any), myocardium and contrast blood pool, coronary calcium (if any).
+
+    masks: the pericardial rim outside the heart, the whole (enlarged) heart, the coronary spots."""
     c, r = A["heart_c"], A["heart_r"]
     if labels[PERICARDIAL]:
         sl, q = _ellipsoid(g, c, r + rng.uniform(9, 18))
         vol[sl][q <= 1] = rng.uniform(5, 18)
+        _mark(masks, PERICARDIAL, g.shape, sl, q <= 1)
     sl, q = _ellipsoid(g, c, r)
     vol[sl][q <= 1] = 55.0
+    if masks is not None:
+        heart = np.zeros(g.shape, bool)
+        heart[sl] = q <= 1
+        if labels[PERICARDIAL]:
+            masks[PERICARDIAL] &= ~heart
+        if labels[CARDIOMEGALY]:
+            masks[CARDIOMEGALY] = heart
     sl, q = _ellipsoid(g, c, r - 8)
     vol[sl][q <= 1] = A["blood"]
     if labels[CORONARY]:                   # bright spots on the anterior-left heart surface (coronary course)
@@ -312,9 +328,10 @@ def _heart(vol, g, A, labels, rng):
             s = rng.uniform(4, 6.5)
             sl, q = _ellipsoid(g, p, (s, s, s))
             vol[sl][q <= 1] = rng.uniform(1500, 2200)
+            _mark(masks, CORONARY, g.shape, sl, q <= 1)
 
 
-def _aorta(vol, g, A, labels, rng):
+def _aorta(vol, g, A, labels, rng, masks=None):
     """Contrast-filled aorta (ascending, arch, descending); wall calcium spots if labelled."""
     for p0, p1 in A["aorta"]:
         sl, d = _capsule(g, p0, p1, A["ra"])
@@ -329,6 +346,7 @@ def _aorta(vol, g, A, labels, rng):
             s = rng.uniform(4, 6.5)
             sl, q = _ellipsoid(g, p, (s, s, s))
             vol[sl][q <= 1] = rng.uniform(1500, 2200)
+            _mark(masks, ARTERIAL, g.shape, sl, q <= 1)
 
 
 def _nodes(vol, g, A, rng):              # enlarged soft-tissue nodes in mediastinal fat, hila, axillae
@@ -351,19 +369,27 @@ def _hernia(vol, g, A, rng):             # stomach above the diaphragm behind th
     vol[sl][inner & (g.y[:, sl[1]] > p[1] + rng.uniform(-0.2, 0.3) * r)] = -990.0
 
 
-def _airways(vol, g, A, labels, L, rng):
-    """Segmental bronchi (thick walls if peribronchial thickening), dilated bronchi, main bronchi, trachea."""
+def _airways(vol, g, A, labels, L, rng, masks=None):
+    """Segmental bronchi (thick walls if peribronchial thickening), dilated bronchi, main bronchi, trachea.
+
+    masks: the segmental bronchi when their walls are thick, the dilated bronchi."""
     thick = labels[PERIBRONCHIAL]
     wall, wall_hu = (rng.uniform(8, 10), rng.uniform(10, 50)) if thick else (5.0, -300.0)
+    before = vol.copy() if masks is not None else None
     for p0, p1 in A["bronchi"]:
         _paint_tube(vol, g, p0, p1, 3.5, wall, wall_hu, within=L["mask"])
+    if thick and masks is not None:
+        masks[PERIBRONCHIAL] = vol != before
     if labels[BRONCHIECTASIS]:             # dilated air tubes with thin walls reaching the lower-lobe periphery
+        before = vol.copy() if masks is not None else None
         for side in _sides(rng):
             hl = A["hila"][0 if side < 0 else 1] + [0, 0, -20]
             for _ in range(rng.integers(2, 4)):
                 tip = _point_in_lung(g, A, L, rng, side, (0.05, 0.35), 0.8)
                 lumen = rng.uniform(6, 9)
                 _paint_tube(vol, g, hl + 0.3 * (tip - hl), tip, lumen, lumen + 2.5, 0.0, within=L["mask"])
+        if masks is not None:
+            masks[BRONCHIECTASIS] = vol != before
     top = np.array([A["c"][0], A["ty"], FOV_MM[2]])
     car = np.array([A["c"][0], A["ty"], A["z_car"]])
     for hl in A["hila"]:
@@ -399,12 +425,29 @@ def draw_spacing(rng):
     return (round(sxy, 4), round(sxy, 4), round(sz, 4))
 
 
-def render_volume(labels, rng, spacing=None, noise_seed=None):
+def _painted(vol, masks, k, paint):
+    """Run paint(); with masks given, store the voxels it changed as finding k's mask."""
+    before = vol.copy() if masks is not None else None
+    paint()
+    if masks is not None:
+        masks[k] = vol != before
+
+
+def _settle(vol, masks, values):
+    """Remember the values just painted under every new mask (render_volume's last step compares)."""
+    for k, m in (masks or {}).items():
+        values.setdefault(k, vol[m].copy())
+
+
+def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None):
     """Render one chest for an 18-label vector -> (hu float32 (X, Y, Z) in canonical RAS order, spacing).
 
     All draws from `rng` happen up front and never depend on the labels, so the same rng state with
     and without one label gives the same scene apart from that finding. `spacing`/`noise_seed`
-    override the drawn grid and noise: a second reconstruction of the same scene."""
+    override the drawn grid and noise: a second reconstruction of the same scene.
+    masks: a dict that receives {class index: bool (X, Y, Z)} for every positive finding: the voxels
+    its painter set that nothing drawn later painted over (cardiomegaly: the enlarged heart).
+    Recording draws nothing, so the volume is the same with or without it."""
     labels = np.asarray(labels).astype(bool)
     seeds = rng.integers(0, 2 ** 63, size=3 + len(CLASSES))       # anatomy, noise, grid, one per class
     sub = lambda k: np.random.default_rng(seeds[3 + k])
@@ -416,18 +459,25 @@ def render_volume(labels, rng, spacing=None, noise_seed=None):
     vol = np.full(g.shape, -1000.0, np.float32)
     _paint_body(vol, g, A)
     L = _lungs(vol, g, A, arng)
+    values = {}
     for k, painter in PARENCHYMA:
         if labels[k]:
-            painter(vol, g, A, L, sub(k))
-    _heart(vol, g, A, labels, sub(CORONARY))
-    _aorta(vol, g, A, labels, sub(ARTERIAL))
-    if labels[LYMPH]:
-        _nodes(vol, g, A, sub(LYMPH))
-    if labels[HERNIA]:
-        _hernia(vol, g, A, sub(HERNIA))
-    _airways(vol, g, A, labels, L, sub(BRONCHIECTASIS))
+            _painted(vol, masks, k, lambda: painter(vol, g, A, L, sub(k)))
+            _settle(vol, masks, values)
+    _heart(vol, g, A, labels, sub(CORONARY), masks)
+    _settle(vol, masks, values)
+    _aorta(vol, g, A, labels, sub(ARTERIAL), masks)
+    _settle(vol, masks, values)
+    for k, painter in ((LYMPH, _nodes), (HERNIA, _hernia)):
+        if labels[k]:
+            _painted(vol, masks, k, lambda: painter(vol, g, A, sub(k)))
+            _settle(vol, masks, values)
+    _airways(vol, g, A, labels, L, sub(BRONCHIECTASIS), masks)
+    _settle(vol, masks, values)
     if labels[MATERIAL]:
-        _device(vol, g, A, sub(MATERIAL))
+        _painted(vol, masks, MATERIAL, lambda: _device(vol, g, A, sub(MATERIAL)))
+    for k, m in (masks or {}).items():  # drop what a later painter covered
+        m[m] = vol[m] == values.get(k, vol[m])
     nrng = np.random.default_rng(seeds[1] if noise_seed is None else noise_seed)
     vol += nrng.standard_normal(g.shape, dtype=np.float32) * np.float32(nrng.uniform(10, 20))
     return vol, spacing

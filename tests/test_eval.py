@@ -854,6 +854,8 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
         E.main(["--help"])
     out = capsys.readouterr().out
     assert "--label_csv" in out and "--calib_split" in out and help_lacks_defaults(out) == []
+
+
 # ----------------------------------------------------------------------------- bad input
 
 import re  # noqa: E402
@@ -992,3 +994,216 @@ def test_weights_of_another_config_give_a_short_message(tiny, tmp_path):
                                          r"\(size mismatch .*; \d+ more\)") as err:
         E.load_checkpoint(tmp_path / "mixed.pt", torch.device("cpu"))
     assert "\n" not in str(err.value)
+# ----------------------------------------------------------------------------- grounding maps
+
+FINDING = "pleural effusion"
+
+
+def _known_answer_model(tok):
+    """A BrgSA whose answer is known by construction: patch token channel 31 (the one the sin-cos
+    table leaves at zero) is K x the patch's mean input, the image head maps that channel onto the
+    prompt embedding t of FINDING and the other channels onto random directions, and the bank holds
+    only +t and -t. A bright patch's token is then ~ +t (score ~ +1), a dark one ~ -t: the map's
+    maximum is the brightest patch."""
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+                  patch_size=(8, 8, 4), vit_width=32, vit_depth=0, vit_heads=2, input_centering=False,
+                  vocab_size=tok.get_vocab_size(), text_width=32, text_depth=1, text_heads=2,
+                  text_mlp=64, embed_dim=32, bank_size=16)
+    model = BrgSA(cfg).eval()
+    t = E.embed_texts(model, tok, [E.PROMPT.format(FINDING)], torch.device("cpu"))[0]
+    t_hat = t / t.norm()
+    with torch.no_grad():
+        w = model.visual.patch_embed.weight
+        w.zero_()
+        w[31] = 100.0 / w[31].numel()
+        model.visual.patch_embed.bias.zero_()
+        model.visual.head.weight.normal_()
+        model.visual.head.weight[:, 31] = 10.0 * t_hat
+        model.visual.head.bias.zero_()
+        model.bank.weight.copy_(torch.cat([t_hat.expand(8, -1), -t_hat.expand(8, -1)]))
+    return model
+
+
+def _scene():
+    """Canonical-RAS HU (40, 24, 20) at 9 x 11 x 18 mm (x cropped, y padded, z cropped by the
+    preset), tissue at 0 HU with noise, one 1000 HU block: the finding, at a known place."""
+    hu = np.random.default_rng(3).normal(0.0, 30.0, (40, 24, 20)).astype(np.float32)
+    hu[:, :, :2] = -1000.0
+    box = (slice(29, 40), slice(5, 12), slice(6, 10))  # x: to the edge, past the crop
+    hu[box] = 1000.0
+    return hu, box
+
+
+def _save(hu_ras, path, lps):
+    """Write the RAS array as an RAS or an LPS NIfTI of the same physical scene -> (path, affine)."""
+    sp = np.array([9.0, 11.0, 18.0])
+    if lps:  # file axes run right-to-left and anterior-to-posterior
+        affine = np.diag([-sp[0], -sp[1], sp[2], 1.0])
+        affine[:3, 3] = [(hu_ras.shape[0] - 1) * sp[0], (hu_ras.shape[1] - 1) * sp[1], 0.0]
+        data = hu_ras[::-1, ::-1, :]
+    else:
+        affine, data = np.diag([*sp, 1.0]), hu_ras
+    affine[:3, 3] -= [100.0, 50.0, 20.0]  # an arbitrary origin
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data).astype(np.int16), affine), path)
+    return path, nib.load(str(path)).affine
+
+
+@pytest.mark.parametrize("lps", [False, True], ids=["RAS", "LPS"])
+def test_heatmap_keeps_input_grid_and_points_at_the_finding(tiny, tmp_path, lps, capsys):
+    _, tok = tiny
+    model = _known_answer_model(tok)
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    hu, box = _scene()
+    path, affine = _save(hu, tmp_path / "scan.nii.gz", lps)
+    E.main(["--ckpt", str(ckpt), "--volume", str(path), "--findings", FINDING, "lung nodule",
+            "--heatmap", str(tmp_path / "maps")])
+    assert "heat maps (score)" in capsys.readouterr().out
+    out = nib.load(str(tmp_path / "maps" / "scan_pleural_effusion.nii.gz"))
+    src = nib.load(str(path))
+    assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+    assert (tmp_path / "maps" / "scan_lung_nodule.nii.gz").is_file()
+    heat = np.asarray(out.dataobj)
+    peak = np.array(np.unravel_index(np.argmax(heat), heat.shape))
+    world = affine[:3, :3] @ peak + affine[:3, 3]
+    ras, origin = np.diag([9.0, 11.0, 18.0]), np.array([-100.0, -50.0, -20.0])  # both files alike
+    lo = ras @ [s.start for s in box] + origin  # world mm of the block's first and last voxel
+    hi = ras @ [s.stop - 1 for s in box] + origin
+    assert np.all(world >= lo - 1e-6) and np.all(world <= hi + 1e-6), (world, lo, hi)
+    assert heat.max() > 0.5 and np.median(heat) < -0.9  # bright block ~ +t, tissue ~ -t
+
+
+def test_to_input_grid_inverts_the_preprocessing():
+    """Reference: data.preprocess_volume itself. A volume whose HU is a linear function of one
+    canonical axis is resampled and cropped/padded by the real pipeline; the patch map that holds
+    the source coordinate at each patch centre, mapped back, must give each voxel its own coordinate."""
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+                  patch_size=(8, 8, 4))
+    shape_ras, sp = (40, 24, 20), np.array([9.0, 11.0, 18.0])
+    affine = np.diag([-sp[0], -sp[1], sp[2], 1.0])  # LPS file: axes 0 and 1 flipped
+    for a in range(3):
+        coord = np.arange(shape_ras[a], dtype=np.float32)
+        shape = [1, 1, 1]
+        shape[a] = -1
+        hu = np.broadcast_to(20.0 * coord.reshape(shape) - 400.0, shape_ras).copy()
+        model_hu = D.preprocess_volume(hu, sp, cfg.spacing, cfg.image_size)
+        p = np.array(cfg.patch_size)
+        # patch centre = mean of its two middle voxels (exact for a linear function)
+        centres = [(np.arange(n // q) * q + q // 2 - 1) for n, q in zip(cfg.image_size, p)]
+        c0 = model_hu[np.ix_(*centres)]
+        c1 = model_hu[np.ix_(*[c + 1 for c in centres])]
+        patch_map = (c0 + c1) / 2
+        valid = patch_map > -999  # a padded patch has no source coordinate
+        geom = E.input_geometry(shape_ras, affine, sp, cfg)
+        heat = E.to_input_grid(np.where(valid, patch_map, np.nan), geom)
+        file_hu = hu[::-1, ::-1, :]
+        interior = geom.inside & (heat > np.nanmin(patch_map) + 1e-3) & (heat < np.nanmax(patch_map) - 1e-3)
+        assert interior.sum() > 100
+        err = np.abs(heat[interior] - file_hu[interior]) / 20.0  # in source voxels
+        # F.interpolate clamps samples that fall before the first voxel centre (0.045 voxel on the
+        # padded axis), so the reference itself bends at the very edge: 0.025 voxel is allowed there.
+        assert err.max() < 0.025 and err.mean() < 5e-3, (
+            f"axis {a}: max error {err.max():.4f} voxel, mean {err.mean():.5f}")
+
+
+def test_grounding_metrics_hand_case():
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+                  patch_size=(8, 8, 4))
+    geom = E.model_geometry(cfg)
+    heat = np.zeros((32, 32, 16), np.float32)
+    mask = np.zeros_like(heat, dtype=bool)
+    mask[20:24, 20:24, 10:12] = True
+    heat[mask] = 1.0
+    heat[2, 2, 2] = 5.0  # the peak: far from the mask
+    m = E.grounding_metrics(heat, mask, geom)
+    assert m["hit"] == 0.0 and m["hit_patch"] == 0.0
+    assert m["chance"] == pytest.approx(mask.mean())
+    near = np.zeros_like(mask)
+    near[12:32, 12:32, 6:16] = True  # the mask dilated by one patch (8, 8, 4 voxels)
+    assert m["chance_patch"] == pytest.approx(near.mean())
+    assert m["auroc"] == pytest.approx(brute_auroc(heat.ravel(), mask.ravel()))
+    heat[2, 2, 2] = 0.0
+    heat[22, 14, 8] = 5.0  # within one patch of the mask, not inside it
+    m = E.grounding_metrics(heat, mask, geom)
+    assert m["hit"] == 0.0 and m["hit_patch"] == 1.0
+    s = E.grounding_summary([dict(finding="a", volume=str(i), **m) for i in range(3)], n_boot=20)
+    assert s["per_finding"]["a"]["n"] == 3 and s["macro"]["hit_patch"] == 1.0
+
+
+def test_heatmap_bad_input_is_named(tiny, tmp_path):
+    model, tok = tiny
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    path, _ = _save(_scene()[0], tmp_path / "scan.nii.gz", lps=True)
+    base = ["--ckpt", str(ckpt), "--volume", str(path), "--heatmap", str(tmp_path / "maps")]
+    with pytest.raises(ValueError, match="empty finding"):
+        E.main(base + ["--findings", "lung nodule", " "])
+    with pytest.raises(ValueError, match="words the tokenizer does not know"):
+        E.main(base + ["--findings", "жжж"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--heatmap .*file/sub: cannot write there"):
+        E.main(base[:-1] + [str(tmp_path / "file" / "sub"), "--findings", FINDING])
+    (tmp_path / "notes.nii.gz").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.nii.gz: not a readable NIfTI"):
+        E.main(base[:3] + [str(tmp_path / "notes.nii.gz")] + base[4:] + ["--findings", FINDING])
+    np.save(tmp_path / "small.npy", np.zeros((8, 8, 8), np.int16))
+    with pytest.raises(ValueError, match=r"small.npy: preprocessed volume \(8, 8, 8\)"):
+        E.main(base[:3] + [str(tmp_path / "small.npy")] + base[4:] + ["--findings", FINDING])
+    import subprocess
+    r = subprocess.run([sys.executable, "eval.py"] + base + ["--findings", ""], capture_output=True,
+                       text=True, cwd=str(E.Path(E.__file__).parent))
+    assert r.returncode != 0 and "eval.py: error: --findings: an empty finding" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
+    from prepare import phantom
+    model, tok = tiny
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    root = phantom.generate(tmp_path / "synth", n=4, valid_fraction=0.5, seed=1, workers=1,
+                            log=lambda *a: None, masks=True)
+    base = ["--ckpt", str(ckpt), "--data", str(root), "--out_dir", str(tmp_path / "o"), "--n_boot", "20"]
+    E.main(base + ["--heatmap", str(tmp_path / "maps"), "--heatmap_n", "1", "--findings", FINDING])
+    maps = sorted((tmp_path / "maps").glob("*.nii.gz"))
+    assert [m.name for m in maps] == ["valid_1_a_1_pleural_effusion.nii.gz"]
+    src = nib.load(str(next(root.rglob("valid_1_a_1.nii.gz"))))
+    out = nib.load(str(maps[0]))
+    assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+    summary = E.main(base + ["--grounding"])
+    labels = _read_csv(root / "multi_abnormality_labels" / "valid_predicted_labels.csv")
+    positives = {c for row in labels for c in CLASSES if row[c] == "1"}
+    assert set(summary["per_finding"]) == positives and summary["missing_masks"] == 0
+    table = capsys.readouterr().out
+    assert "pointing ±1 patch" in table and "macro mean" in table
+    rows = _read_csv(tmp_path / "o" / "grounding.csv")
+    assert rows[-1]["finding"] == "macro mean" and len(rows) == len(positives) + 1
+    for e in summary["per_finding"].values():
+        assert 0 <= e["chance"] <= e["chance_patch"] <= 1 and 0 <= e["auroc"] <= 1
+    with pytest.raises(ValueError, match="--grounding scores label classes"):
+        E.main(base + ["--grounding", "--findings", "lung"])
+    plain = phantom.generate(tmp_path / "plain", n=2, valid_fraction=0.5, seed=1, workers=1,
+                             log=lambda *a: None)
+    with pytest.raises(ValueError, match="no finding mask found"):
+        E.main(["--ckpt", str(ckpt), "--data", str(plain), "--out_dir", str(tmp_path / "o2"),
+                "--grounding"])
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_heatmap_png_written_or_skipped_with_a_message(tiny, tmp_path, monkeypatch, capsys):
+    _, tok = tiny
+    model = _known_answer_model(tok)
+    ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
+    path, _ = _save(_scene()[0], tmp_path / "scan.nii.gz", lps=True)
+    args = ["--ckpt", str(ckpt), "--volume", str(path), "--findings", FINDING]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    E.main(args + ["--heatmap", str(tmp_path / "without")])
+    assert "matplotlib is not installed, heat map PNGs skipped" in capsys.readouterr().out
+    assert not list((tmp_path / "without").glob("*.png"))
+    assert (tmp_path / "without" / "scan_pleural_effusion.nii.gz").is_file()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    E.main(args + ["--heatmap", str(tmp_path / "with")])
+    assert (tmp_path / "with" / "scan_pleural_effusion.png").read_bytes()[:4] == b"\x89PNG"

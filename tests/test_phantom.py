@@ -211,3 +211,60 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
         phantom.main(["--help"])
     out = capsys.readouterr().out
     assert "--valid_fraction" in out and help_lacks_defaults(out) == []
+
+
+def _digest(root):
+    import hashlib
+    h = hashlib.sha256()
+    for name, data in _files(root).items():
+        h.update(name.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def test_default_set_unchanged_and_masks_leave_volumes_alone(tmp_path):
+    # The digest of generate(n=4, seed=3) as written before masks existed: the default set must not move.
+    quiet = lambda *a: None
+    root = phantom.generate(tmp_path / "plain", n=4, seed=3, workers=1, log=quiet)
+    assert _digest(root) == "b5dd87acf4e083278fed99d283d8d4cc95d0fcb6a8b4dfc0e721002f46bb85d6"
+    with_masks = phantom.generate(tmp_path / "masked", n=4, seed=3, workers=1, log=quiet, masks=True)
+    files = _files(with_masks)
+    assert {k: v for k, v in files.items() if not k.startswith("masks/")} == _files(root)
+    for row in _read(root / "multi_abnormality_labels" / "train_predicted_labels.csv"):
+        for c in scene.CLASSES:
+            path = phantom.mask_path(with_masks, row["VolumeName"], c)
+            assert path.is_file() == (row[c] == "1"), (row["VolumeName"], c)
+            if path.is_file():
+                vol = nib.load(str(next(with_masks.rglob(row["VolumeName"]))))
+                m = nib.load(str(path))
+                assert m.shape == vol.shape and np.array_equal(m.affine, vol.affine)
+                assert np.asanyarray(m.dataobj).any()
+
+
+@pytest.mark.parametrize("k", [k for k in range(18) if k != scene.CARDIOMEGALY], ids=[
+    c for k, c in enumerate(scene.CLASSES) if k != scene.CARDIOMEGALY])
+def test_masks_line_up_with_the_painted_voxels(k):
+    """A finding alone on a normal chest: the voxels that differ from the same chest without it
+    (same noise) all lie in its mask, and the mask is those voxels to within 1% (a later painter may
+    write the very value the finding left, e.g. an airway lumen over an emphysema hole), except
+    peribronchial thickening, whose mask is the whole thickened bronchus (normal bronchi are painted
+    too, thinner). Cardiomegaly moves the anatomy (its mask is the enlarged heart): no such reference."""
+    for seed in (0, 1):
+        base, masks = np.zeros(18), {}
+        a, _ = scene.render_volume(base, np.random.default_rng(seed))
+        b, _ = scene.render_volume(base + np.eye(18)[k], np.random.default_rng(seed), masks=masks)
+        changed = a != b
+        assert set(masks) == {k} and changed.any()
+        assert not (changed & ~masks[k]).any(), f"{scene.CLASSES[k]}: painted outside its mask"
+        if k != scene.PERIBRONCHIAL:
+            extra = np.count_nonzero(masks[k] & ~changed)
+            assert extra <= 0.01 * masks[k].sum(), (
+                f"{scene.CLASSES[k]} seed {seed}: mask {masks[k].sum()} voxels, changed {changed.sum()}")
+
+
+def test_cardiomegaly_mask_is_the_enlarged_heart():
+    masks = {}
+    labels = np.eye(18)[scene.CARDIOMEGALY]
+    hu, _ = scene.render_volume(labels, np.random.default_rng(0), masks=masks)
+    heart = masks[scene.CARDIOMEGALY]
+    assert heart.sum() > 3000 and 20 < np.median(hu[heart]) < 250  # myocardium and blood pool

@@ -32,6 +32,10 @@ of equal value; a row of weights (how often each volume was drawn) is summed per
 sums give AUROC, AUPRC and the confusion matrix at every candidate threshold. A block of bootstrap
 resamples is a (B, N) weight matrix, so 1000 resamples cost a few (B, N) array passes per class.
 
+Sections, in reading order: the zero-shot protocol (prompts, scores, diagnosis, retrieval and gap),
+score files and single scans, grounding maps and their score, what this file reads and writes, the
+numpy metrics everything rests on, and the command line.
+
     python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --ckpt out/ckpt.pt --data cache/mine --out_dir eval_mine  # own scans: made by
         # python -m prepare.preprocess --dataset folder --root DIR --labels CSV --out cache/mine;
@@ -82,6 +86,1060 @@ class EvalConfig:
     boot_unit: str = "patient"   # resample patients (reconstructions move together) or volumes
     level: float = 0.95          # confidence level of the percentile intervals
     seed: int = 0                # calibration split, bootstrap and linear probe
+
+
+# ----------------------------------------------------------------------------- prompts and scores
+
+def prompt_set(classes, cfg: EvalConfig) -> list:
+    """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template."""
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    if not len(classes):
+        raise ValueError("no classes to score: give the data labels (--label_csv) or --findings")
+    unknown = sorted(set(cfg.synonyms) - set(classes))
+    if unknown:
+        raise ValueError(f"synonyms given for unknown classes {unknown}; classes are {list(classes)}")
+    out = []
+    for template in cfg.templates or PROTOCOLS[cfg.protocol]:
+        parts = template.split("|")
+        n_parts = 2 if cfg.protocol == "ctclip" else 1
+        if len(parts) != n_parts or any(p.count("{}") != 1 for p in parts):
+            want = "'POS {}|NEG {}'" if cfg.protocol == "ctclip" else "one '{}'"
+            raise ValueError(f"template {template!r} for protocol {cfg.protocol}: expected {want}")
+        for j, c in enumerate(classes):
+            for name in cfg.synonyms.get(c, [c]):
+                texts = tuple(p.format(name) for p in parts)
+                out.append((j, texts if cfg.protocol == "ctclip" else texts[0]))
+    return out
+
+
+@torch.no_grad()
+def embed_texts(model: BrgSA, tokenizer, texts: list, device, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = data_lib.tokenize(tokenizer, texts[i:i + batch_size], model.cfg.max_len)
+        out.append(model.text(ids.to(device), mask.to(device)).float())
+    return torch.cat(out)  # (T, d)
+
+
+@torch.no_grad()
+def score_volumes(model: BrgSA, tokenizer, v: torch.Tensor, classes, cfg: EvalConfig, device):
+    """(N, d) image embeddings -> (N, C) numpy scores under cfg's protocol and prompt ensemble."""
+    prompts = prompt_set(classes, cfg)
+    bank = model.bank.weight.float()
+    if cfg.protocol == "brgsa":
+        t = embed_texts(model, tokenizer, [p for _, p in prompts], device)
+        per_prompt = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, P)
+    else:
+        t = embed_texts(model, tokenizer, [x for _, p in prompts for x in p], device)
+        sim = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, 2P): present, not present, ...
+        # softmax over (present, not present) = sigmoid of the logit difference
+        per_prompt = torch.sigmoid((sim[:, 0::2] - sim[:, 1::2]) / model.cfg.tau)
+    idx = torch.tensor([j for j, _ in prompts], device=per_prompt.device)
+    total = torch.zeros(len(v), len(classes), device=per_prompt.device).index_add_(1, idx, per_prompt)
+    return (total / torch.bincount(idx, minlength=len(classes))).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def embed_volumes(model: BrgSA, loader, device, log_every: int = 0):
+    """-> v (N, d) float32 on device, labels (N, C) numpy, names list."""
+    vs, labels, names = [], [], []
+    for i, batch in enumerate(loader):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            vs.append(model.visual(batch["volume"].to(device, non_blocking=True)).float())
+        labels.append(batch["labels"].numpy())
+        names += list(batch["name"])
+        if log_every and (i + 1) % log_every == 0:
+            print(f"eval: embedded {len(names)} volumes", flush=True)
+    if not vs:
+        raise ValueError("no volumes to evaluate (the data set or split is empty)")
+    return torch.cat(vs), np.concatenate(labels), names
+
+
+# ----------------------------------------------------------------------------- diagnosis metrics
+
+def _rows_note(n_main, n_calib, n_test, cfg, external):
+    where = "a separate calibration set" if external else "a patient-grouped calibration split"
+    main = "the test rows" if cfg.exclude_calib else "all evaluated rows"
+    return dict(threshold_free=f"AUROC / AUPRC: {main} ({n_main} volumes)",
+                roc_corner=f"threshold picked and scored on {main} ({n_main} volumes): optimistic",
+                calibrated=(f"threshold picked on {where} ({n_calib} volumes), scored on "
+                            f"{n_test} test volumes" if n_calib else "no calibration rows"))
+
+
+MIN_CALIB_VOLUMES, MIN_CALIB_PER_CLASS = 20, 5  # below these a frozen threshold is mostly noise
+
+
+def calibration_warnings(labels_cal, classes, wanted: bool) -> list:
+    """Plain warnings when the calibration rows (N_cal, C) are too few to pick thresholds that
+    mean anything: fewer than MIN_CALIB_VOLUMES volumes, or classes with fewer than
+    MIN_CALIB_PER_CLASS positives or negatives among them. wanted: calibration was asked for."""
+    n = len(labels_cal)
+    if n == 0:
+        return ["no calibration rows: the data set is too small for --calib_fraction, so there "
+                "are no calibrated thresholds (give --calib_data)"] if wanted else []
+    out = []
+    if n < MIN_CALIB_VOLUMES:
+        out.append(f"calibrated thresholds were picked on only {n} volume(s) (fewer than "
+                   f"{MIN_CALIB_VOLUMES}): the calibrated numbers are anecdotal; give more data "
+                   f"or a separate --calib_data")
+    pos = np.asarray(labels_cal).sum(0)
+    thin = [c for c, p in zip(classes, pos) if min(p, n - p) < MIN_CALIB_PER_CLASS]
+    if thin:
+        out.append(f"{len(thin)} of {len(classes)} classes have fewer than {MIN_CALIB_PER_CLASS} "
+                   f"positive or negative calibration volumes, so their thresholds rest on a "
+                   f"handful of scans: {', '.join(thin[:5])}{', ...' if len(thin) > 5 else ''}")
+    return out
+
+
+def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None, calib=None) -> dict:
+    """(N, C) scores and 0/1 labels -> the eval.json layout (per class, macro, CIs, which rows).
+
+    names: volume names (patient grouping for the calibration split and the bootstrap; rows are
+    their own patients when None). calib: (scores, labels, names) of a separate calibration set;
+    otherwise cfg.calib_fraction of the patients is held out of `scores` to pick thresholds.
+    """
+    cfg = cfg or EvalConfig()
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+    n = len(scores)
+    names = [str(i) for i in range(n)] if names is None else list(names)
+    groups = [patient_id(x) for x in names]
+    if calib is not None:
+        scores = np.vstack([scores, np.asarray(calib[0], np.float64)])
+        labels = np.vstack([labels, np.asarray(calib[1]) > 0])
+        groups += ["calib:" + patient_id(x) for x in calib[2]]
+        is_cal = np.r_[np.zeros(n, bool), np.ones(len(calib[0]), bool)]
+    else:
+        is_cal = calibration_split(groups, labels, cfg.calib_fraction, cfg.seed)
+    evaluated = np.arange(len(scores)) < n
+    test = evaluated & ~is_cal
+    main = test if cfg.exclude_calib else evaluated
+    if cfg.boot_unit not in ("patient", "volume"):
+        raise ValueError(f"boot_unit must be 'patient' or 'volume', got {cfg.boot_unit!r}")
+    unit = np.unique(groups if cfg.boot_unit == "patient" else np.arange(len(scores)),
+                     return_inverse=True)[1]
+    point, boot = diagnosis(scores, labels, main, is_cal if is_cal.any() else None, test,
+                                    unit, is_cal.astype(int), cfg.n_boot, cfg.seed)
+    result = dict(n_volumes=int(n), classes=list(classes),
+                  rows=dict(n_main=int(main.sum()), n_calib=int(is_cal.sum()), n_test=int(test.sum()),
+                            **_rows_note(int(main.sum()), int(is_cal.sum()), int(test.sum()), cfg,
+                                         calib is not None)),
+                  **summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
+    for j, m in enumerate(result["per_class"].values()):
+        if m.get("calibrated"):  # what the calibrated numbers rest on, per class
+            m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
+                                   positives_test=int(labels[test, j].sum()))
+    result["warnings"] = calibration_warnings(labels[is_cal], classes,
+                                              calib is not None or cfg.calib_fraction > 0)
+    result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
+    result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
+    result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
+    if boot is not None:
+        result["bootstrap"] = dict(n=cfg.n_boot, unit=cfg.boot_unit, level=cfg.level, seed=cfg.seed,
+                                   n_units=int(unit.max() + 1), method="percentile",
+                                   valid_resamples={c: int(np.isfinite(boot["auc"][:, j]).sum())
+                                                    for j, c in enumerate(classes)})
+    result["arrays"] = dict(names=names, scores=scores[:n], labels=labels[:n].astype(int),
+                            calib_rows=is_cal[:n], main_rows=main[:n])
+    result["notes"] = _notes(result)
+    return result
+
+
+MIN_CALIB_VOLUMES = 20  # fewer calibration volumes than this: thresholds get a warning
+
+
+def _notes(result: dict) -> list:
+    """What a reader of the macro number must know: classes left out of it, thin calibration."""
+    notes = []
+    left_out = [c for c, m in result["per_class"].items() if not math.isfinite(m["auc"])]
+    if left_out:
+        notes.append(f"{len(left_out)} of {len(result['per_class'])} "
+                     f"classes have no positive or no negative among the evaluated rows and are "
+                     f"left out of the macro mean: {left_out}")
+    n_calib = result["rows"]["n_calib"]
+    if 0 < n_calib < MIN_CALIB_VOLUMES:
+        notes.append(f"calibrated thresholds were picked on only {n_calib} volume(s), too few to "
+                     f"trust (more data, --calib_data, or --calib_fraction 0)")
+    return notes
+
+
+# ----------------------------------------------------------------------------- retrieval and gap
+
+def report_texts(reports: list, summaries: dict = None) -> list:
+    """The text each volume's report is embedded as: its summary sentences joined (as training
+    sees them at evaluation), or the raw report when it has no summary."""
+    out, summaries = [], dict(summaries or {})
+    for r in reports:
+        if r not in summaries:
+            try:
+                summaries[r] = summarize.summarize(r)
+            except ValueError:  # empty report: nothing to summarise
+                summaries[r] = []
+        sents = [s for s in summaries[r] if s and s.strip()]
+        out.append(" ".join(sents) if sents else r)
+    return out
+
+
+@torch.no_grad()
+def retrieval_and_gap(model: BrgSA, v: torch.Tensor, t: torch.Tensor, report_ids, seed=0):
+    """Report <-> volume retrieval in three similarity spaces and the modality gap of (v, t) and
+    (v_hat, t_hat). v (N, d) one row per volume; t (R, d) one row per unique report text;
+    report_ids (N,) the report row of each volume (reconstructions share a report)."""
+    bank = model.bank.weight.float()
+    v_hat, t_hat = cmki.cmki(v, bank, model.scale), cmki.cmki(t, bank, model.scale)
+    spaces = {"raw": cmki.cosine_scores(v, t),                    # cos(v, t): L_INFO's space
+              "bank": cmki.cosine_scores(v_hat, t_hat),           # cos(v_hat, t_hat): L_INFO-R's
+              "score": cmki.zero_shot_scores(v, t, bank, model.scale)}  # the zero-shot rule
+    report_ids = np.asarray(report_ids)
+    relevant = report_ids[:, None] == np.arange(len(t))[None, :]  # (N, R)
+    retrieval = {k: dict(volume_to_report=retrieval_metrics(s.cpu().numpy(), relevant),
+                         report_to_volume=retrieval_metrics(s.cpu().numpy().T, relevant.T))
+                 for k, s in spaces.items()}
+    # Volumes sharing a report text form one group: their pairs are not "random", and the probe
+    # never sees the same text on both sides of its train / test split.
+    pairs = {"raw": (v, t[report_ids]), "bank": (v_hat, t_hat[report_ids])}
+    gap = {k: modality_gap(a.cpu().numpy(), b.cpu().numpy(), report_ids, seed)
+           for k, (a, b) in pairs.items()}
+    points = {k: (l2_normalize(a.cpu().numpy()), l2_normalize(b.cpu().numpy()))
+              for k, (a, b) in pairs.items()}
+    return retrieval, gap, points
+
+
+# ----------------------------------------------------------------------------- the model protocol
+
+def _records_of(loader):
+    return getattr(getattr(loader, "dataset", None), "records", None)
+
+
+def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalConfig = None,
+              calib_loader=None, summaries: dict = None, score_map=None, embedded=None) -> dict:
+    """Zero-shot diagnosis of every volume of loader, plus retrieval and the modality gap when the
+    loader's records carry reports. classes name the label columns; prompts are written for them,
+    or, with score_map, for the CT-RATE classes whose (N, 18) scores score_map maps onto them.
+    embedded: loader's embed_volumes() output when the caller already has it."""
+    cfg = cfg or EvalConfig()
+    model.eval()
+    prompt_classes = data_lib.CTRATE_CLASSES if score_map else classes
+    v, labels, names = embedded if embedded is not None else embed_volumes(model, loader, device)
+
+    def scores_of(v_):
+        s = score_volumes(model, tokenizer, v_, prompt_classes, cfg, device)
+        return np.asarray(score_map(s), np.float64) if score_map else s
+
+    calib = None
+    if calib_loader is not None:
+        vc, lc, nc = embed_volumes(model, calib_loader, device)
+        calib = (scores_of(vc), lc, nc)
+    result = evaluate_scores(scores_of(v), labels, classes, names, cfg, calib)
+    prompts = {}
+    for j, p in prompt_set(prompt_classes, cfg):
+        prompts.setdefault(prompt_classes[j], []).append(p)
+    result["protocol"] = dict(name=cfg.protocol, prompts=prompts, score=(
+        "1/2 [cos(v, t) + cos(v_hat, t)]" if cfg.protocol == "brgsa" else
+        "softmax over (present, not present) of 1/2 [cos(v, t) + cos(v_hat, t)] / tau"),
+        ensemble="mean of the prompts' scores per class")
+    result["prompt"] = PROMPT if cfg.protocol == "brgsa" and not cfg.templates else None
+    records = _records_of(loader)
+    reports = [r.report for r in records] if records is not None else []
+    if reports and len(reports) == len(names) and all(r and r.strip() for r in reports):
+        texts = report_texts(reports, summaries)
+        uniq = list(dict.fromkeys(texts))
+        index = {x: i for i, x in enumerate(uniq)}
+        t = embed_texts(model, tokenizer, uniq, device)
+        result["retrieval"], result["modality_gap"], points = retrieval_and_gap(
+            model, v, t, [index[x] for x in texts], cfg.seed)
+        result["retrieval_note"] = (f"{len(uniq)} unique report texts (summaries joined) for "
+                                    f"{len(names)} volumes; ties ranked pessimistically")
+        result["arrays"]["gap_points"] = points
+    else:
+        result["retrieval_note"] = "no report texts with these volumes: retrieval and gap skipped"
+    return result
+
+
+# ----------------------------------------------------------------------------- score files and single scans
+
+def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict:
+    """Score-file mode: rows matched by volume name, columns by class name (any order)."""
+    s_names, s_classes, scores = read_score_csv(scores_csv)
+    l_names, l_classes, labels = read_score_csv(labels_csv)
+    missing = [c for c in s_classes if c not in l_classes]
+    if missing:
+        raise ValueError(f"{labels_csv}: no label column for classes {missing}")
+    row = {n: i for i, n in enumerate(l_names)}
+    unknown = [n for n in s_names if n not in row]
+    if unknown:
+        raise ValueError(f"{labels_csv}: {len(unknown)} volumes of {scores_csv} have no labels, "
+                         f"e.g. {unknown[:3]}")
+    idx = np.array([row[n] for n in s_names])
+    labels = labels[idx][:, [l_classes.index(c) for c in s_classes]]
+    bad = ~np.isin(labels, (0.0, 1.0))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"{labels_csv}: label {labels[i, j]:g} for {s_names[i]!r}, class "
+                         f"{s_classes[j]!r}; expected 0 or 1 ({int(bad.sum())} such values)")
+    result = evaluate_scores(scores, labels, s_classes, s_names, cfg)
+    result["source"] = dict(scores=str(scores_csv), labels=str(labels_csv))
+    if len(l_names) > len(s_names):
+        result["notes"].append(f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} "
+                               f"have no score and are not evaluated")
+    return result
+
+
+def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
+    """--findings: each must be a name whose prompts fit the text encoder's max_len tokens without
+    truncation and whose words the tokenizer knows (an [UNK] token carries no meaning)."""
+    unk = tokenizer.token_to_id("[UNK]")
+    tokenizer.no_truncation()  # data.tokenize sets both again before every use
+    tokenizer.no_padding()
+    for f in findings:
+        if not f.strip():
+            raise ValueError("--findings: an empty finding; expected abnormality names such as "
+                             "'pleural effusion'")
+        for _, prompt in prompt_set([f], cfg):
+            for text in (prompt,) if isinstance(prompt, str) else prompt:
+                enc = tokenizer.encode(text)
+                if len(enc.ids) > max_len:
+                    raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
+                                     f"the text encoder reads at most {max_len}")
+                if unk is not None and unk in enc.ids:
+                    words = sorted({w for w in text.split()
+                                    if unk in tokenizer.encode(w, add_special_tokens=False).ids})
+                    raise ValueError(f"--findings: {f!r} has words the tokenizer does not know "
+                                     f"{words}: they would all read as [UNK]")
+
+
+@torch.no_grad()
+def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None,
+               allow_non_hu: bool = False) -> dict:
+    """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
+
+    The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
+    allow_non_hu, a volume that does not look like a CT in HU is refused (data.check_hu)."""
+    path, cfg = Path(path), cfg or EvalConfig()
+    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
+    if path.suffix == ".npy":
+        try:
+            hu = np.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        if tuple(hu.shape) != tuple(model.cfg.image_size):
+            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
+                             f"{tuple(model.cfg.image_size)}")
+    else:
+        hu, spacing = data_lib.load_nifti(path)
+    data_lib.check_hu(hu, path, allow=allow_non_hu)
+    if path.suffix != ".npy":
+        hu = data_lib.preprocess_volume(hu, spacing, model.cfg.spacing, model.cfg.image_size)
+    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None].to(device)
+    v = model.visual(x).float()  # (1, d)
+    scores = score_volumes(model, tokenizer, v, list(findings), cfg, device)[0]
+    return dict(zip(findings, scores.tolist()))
+
+
+# ----------------------------------------------------------------------------- grounding maps
+
+HEATMAP_KINDS = ("score", "raw", "bank")
+
+
+@torch.no_grad()
+def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConfig = None,
+               kind: str = "score") -> torch.Tensor:
+    """Where the model sees each finding: (B, 1, X, Y, Z) model input -> (B, F, gx, gy, gz).
+
+    Every patch token goes through the image head as the pooled token does, u_i = head(LN(x_i)), and
+    is scored against the finding's prompt embeddings t like a whole volume: score = 1/2 [cos(u_i, t)
+    + cos(CMKI(u_i), t)] (the zero-shot rule), raw = cos(u_i, t), bank = cos(CMKI(u_i), t); a prompt
+    ensemble is averaged. With mean pooling (the tiny preset) v = mean_i u_i, so the raw map is the
+    per-patch term of cos(v, t) before the division by |v|: a decomposition, not a saliency guess.
+    """
+    if kind not in HEATMAP_KINDS:
+        raise ValueError(f"--heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
+    cfg = cfg or EvalConfig()
+    brgsa_cfg = replace(cfg, protocol="brgsa", templates=cfg.templates if cfg.protocol == "brgsa" else ())
+    prompts = prompt_set(list(findings), brgsa_cfg)  # heat maps use "There is {}" (or --template)
+    t = embed_texts(model, tokenizer, [p for _, p in prompts], x.device)  # (P, d)
+    tokens, grid = model.visual.tokens(x)
+    u = model.visual.head(tokens[:, 1:]).float()  # (B, T, d) one embedding per patch
+    flat, bank = u.reshape(-1, u.shape[-1]), model.bank.weight.float()
+    if kind == "raw":
+        s = cmki.cosine_scores(flat, t)
+    elif kind == "bank":
+        s = cmki.cosine_scores(cmki.cmki(flat, bank, model.scale), t)
+    else:
+        s = cmki.zero_shot_scores(flat, t, bank, model.scale)  # (B*T, P)
+    idx = torch.tensor([j for j, _ in prompts], device=s.device)
+    per = torch.zeros(len(flat), len(findings), device=s.device).index_add_(1, idx, s)
+    per = per / torch.bincount(idx, minlength=len(findings))  # (B*T, F) ensemble mean
+    return per.reshape(len(x), *grid, len(findings)).permute(0, 4, 1, 2, 3)  # (B, F, gx, gy, gz)
+
+
+def _axis_weights(n: int, s: float, t: float, m: int, p: int):
+    """One canonical axis of n voxels at s mm, resampled to t mm and centre-cropped/padded to m
+    voxels of p-voxel patches (data.preprocess_volume) -> (W (n, m // p) linear interpolation of the
+    patch grid at each input voxel, inside (n,) bool: the voxel lies in the model's field of view)."""
+    r = int(n * (s / t))  # F.interpolate's output length: floor(n * scale)
+    offset = (r - m) // 2 if r >= m else -((m - r) // 2)  # resampled index of model voxel 0
+    k = np.arange(n)
+    mu = (k + 0.5) * (s / t) - 0.5 - offset  # input voxel k in model voxel coordinates
+    g = m // p
+    gamma = np.clip((mu + 0.5) / p - 0.5, 0, g - 1)  # patch-grid coordinate, patch centres at integers
+    i0 = np.floor(gamma).astype(int)
+    i1, f = np.minimum(i0 + 1, g - 1), gamma - i0
+    W = np.zeros((n, g))
+    np.add.at(W, (k, i0), 1 - f)
+    np.add.at(W, (k, i1), f)
+    return W, (mu >= -0.5) & (mu <= m - 0.5)
+
+
+@dataclass
+class Geometry:
+    """How the model's patch grid sits in an input volume's own voxel grid (file axis order)."""
+    shape: tuple          # the input's array shape (as stored, e.g. (X, Y, Z) or (X, Y, Z, 1))
+    affine: np.ndarray    # the input's affine, copied unchanged onto every heat map
+    axes: tuple           # canonical RAS axis of each file axis
+    weights: list         # per file axis: (n_i, g_axes[i]) interpolation weights
+    inside: np.ndarray    # bool (n0, n1, n2): voxels inside the model's field of view
+    tolerance: tuple      # one patch in input voxels, per file axis
+    header: object = None  # the input's NIfTI header (qform / sform codes), None for .npy
+
+
+def input_geometry(shape, affine, spacing_ras, cfg: ModelConfig, header=None) -> Geometry:
+    """Geometry of a NIfTI input: its axes reoriented to RAS as data.load_nifti does (nibabel's
+    io_orientation, the closest axes for an oblique affine), spacing_ras (3,) in RAS order as the
+    preprocessing used it, then each RAS axis resampled and cropped/padded as the preset does."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    axes, weights, inside, tol = [], [], [], []
+    for i in range(3):
+        a, flip = int(ornt[i, 0]), ornt[i, 1] < 0
+        s, t, p = float(spacing_ras[a]), float(cfg.spacing[a]), int(cfg.patch_size[a])
+        W, ok = _axis_weights(int(shape[i]), s, t, int(cfg.image_size[a]), p)
+        axes.append(a)
+        weights.append(W[::-1] if flip else W)  # file index f is canonical index n - 1 - f
+        inside.append(ok[::-1] if flip else ok)
+        tol.append(max(1, int(round(p * t / s))))
+    mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    return Geometry(tuple(shape), np.asarray(affine, np.float64), tuple(axes), weights, mask,
+                    tuple(tol), header)
+
+
+def model_geometry(cfg: ModelConfig) -> Geometry:
+    """Geometry of a preprocessed (.npy) input: the model's own grid, canonical RAS, centred affine."""
+    affine = np.diag([*cfg.spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(cfg.image_size) - 1) / 2 * np.asarray(cfg.spacing)
+    return input_geometry(cfg.image_size, affine, cfg.spacing, cfg)
+
+
+def to_input_grid(patch_map, geom: Geometry) -> np.ndarray:
+    """(gx, gy, gz) patch-grid map -> float32 map of geom.shape: trilinear between patch centres,
+    edge patches held out to the field of view's border; voxels the model never saw (cropped
+    away) get the map's minimum."""
+    G = np.asarray(patch_map, np.float64).transpose(geom.axes)  # axis i = RAS axis of file axis i
+    W0, W1, W2 = geom.weights
+    heat = np.einsum("ia,jb,kc,abc->ijk", W0, W1, W2, G, optimize=True)
+    heat[~geom.inside] = G.min()
+    return heat.astype(np.float32).reshape(geom.shape)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def writable_dir(path, flag: str) -> Path:
+    """Create `path` if needed and prove it takes a file; a clear error names the flag otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def write_heatmap(heat, geom: Geometry, path) -> Path:
+    """float32 NIfTI with the input's own affine (and qform / sform codes): overlays in any viewer."""
+    img = nib.Nifti1Image(np.asarray(heat, np.float32), geom.affine)
+    if geom.header is not None:
+        img.set_qform(geom.header.get_qform(), int(geom.header["qform_code"]))
+        img.set_sform(geom.header.get_sform(), int(geom.header["sform_code"]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return Path(path)
+
+
+def write_heatmap_png(heat, volume, path, title: str) -> bool:
+    """Three orthogonal slices through the map's maximum over the scan; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    heat = np.asarray(heat).reshape(np.asarray(heat).shape[:3])
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, a in zip(axes, range(3)):
+        cut = [slice(None)] * 3
+        cut[a] = peak[a]
+        if volume is not None:  # raw or HU: window by percentiles
+            vol = np.asarray(volume).reshape(heat.shape)
+            lo, hi = np.percentile(vol[::2, ::2, ::2], [1, 99])
+            ax.imshow(vol[tuple(cut)].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        im = ax.imshow(heat[tuple(cut)].T, cmap="jet", origin="lower", alpha=0.45)
+        ax.set_title(f"file axis {a} = {peak[a]}", fontsize=8)
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _heatmap_input(path, cfg: ModelConfig):
+    """A single scan -> (model input (1, 1, X, Y, Z), Geometry, HU in file order or None)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        hu = np.load(path)
+        if tuple(hu.shape) != tuple(cfg.image_size):
+            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
+                             f"{tuple(cfg.image_size)}")
+        geom, shown = model_geometry(cfg), hu
+    else:
+        raw, spacing = data_lib.load_nifti(path)  # checks the file, the shape and the spacing
+        img = nib.load(str(path))
+        geom = input_geometry(img.shape, img.affine, spacing, cfg, img.header)
+        hu = data_lib.preprocess_volume(raw, spacing, cfg.spacing, cfg.image_size)
+        shown = np.asanyarray(img.dataobj)
+    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None]
+    return x, geom, shown
+
+
+def write_scan_heatmaps(maps, geom: Geometry, shown, name: str, findings, out_dir,
+                        kind: str = "score") -> list:
+    """One scan's patch maps (F, gx, gy, gz) -> out_dir/<name>_<finding>.nii.gz on the scan's own
+    grid (+ a .png of three slices through the maximum when matplotlib is installed)."""
+    written, png = [], True
+    for f, m in zip(findings, maps):
+        heat = to_input_grid(m, geom)
+        base = Path(out_dir) / f"{name}_{_slug(f)}"
+        written.append(write_heatmap(heat, geom, base.with_name(base.name + ".nii.gz")))
+        png = png and write_heatmap_png(heat, shown, base.with_name(base.name + ".png"),
+                                        f"{name}: {f} ({kind})")
+    if not png:
+        print("eval: matplotlib is not installed, heat map PNGs skipped (the NIfTI maps are written)")
+    return written
+
+
+# ----------------------------------------------------------------------------- grounding score
+
+def grounding_metrics(heat, mask, geom: Geometry) -> dict:
+    """One finding's map against its painted mask, both on the input grid, over the voxels the
+    model saw. hit: the map's maximum lies in the mask; hit_patch: within one patch of it (the mask
+    dilated by a box of one patch per axis); chance / chance_patch: the hit rate of a uniformly random
+    point (the volume fraction of the mask / of the dilated mask); auroc: map values inside vs
+    outside the mask (chance 0.5)."""
+    inside = geom.inside
+    heat = np.asarray(heat).reshape(inside.shape)
+    m = np.asarray(mask).reshape(inside.shape) > 0
+    peak = np.unravel_index(np.argmax(np.where(inside, heat, -np.inf)), heat.shape)
+    near = torch.from_numpy(m.astype(np.float32))[None, None]
+    for a, k in enumerate(geom.tolerance):  # box dilation, one axis at a time
+        size, pad = [1, 1, 1], [0, 0, 0]
+        size[a], pad[a] = 2 * k + 1, k
+        near = torch.nn.functional.max_pool3d(near, size, stride=1, padding=pad)
+    near = near[0, 0].numpy() > 0
+    return dict(hit=float(m[peak]), hit_patch=float(near[peak]), chance=float(m[inside].mean()),
+                chance_patch=float(near[inside].mean()), auroc=auroc(heat[inside], m[inside]))
+
+
+def grounding_summary(rows, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Per finding (and the macro mean over findings): mean of each metric over its volumes and a
+    percentile bootstrap interval of the mean AUROC (volumes resampled). A finding "beats chance"
+    when the interval's lower end is above 0.5; the pointing game is reported beside its chance."""
+    keys = ("hit", "hit_patch", "chance", "chance_patch", "auroc")
+    rng, out = np.random.default_rng(seed), {}
+    for f in dict.fromkeys(r["finding"] for r in rows):
+        mine = [r for r in rows if r["finding"] == f and not math.isnan(r["auroc"])]
+        if not mine:
+            continue
+        entry = {k: float(np.mean([r[k] for r in mine])) for k in keys}
+        a = np.array([r["auroc"] for r in mine])
+        draws = a[rng.integers(0, len(a), (max(n_boot, 1), len(a)))].mean(1)
+        lo, hi = percentile_ci(draws, level)
+        out[f] = dict(n=len(mine), **entry, auroc_ci=[float(lo), float(hi)],
+                      beats_chance=bool(lo > 0.5))
+    macro = {k: float(np.mean([e[k] for e in out.values()])) for k in keys} if out else {}
+    return dict(per_finding=out, macro=macro)
+
+
+GROUNDING_COLUMNS = ("finding", "n", "hit", "chance", "hit_patch", "chance_patch", "auroc",
+                     "auroc_lo", "auroc_hi", "beats_chance")
+
+
+def grounding_rows(summary: dict):
+    """grounding_summary -> (header, rows) for grounding.csv (the macro row last)."""
+    rows = []
+    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
+        ci = e.get("auroc_ci", ["", ""])
+        rows.append([f, e.get("n", ""), e["hit"], e["chance"], e["hit_patch"], e["chance_patch"],
+                     e["auroc"], *ci, e.get("beats_chance", "")])
+    return list(GROUNDING_COLUMNS), rows
+
+
+def format_grounding(summary: dict, kind: str) -> str:
+    """Markdown table of grounding_summary (pointing game beside its chance level, AUROC and CI)."""
+    lines = [f"| finding ({kind} map) | n | pointing | chance | pointing ±1 patch | chance | "
+             "AUROC in vs out [95% CI] | beats chance |", "|---|---|---|---|---|---|---|---|"]
+    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
+        ci = e.get("auroc_ci")
+        auc = _fmt(e["auroc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        verdict = {True: "yes", False: "no"}.get(e.get("beats_chance"), "")
+        lines.append(f"| {f} | {e.get('n', '')} | {_fmt(e['hit'])} | {_fmt(e['chance'])} | "
+                     f"{_fmt(e['hit_patch'])} | {_fmt(e['chance_patch'])} | {auc} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _data_sources(path, split) -> dict:
+    """{volume name: source NIfTI path} of a CT-RATE-layout --data; {} for a preprocessed dir."""
+    try:
+        jobs, _ = ctrate_jobs(path, split)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {j["name"]: Path(j["src"]) for j in jobs}
+
+
+@torch.no_grad()
+def run_grounding(args, cfg: EvalConfig, device) -> dict:
+    """--data with --heatmap / --grounding: heat maps of the first --heatmap_n volumes, and the
+    grounding score of every volume's positive findings against the masks of prepare.phantom --masks."""
+    if args.heatmap_n < 0:
+        raise ValueError(f"--heatmap_n must be >= 0, got {args.heatmap_n}")
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+    out = writable_dir(args.heatmap, "--heatmap") if args.heatmap else None
+    records = load_split(args.data, args.split, model.cfg, args)
+    classes = list(records[0].classes)
+    findings = list(args.findings or classes)
+    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
+    sources = _data_sources(args.data, args.split or "valid")
+    if args.grounding:
+        unknown = [f for f in findings if f not in classes]
+        if unknown:
+            raise ValueError(f"--findings {unknown}: --grounding scores label classes of --data, "
+                             f"one of {classes}")
+        if not sources:
+            raise ValueError(f"--grounding needs a CT-RATE-layout --data with masks (python -m "
+                             f"prepare.phantom --masks), got {args.data}")
+    rows, missing = [], 0
+    for i, r in enumerate(records if args.grounding else records[:args.heatmap_n]):
+        src = sources.get(r.name)
+        img = nib.load(str(src)) if src is not None else None
+        geom = (input_geometry(img.shape, img.affine, r.spacing, model.cfg, img.header)
+                if img is not None else model_geometry(model.cfg))
+        x = data_lib.load_volume(r.npy_path)[None].to(device)  # (1, 1, X, Y, Z)
+        maps = patch_maps(model, tokenizer, x, findings, cfg, args.heatmap_kind)[0].cpu().numpy()
+        if out is not None and i < args.heatmap_n:
+            shown = np.asanyarray(img.dataobj) if img is not None else np.load(r.npy_path)
+            write_scan_heatmaps(maps, geom, shown, r.name, findings, out, args.heatmap_kind)
+        for f, m in zip(findings, maps):
+            if not args.grounding or src is None or not r.labels[classes.index(f)]:
+                continue
+            path = mask_path(src.parents[3], src.name, f)
+            if not path.is_file():
+                missing += 1
+                continue
+            mask = np.asanyarray(nib.load(str(path)).dataobj)
+            rows.append(dict(finding=f, volume=r.name, **grounding_metrics(to_input_grid(m, geom),
+                                                                           mask, geom)))
+    if out is not None:
+        print(f"eval: heat maps of {min(args.heatmap_n, len(records))} volumes -> {out}")
+    if not args.grounding:
+        return {}
+    if not rows:
+        raise ValueError(f"{args.data}: no finding mask found (write the set with python -m "
+                         f"prepare.phantom --masks)")
+    rows.sort(key=lambda r: findings.index(r["finding"]))  # table rows in --findings order
+    summary = grounding_summary(rows, cfg.n_boot, cfg.seed)
+    summary.update(kind=args.heatmap_kind, volumes=len(records), pairs=len(rows), missing_masks=missing)
+    write_grounding(summary, args.out_dir)
+    return summary
+
+
+def write_grounding(summary: dict, out_dir) -> Path:
+    """Print the grounding table and write grounding.md, grounding.csv and grounding.json."""
+    table = format_grounding(summary, summary["kind"])
+    print(table)
+    od = writable_dir(out_dir, "--out_dir")
+    _write_atomic(od / "grounding.md", table + "\n")
+    _write_atomic(od / "grounding.csv", _csv_text(*grounding_rows(summary)))
+    _write_atomic(od / "grounding.json", json.dumps(_jsonable(summary), indent=2))
+    missing = summary["missing_masks"]
+    print(f"grounding of {summary['pairs']} (volume, finding) pairs in {summary['volumes']} volumes"
+          + (f", {missing} positive findings without a mask" if missing else "") + f" -> {od}")
+    return od
+
+
+# ----------------------------------------------------------------------------- what eval.py reads
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file -> its dict, with weights_only loading (nothing in it is executed).
+
+    Every way a file can fail to be a BrgSA checkpoint (missing, truncated, corrupt, pickled objects
+    that are not plain data, keys or config fields this code does not know) becomes one ValueError
+    or FileNotFoundError that names the file; torch's own message is kept out because it advises
+    weights_only=False, which would execute an untrusted file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # torch's refusal of a pickled class
+            raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was "
+                             f"not loaded (not a checkpoint written by train.py)") from None
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read") from None
+    except Exception as e:  # truncated zip, bad magic number, EOF: torch raises several types
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read "
+                         f"({type(e).__name__})") from None
+    missing = [k for k in ("model", "model_config", "tokenizer")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a BrgSA checkpoint (missing {missing})")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(ckpt["model_config"]) - known)
+    if unknown:
+        raise ValueError(f"{path}: model_config has field(s) {unknown} that this code's ModelConfig "
+                         f"does not know (written by another version?)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint read by read_checkpoint (lists back to tuples)."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in ckpt["model_config"].items()})
+
+
+def load_checkpoint(path, device):
+    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
+    ckpt = read_checkpoint(path)
+    model = BrgSA(checkpoint_config(ckpt))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch lists every mismatched tensor: the first two say enough
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"{path}: weights do not match the stored config ({'; '.join(lines[:2])}"
+                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
+    return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
+
+
+def parse_device(name: str) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N) -> torch.device; a clear error when it is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def read_score_csv(path) -> tuple:
+    """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header and at least one row")
+    header, body = rows[0], rows[1:]
+    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
+    if short is not None:
+        raise ValueError(f"{path}: row {short + 2} has {len(body[short])} fields, "
+                         f"the header has {len(header)}")
+    try:
+        values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"{path}: non-numeric value ({e})") from None
+    names = [r[0] for r in body]
+    if all(_is_number(x) for x in names):
+        raise ValueError(f"{path}: the first column ({header[0]!r}) holds numbers, not volume names; "
+                         f"expected the volume name first, then one column per class")
+    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    if dup:
+        raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}: NaN or inf values")
+    return names, header[1:], values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_thresholds(path, protocol: str) -> dict:
+    """{lower-cased class: calibrated threshold} from an eval.json made with the same protocol."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the eval.json ({e})") from None
+    made = (saved.get("protocol") or {}).get("name")
+    if made != protocol:
+        raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
+    return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
+            if (m.get("calibrated") or {}).get("threshold") is not None}
+
+
+CLASS_SETS = ("auto", "ctrate", "ctrate_lt", "radchest")
+
+
+def class_setup(name: str, records, label_csv=None):
+    """--classes -> (label class names, score_map or None). auto: RAD-ChestCT's mapping for
+    RAD-ChestCT records, else the class columns of --label_csv when given (any names: the
+    prompts are written from them), else the classes the records carry."""
+    have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
+    if name == "auto":
+        name = ("radchest" if have == data_lib.RADCHEST_CLASSES else
+                "label_csv" if label_csv else "records")
+    if name == "label_csv":
+        return list(data_lib.label_columns(label_csv)[1]), None
+    if name == "records":
+        if not have:
+            raise ValueError("--data: its volumes carry no labels; give --label_csv CSV (volume "
+                             "name, then one 0/1 column per class) or preprocess the folder with "
+                             "python -m prepare.preprocess --dataset folder --labels CSV")
+        return list(have), None
+    if name == "ctrate":
+        return list(data_lib.CTRATE_CLASSES), None
+    if name == "radchest":  # 18 CT-RATE prompts, mapped to RAD-ChestCT's 16 classes
+        return list(data_lib.RADCHEST_CLASSES), data_lib.ctrate_to_radchest
+    if name == "ctrate_lt":
+        return list(data_lib.CTRATE_LT_CLASSES), None
+    raise ValueError(f"unknown --classes {name!r}; expected auto, ctrate, ctrate_lt or radchest")
+
+
+def select_labels(records, classes, label_csv=None, what="--data"):
+    """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
+    columns (matched by class name); a clear error names what is missing."""
+    if label_csv:
+        table = data_lib.read_labels(label_csv, classes, data_lib.label_columns(label_csv)[0])
+        # a folder volume 'sub__scan' (prepare.preprocess --dataset folder) also matches 'scan'
+        lab = {r.name: table.get(r.name, table.get(r.name.split("__")[-1])) for r in records}
+        missing = [n for n, v in lab.items() if v is None]
+        if missing:
+            raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
+                             f"e.g. {missing[:3]}")
+    else:
+        have = list(records[0].classes) if records else []
+        missing = [c for c in classes if c not in have]
+        if missing:
+            raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
+        lab = {r.name: np.asarray(r.labels)[[have.index(c) for c in classes]] for r in records}
+    return [replace(r, labels=lab[r.name], classes=tuple(classes)) for r in records]
+
+
+# ----------------------------------------------------------------------------- what eval.py writes: tables
+
+def _fmt(x, digits=3):
+    return "  —  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """Markdown: one row per class and the macro mean; retrieval and gap tables when present.
+
+    opt = ROC-corner threshold picked on the evaluated rows (optimistic), cal = threshold picked on
+    the calibration rows and scored on the test rows (see result["rows"])."""
+    has_cal = any(m.get("calibrated") for m in result["per_class"].values())
+    protos = ("roc_corner", "calibrated") if has_cal else ("roc_corner",)
+    heads = [f"{p} {k}" for p in ("opt", "cal")[:len(protos)]
+             for k in ("ACC", "F1", "Prec", "Rec", "Spec")]
+    lines = [f"| {'abnormality':34s} |  pos | {'AUROC [95% CI]':20s} | AUPRC | "
+             + " | ".join(heads) + " |",
+             f"|{'-' * 36}|------|{'-' * 22}|-------|"
+             + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
+
+    def row(name, pos, m):
+        ci = m.get("auc_ci") if not math.isnan(m["auc"]) else None
+        auc = _fmt(m["auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+        cells = [f"{_fmt(m.get(p, {}).get(k)):>{len(h)}s}" for p in protos
+                 for k, h in zip(THRESHOLDED, heads)]
+        return (f"| {name:34s} | {pos:>4} | {auc:20s} | {_fmt(m['auprc'])} | "
+                + " | ".join(cells) + " |")
+
+    for name, m in result["per_class"].items():
+        lines.append(row(name, m["positives"], m))
+    lines.append(row("macro mean", "", result["macro"]))
+    if result.get("retrieval"):
+        first = next(iter(result["retrieval"].values()))["volume_to_report"]
+        ks = [k for k in first if k.startswith("R@")]
+        lines += ["", "| similarity | direction        | " + " | ".join(f"{k:>5s}" for k in ks)
+                  + " |  mAP  |",
+                  "|------------|------------------|" + "|".join("-------" for _ in ks) + "|-------|"]
+        for space, d in result["retrieval"].items():
+            for direction, m in d.items():
+                lines.append(f"| {space:10s} | {direction:16s} | " + " | ".join(_fmt(m[k]) for k in ks)
+                             + f" | {_fmt(m['mAP'])} |")
+    if result.get("modality_gap"):
+        lines += ["", "| embeddings          | centroid dist | cos true pairs | cos random pairs "
+                  "| probe acc |", "|---------------------|---------------|----------------|"
+                  "------------------|-----------|"]
+        for space, m in result["modality_gap"].items():
+            label = "raw (v, t)" if space == "raw" else "bank (v_hat, t_hat)"
+            lines.append(f"| {label:19s} | {_fmt(m['centroid_distance']):>13s} | "
+                         f"{_fmt(m['true_pair_cos']):>14s} | {_fmt(m['random_pair_cos']):>16s} | "
+                         f"{_fmt(m['probe_acc']):>9s} |")
+    return "\n".join(lines)
+
+
+def print_scan(volume, scores: dict, thresholds: dict, protocol: str):
+    """Single-scan mode's table: each finding's score and, given calibrated thresholds, its call."""
+    kind = "cosine score, not a probability" if protocol == "brgsa" else "P(present)"
+    print(f"| {'finding':34s} |  score  | calibrated call |\n"
+          f"|{'-' * 36}|---------|-----------------|")
+    for f, s in scores.items():
+        thr = thresholds.get(f.lower())
+        call = "—" if thr is None else f"{'positive' if s > thr else 'negative'} (> {thr:+.3f})"
+        print(f"| {f:34s} | {s:+.4f} | {call:15s} |")
+    print(f"{volume}: {protocol} protocol ({kind})" + (
+        "" if thresholds else "; give --thresholds eval.json for calibrated calls"))
+
+
+# ----------------------------------------------------------------------------- what eval.py writes: files
+
+def _jsonable(x):
+    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _csv_text(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def metrics_rows(result: dict):
+    """Flat per-class rows (and the macro row) for metrics.csv: every number with its interval."""
+    cols = ["auc", "auprc"] + [f"{p}_{k}" for p in ("roc_corner", "calibrated") for k in THRESHOLDED]
+    header = ["class", "positives", "threshold_roc_corner", "threshold_calibrated"]
+    header += [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")]
+    rows = []
+    for name, m in list(result["per_class"].items()) + [("macro mean", result["macro"])]:
+        flat = {k: m.get(k) for k in ("auc", "auprc", "auc_ci", "auprc_ci")}
+        for p in ("roc_corner", "calibrated"):
+            for k, v in (m.get(p) or {}).items():
+                flat[f"{p}_{k}"] = v
+        cells = [name, m.get("positives", ""), flat.get("roc_corner_threshold", ""),
+                 flat.get("calibrated_threshold", "")]
+        for c in cols:
+            ci = flat.get(f"{c}_ci") or ["", ""]
+            cells += [flat.get(c, ""), *ci]
+        rows.append(["" if isinstance(x, float) and math.isnan(x) else x for x in cells])
+    return header, rows
+
+
+def write_result(result: dict, out_dir, plots: bool = False) -> Path:
+    """eval.json (everything but the raw arrays), metrics.csv, and with the arrays: scores.csv,
+    labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = result.get("arrays")
+    summary = {k: v for k, v in result.items() if k != "arrays"}
+    path = out / "eval.json"
+    _write_atomic(path, json.dumps(_jsonable(summary), indent=2))
+    _write_atomic(out / "metrics.csv", _csv_text(*metrics_rows(result)))
+    if arrays is not None:
+        # repr: the shortest text that reads back to the same float, so files re-evaluate exactly
+        for fname, key, fmt in (("scores.csv", "scores", lambda x: repr(float(x))),
+                                ("labels.csv", "labels", str)):
+            rows = [[n] + [fmt(x) for x in r] for n, r in zip(arrays["names"], arrays[key])]
+            _write_atomic(out / fname, _csv_text(["VolumeName"] + list(result["classes"]), rows))
+        if plots:
+            write_plots(result, out)
+    return path
+
+
+def write_plots(result: dict, out: Path) -> list:
+    """ROC curve per class with both operating points, and the 2-D PCA of the modality gap.
+
+    matplotlib is optional: without it the plots are skipped with a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval: matplotlib is not installed, skipping the plots (pip install matplotlib)")
+        return []
+    a, classes = result["arrays"], result["classes"]
+    cols = min(6, len(classes))
+    n_rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.6 * n_rows), squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for j, (c, ax) in enumerate(zip(classes, axes.flat)):
+        main, s, y = a["main_rows"], a["scores"][:, j], a["labels"][:, j]
+        fpr, tpr = roc_curve(s[main], y[main])
+        ax.plot(fpr, tpr, lw=1.2)
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        m = result["per_class"][c]
+        for proto, rows, marker in (("roc_corner", main, "o"), ("calibrated", ~a["calib_rows"], "s")):
+            ok = m.get(proto) and math.isfinite(m[proto]["threshold"])
+            if ok and 0 < y[rows].sum() < rows.sum():
+                pred = s[rows] > m[proto]["threshold"]
+                ax.plot((pred & (y[rows] == 0)).sum() / (y[rows] == 0).sum(),
+                        (pred & (y[rows] == 1)).sum() / y[rows].sum(), marker, ms=5, label=proto)
+        ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("ROC per class (x FPR, y TPR): roc_corner = threshold picked on the evaluated rows "
+                 "(optimistic), calibrated = frozen threshold on the test rows", fontsize=8)
+    fig.tight_layout()
+    written = [out / "roc_curves.png"]
+    fig.savefig(written[0], dpi=110)
+    plt.close(fig)
+    if "gap_points" in a:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+        for ax, (space, (vi, ti)) in zip(axes, a["gap_points"].items()):
+            x = np.vstack([vi, ti])
+            x = x - x.mean(0)
+            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # joint 2-D PCA of both modalities
+            # Same scale in both panels (unit-norm rows): the shrinking of the gap is seen, not rescaled.
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
+            ax.scatter(*xy[:len(vi)].T, s=6, alpha=0.6, label="image")
+            ax.scatter(*xy[len(vi):].T, s=6, alpha=0.6, label="text")
+            g = result["modality_gap"][space]
+            ax.set_title(f"{'v, t' if space == 'raw' else 'v_hat, t_hat'}: centroid distance "
+                         f"{_fmt(g['centroid_distance'])}, probe {_fmt(g['probe_acc'])}", fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "modality_gap.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
 
 
 # ----------------------------------------------------------------------------- metrics: the engine
@@ -530,1060 +1588,6 @@ def modality_gap(a, b, groups=None, seed: int = 0) -> dict:
                 true_pair_cos=float(np.einsum("nd,nd->n", an, bn).mean()),
                 random_pair_cos=float(other),
                 probe_acc=linear_probe_accuracy(an, bn, groups, seed))
-
-
-# ----------------------------------------------------------------------------- prompts and scores
-
-def prompt_set(classes, cfg: EvalConfig) -> list:
-    """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template."""
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {sorted(PROTOCOLS)}")
-    if not len(classes):
-        raise ValueError("no classes to score: give the data labels (--label_csv) or --findings")
-    unknown = sorted(set(cfg.synonyms) - set(classes))
-    if unknown:
-        raise ValueError(f"synonyms given for unknown classes {unknown}; classes are {list(classes)}")
-    out = []
-    for template in cfg.templates or PROTOCOLS[cfg.protocol]:
-        parts = template.split("|")
-        n_parts = 2 if cfg.protocol == "ctclip" else 1
-        if len(parts) != n_parts or any(p.count("{}") != 1 for p in parts):
-            want = "'POS {}|NEG {}'" if cfg.protocol == "ctclip" else "one '{}'"
-            raise ValueError(f"template {template!r} for protocol {cfg.protocol}: expected {want}")
-        for j, c in enumerate(classes):
-            for name in cfg.synonyms.get(c, [c]):
-                texts = tuple(p.format(name) for p in parts)
-                out.append((j, texts if cfg.protocol == "ctclip" else texts[0]))
-    return out
-
-
-@torch.no_grad()
-def embed_texts(model: BrgSA, tokenizer, texts: list, device, batch_size: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids, mask = data_lib.tokenize(tokenizer, texts[i:i + batch_size], model.cfg.max_len)
-        out.append(model.text(ids.to(device), mask.to(device)).float())
-    return torch.cat(out)  # (T, d)
-
-
-@torch.no_grad()
-def score_volumes(model: BrgSA, tokenizer, v: torch.Tensor, classes, cfg: EvalConfig, device):
-    """(N, d) image embeddings -> (N, C) numpy scores under cfg's protocol and prompt ensemble."""
-    prompts = prompt_set(classes, cfg)
-    bank = model.bank.weight.float()
-    if cfg.protocol == "brgsa":
-        t = embed_texts(model, tokenizer, [p for _, p in prompts], device)
-        per_prompt = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, P)
-    else:
-        t = embed_texts(model, tokenizer, [x for _, p in prompts for x in p], device)
-        sim = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, 2P): present, not present, ...
-        # softmax over (present, not present) = sigmoid of the logit difference
-        per_prompt = torch.sigmoid((sim[:, 0::2] - sim[:, 1::2]) / model.cfg.tau)
-    idx = torch.tensor([j for j, _ in prompts], device=per_prompt.device)
-    total = torch.zeros(len(v), len(classes), device=per_prompt.device).index_add_(1, idx, per_prompt)
-    return (total / torch.bincount(idx, minlength=len(classes))).cpu().numpy().astype(np.float64)
-
-
-@torch.no_grad()
-def embed_volumes(model: BrgSA, loader, device, log_every: int = 0):
-    """-> v (N, d) float32 on device, labels (N, C) numpy, names list."""
-    vs, labels, names = [], [], []
-    for i, batch in enumerate(loader):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            vs.append(model.visual(batch["volume"].to(device, non_blocking=True)).float())
-        labels.append(batch["labels"].numpy())
-        names += list(batch["name"])
-        if log_every and (i + 1) % log_every == 0:
-            print(f"eval: embedded {len(names)} volumes", flush=True)
-    if not vs:
-        raise ValueError("no volumes to evaluate (the data set or split is empty)")
-    return torch.cat(vs), np.concatenate(labels), names
-
-
-# ----------------------------------------------------------------------------- diagnosis metrics
-
-def _rows_note(n_main, n_calib, n_test, cfg, external):
-    where = "a separate calibration set" if external else "a patient-grouped calibration split"
-    main = "the test rows" if cfg.exclude_calib else "all evaluated rows"
-    return dict(threshold_free=f"AUROC / AUPRC: {main} ({n_main} volumes)",
-                roc_corner=f"threshold picked and scored on {main} ({n_main} volumes): optimistic",
-                calibrated=(f"threshold picked on {where} ({n_calib} volumes), scored on "
-                            f"{n_test} test volumes" if n_calib else "no calibration rows"))
-
-
-MIN_CALIB_VOLUMES, MIN_CALIB_PER_CLASS = 20, 5  # below these a frozen threshold is mostly noise
-
-
-def calibration_warnings(labels_cal, classes, wanted: bool) -> list:
-    """Plain warnings when the calibration rows (N_cal, C) are too few to pick thresholds that
-    mean anything: fewer than MIN_CALIB_VOLUMES volumes, or classes with fewer than
-    MIN_CALIB_PER_CLASS positives or negatives among them. wanted: calibration was asked for."""
-    n = len(labels_cal)
-    if n == 0:
-        return ["no calibration rows: the data set is too small for --calib_fraction, so there "
-                "are no calibrated thresholds (give --calib_data)"] if wanted else []
-    out = []
-    if n < MIN_CALIB_VOLUMES:
-        out.append(f"calibrated thresholds were picked on only {n} volume(s) (fewer than "
-                   f"{MIN_CALIB_VOLUMES}): the calibrated numbers are anecdotal; give more data "
-                   f"or a separate --calib_data")
-    pos = np.asarray(labels_cal).sum(0)
-    thin = [c for c, p in zip(classes, pos) if min(p, n - p) < MIN_CALIB_PER_CLASS]
-    if thin:
-        out.append(f"{len(thin)} of {len(classes)} classes have fewer than {MIN_CALIB_PER_CLASS} "
-                   f"positive or negative calibration volumes, so their thresholds rest on a "
-                   f"handful of scans: {', '.join(thin[:5])}{', ...' if len(thin) > 5 else ''}")
-    return out
-
-
-def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None, calib=None) -> dict:
-    """(N, C) scores and 0/1 labels -> the eval.json layout (per class, macro, CIs, which rows).
-
-    names: volume names (patient grouping for the calibration split and the bootstrap; rows are
-    their own patients when None). calib: (scores, labels, names) of a separate calibration set;
-    otherwise cfg.calib_fraction of the patients is held out of `scores` to pick thresholds.
-    """
-    cfg = cfg or EvalConfig()
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
-    n = len(scores)
-    names = [str(i) for i in range(n)] if names is None else list(names)
-    groups = [patient_id(x) for x in names]
-    if calib is not None:
-        scores = np.vstack([scores, np.asarray(calib[0], np.float64)])
-        labels = np.vstack([labels, np.asarray(calib[1]) > 0])
-        groups += ["calib:" + patient_id(x) for x in calib[2]]
-        is_cal = np.r_[np.zeros(n, bool), np.ones(len(calib[0]), bool)]
-    else:
-        is_cal = calibration_split(groups, labels, cfg.calib_fraction, cfg.seed)
-    evaluated = np.arange(len(scores)) < n
-    test = evaluated & ~is_cal
-    main = test if cfg.exclude_calib else evaluated
-    if cfg.boot_unit not in ("patient", "volume"):
-        raise ValueError(f"boot_unit must be 'patient' or 'volume', got {cfg.boot_unit!r}")
-    unit = np.unique(groups if cfg.boot_unit == "patient" else np.arange(len(scores)),
-                     return_inverse=True)[1]
-    point, boot = diagnosis(scores, labels, main, is_cal if is_cal.any() else None, test,
-                                    unit, is_cal.astype(int), cfg.n_boot, cfg.seed)
-    result = dict(n_volumes=int(n), classes=list(classes),
-                  rows=dict(n_main=int(main.sum()), n_calib=int(is_cal.sum()), n_test=int(test.sum()),
-                            **_rows_note(int(main.sum()), int(is_cal.sum()), int(test.sum()), cfg,
-                                         calib is not None)),
-                  **summarize_diagnosis(point, boot, classes, labels[main].sum(0), cfg.level))
-    for j, m in enumerate(result["per_class"].values()):
-        if m.get("calibrated"):  # what the calibrated numbers rest on, per class
-            m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
-                                   positives_test=int(labels[test, j].sum()))
-    result["warnings"] = calibration_warnings(labels[is_cal], classes,
-                                              calib is not None or cfg.calib_fraction > 0)
-    result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
-    result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
-    result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
-    if boot is not None:
-        result["bootstrap"] = dict(n=cfg.n_boot, unit=cfg.boot_unit, level=cfg.level, seed=cfg.seed,
-                                   n_units=int(unit.max() + 1), method="percentile",
-                                   valid_resamples={c: int(np.isfinite(boot["auc"][:, j]).sum())
-                                                    for j, c in enumerate(classes)})
-    result["arrays"] = dict(names=names, scores=scores[:n], labels=labels[:n].astype(int),
-                            calib_rows=is_cal[:n], main_rows=main[:n])
-    result["notes"] = _notes(result)
-    return result
-
-
-MIN_CALIB_VOLUMES = 20  # fewer calibration volumes than this: thresholds get a warning
-
-
-def _notes(result: dict) -> list:
-    """What a reader of the macro number must know: classes left out of it, thin calibration."""
-    notes = []
-    left_out = [c for c, m in result["per_class"].items() if not math.isfinite(m["auc"])]
-    if left_out:
-        notes.append(f"{len(left_out)} of {len(result['per_class'])} "
-                     f"classes have no positive or no negative among the evaluated rows and are "
-                     f"left out of the macro mean: {left_out}")
-    n_calib = result["rows"]["n_calib"]
-    if 0 < n_calib < MIN_CALIB_VOLUMES:
-        notes.append(f"calibrated thresholds were picked on only {n_calib} volume(s), too few to "
-                     f"trust (more data, --calib_data, or --calib_fraction 0)")
-    return notes
-
-
-# ----------------------------------------------------------------------------- retrieval and gap
-
-def report_texts(reports: list, summaries: dict = None) -> list:
-    """The text each volume's report is embedded as: its summary sentences joined (as training
-    sees them at evaluation), or the raw report when it has no summary."""
-    out, summaries = [], dict(summaries or {})
-    for r in reports:
-        if r not in summaries:
-            try:
-                summaries[r] = summarize.summarize(r)
-            except ValueError:  # empty report: nothing to summarise
-                summaries[r] = []
-        sents = [s for s in summaries[r] if s and s.strip()]
-        out.append(" ".join(sents) if sents else r)
-    return out
-
-
-@torch.no_grad()
-def retrieval_and_gap(model: BrgSA, v: torch.Tensor, t: torch.Tensor, report_ids, seed=0):
-    """Report <-> volume retrieval in three similarity spaces and the modality gap of (v, t) and
-    (v_hat, t_hat). v (N, d) one row per volume; t (R, d) one row per unique report text;
-    report_ids (N,) the report row of each volume (reconstructions share a report)."""
-    bank = model.bank.weight.float()
-    v_hat, t_hat = cmki.cmki(v, bank, model.scale), cmki.cmki(t, bank, model.scale)
-    spaces = {"raw": cmki.cosine_scores(v, t),                    # cos(v, t): L_INFO's space
-              "bank": cmki.cosine_scores(v_hat, t_hat),           # cos(v_hat, t_hat): L_INFO-R's
-              "score": cmki.zero_shot_scores(v, t, bank, model.scale)}  # the zero-shot rule
-    report_ids = np.asarray(report_ids)
-    relevant = report_ids[:, None] == np.arange(len(t))[None, :]  # (N, R)
-    retrieval = {k: dict(volume_to_report=retrieval_metrics(s.cpu().numpy(), relevant),
-                         report_to_volume=retrieval_metrics(s.cpu().numpy().T, relevant.T))
-                 for k, s in spaces.items()}
-    # Volumes sharing a report text form one group: their pairs are not "random", and the probe
-    # never sees the same text on both sides of its train / test split.
-    pairs = {"raw": (v, t[report_ids]), "bank": (v_hat, t_hat[report_ids])}
-    gap = {k: modality_gap(a.cpu().numpy(), b.cpu().numpy(), report_ids, seed)
-           for k, (a, b) in pairs.items()}
-    points = {k: (l2_normalize(a.cpu().numpy()), l2_normalize(b.cpu().numpy()))
-              for k, (a, b) in pairs.items()}
-    return retrieval, gap, points
-
-
-# ----------------------------------------------------------------------------- the model protocol
-
-def _records_of(loader):
-    return getattr(getattr(loader, "dataset", None), "records", None)
-
-
-def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalConfig = None,
-              calib_loader=None, summaries: dict = None, score_map=None, embedded=None) -> dict:
-    """Zero-shot diagnosis of every volume of loader, plus retrieval and the modality gap when the
-    loader's records carry reports. classes name the label columns; prompts are written for them,
-    or, with score_map, for the CT-RATE classes whose (N, 18) scores score_map maps onto them.
-    embedded: loader's embed_volumes() output when the caller already has it."""
-    cfg = cfg or EvalConfig()
-    model.eval()
-    prompt_classes = data_lib.CTRATE_CLASSES if score_map else classes
-    v, labels, names = embedded if embedded is not None else embed_volumes(model, loader, device)
-
-    def scores_of(v_):
-        s = score_volumes(model, tokenizer, v_, prompt_classes, cfg, device)
-        return np.asarray(score_map(s), np.float64) if score_map else s
-
-    calib = None
-    if calib_loader is not None:
-        vc, lc, nc = embed_volumes(model, calib_loader, device)
-        calib = (scores_of(vc), lc, nc)
-    result = evaluate_scores(scores_of(v), labels, classes, names, cfg, calib)
-    prompts = {}
-    for j, p in prompt_set(prompt_classes, cfg):
-        prompts.setdefault(prompt_classes[j], []).append(p)
-    result["protocol"] = dict(name=cfg.protocol, prompts=prompts, score=(
-        "1/2 [cos(v, t) + cos(v_hat, t)]" if cfg.protocol == "brgsa" else
-        "softmax over (present, not present) of 1/2 [cos(v, t) + cos(v_hat, t)] / tau"),
-        ensemble="mean of the prompts' scores per class")
-    result["prompt"] = PROMPT if cfg.protocol == "brgsa" and not cfg.templates else None
-    records = _records_of(loader)
-    reports = [r.report for r in records] if records is not None else []
-    if reports and len(reports) == len(names) and all(r and r.strip() for r in reports):
-        texts = report_texts(reports, summaries)
-        uniq = list(dict.fromkeys(texts))
-        index = {x: i for i, x in enumerate(uniq)}
-        t = embed_texts(model, tokenizer, uniq, device)
-        result["retrieval"], result["modality_gap"], points = retrieval_and_gap(
-            model, v, t, [index[x] for x in texts], cfg.seed)
-        result["retrieval_note"] = (f"{len(uniq)} unique report texts (summaries joined) for "
-                                    f"{len(names)} volumes; ties ranked pessimistically")
-        result["arrays"]["gap_points"] = points
-    else:
-        result["retrieval_note"] = "no report texts with these volumes: retrieval and gap skipped"
-    return result
-
-
-# ----------------------------------------------------------------------------- what eval.py reads
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file -> its dict, with weights_only loading (nothing in it is executed).
-
-    Every way a file can fail to be a BrgSA checkpoint (missing, truncated, corrupt, pickled objects
-    that are not plain data, keys or config fields this code does not know) becomes one ValueError
-    or FileNotFoundError that names the file; torch's own message is kept out because it advises
-    weights_only=False, which would execute an untrusted file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "unsupported global" in str(e).lower():  # torch's refusal of a pickled class
-            raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was "
-                             f"not loaded (not a checkpoint written by train.py)") from None
-        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read") from None
-    except Exception as e:  # truncated zip, bad magic number, EOF: torch raises several types
-        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read "
-                         f"({type(e).__name__})") from None
-    missing = [k for k in ("model", "model_config", "tokenizer")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a BrgSA checkpoint (missing {missing})")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(ckpt["model_config"]) - known)
-    if unknown:
-        raise ValueError(f"{path}: model_config has field(s) {unknown} that this code's ModelConfig "
-                         f"does not know (written by another version?)")
-    return ckpt
-
-
-def checkpoint_config(ckpt: dict) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint read by read_checkpoint (lists back to tuples)."""
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in ckpt["model_config"].items()})
-
-
-def load_checkpoint(path, device):
-    """-> (model, tokenizer, checkpoint dict); weights_only loading, clear error on mismatch."""
-    ckpt = read_checkpoint(path)
-    model = BrgSA(checkpoint_config(ckpt))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # torch lists every mismatched tensor: the first two say enough
-        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise ValueError(f"{path}: weights do not match the stored config ({'; '.join(lines[:2])}"
-                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
-    return model.to(device).eval(), data_lib.tokenizer_from_string(ckpt["tokenizer"]), ckpt
-
-
-def parse_device(name: str) -> torch.device:
-    """--device (auto, cpu, cuda, cuda:N) -> torch.device; a clear error when it is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
-
-
-def read_score_csv(path) -> tuple:
-    """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if len(rows) < 2:
-        raise ValueError(f"{path}: expected a header and at least one row")
-    header, body = rows[0], rows[1:]
-    short = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
-    if short is not None:
-        raise ValueError(f"{path}: row {short + 2} has {len(body[short])} fields, "
-                         f"the header has {len(header)}")
-    try:
-        values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64)
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric value ({e})") from None
-    names = [r[0] for r in body]
-    if all(_is_number(x) for x in names):
-        raise ValueError(f"{path}: the first column ({header[0]!r}) holds numbers, not volume names; "
-                         f"expected the volume name first, then one column per class")
-    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
-    if dup:
-        raise ValueError(f"{path}: duplicate volume names, e.g. {dup[:3]}")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{path}: NaN or inf values")
-    return names, header[1:], values
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def read_thresholds(path, protocol: str) -> dict:
-    """{lower-cased class: calibrated threshold} from an eval.json made with the same protocol."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the eval.json ({e})") from None
-    made = (saved.get("protocol") or {}).get("name")
-    if made != protocol:
-        raise ValueError(f"{path}: thresholds were picked under protocol {made!r}, not {protocol!r}")
-    return {c.lower(): m["calibrated"]["threshold"] for c, m in saved["per_class"].items()
-            if (m.get("calibrated") or {}).get("threshold") is not None}
-
-
-CLASS_SETS = ("auto", "ctrate", "ctrate_lt", "radchest")
-
-
-def class_setup(name: str, records, label_csv=None):
-    """--classes -> (label class names, score_map or None). auto: RAD-ChestCT's mapping for
-    RAD-ChestCT records, else the class columns of --label_csv when given (any names: the
-    prompts are written from them), else the classes the records carry."""
-    have = tuple(records[0].classes) if records else data_lib.CTRATE_CLASSES
-    if name == "auto":
-        name = ("radchest" if have == data_lib.RADCHEST_CLASSES else
-                "label_csv" if label_csv else "records")
-    if name == "label_csv":
-        return list(data_lib.label_columns(label_csv)[1]), None
-    if name == "records":
-        if not have:
-            raise ValueError("--data: its volumes carry no labels; give --label_csv CSV (volume "
-                             "name, then one 0/1 column per class) or preprocess the folder with "
-                             "python -m prepare.preprocess --dataset folder --labels CSV")
-        return list(have), None
-    if name == "ctrate":
-        return list(data_lib.CTRATE_CLASSES), None
-    if name == "radchest":  # 18 CT-RATE prompts, mapped to RAD-ChestCT's 16 classes
-        return list(data_lib.RADCHEST_CLASSES), data_lib.ctrate_to_radchest
-    if name == "ctrate_lt":
-        return list(data_lib.CTRATE_LT_CLASSES), None
-    raise ValueError(f"unknown --classes {name!r}; expected auto, ctrate, ctrate_lt or radchest")
-
-
-def select_labels(records, classes, label_csv=None, what="--data"):
-    """Records with labels in `classes` order: from label_csv (matched by volume name) or their own
-    columns (matched by class name); a clear error names what is missing."""
-    if label_csv:
-        table = data_lib.read_labels(label_csv, classes, data_lib.label_columns(label_csv)[0])
-        # a folder volume 'sub__scan' (prepare.preprocess --dataset folder) also matches 'scan'
-        lab = {r.name: table.get(r.name, table.get(r.name.split("__")[-1])) for r in records}
-        missing = [n for n, v in lab.items() if v is None]
-        if missing:
-            raise ValueError(f"{label_csv}: {len(missing)} volumes of {what} have no labels, "
-                             f"e.g. {missing[:3]}")
-    else:
-        have = list(records[0].classes) if records else []
-        missing = [c for c in classes if c not in have]
-        if missing:
-            raise ValueError(f"{what}: no label column for classes {missing} (give --label_csv)")
-        lab = {r.name: np.asarray(r.labels)[[have.index(c) for c in classes]] for r in records}
-    return [replace(r, labels=lab[r.name], classes=tuple(classes)) for r in records]
-
-
-# ----------------------------------------------------------------------------- score files and single scans
-
-def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict:
-    """Score-file mode: rows matched by volume name, columns by class name (any order)."""
-    s_names, s_classes, scores = read_score_csv(scores_csv)
-    l_names, l_classes, labels = read_score_csv(labels_csv)
-    missing = [c for c in s_classes if c not in l_classes]
-    if missing:
-        raise ValueError(f"{labels_csv}: no label column for classes {missing}")
-    row = {n: i for i, n in enumerate(l_names)}
-    unknown = [n for n in s_names if n not in row]
-    if unknown:
-        raise ValueError(f"{labels_csv}: {len(unknown)} volumes of {scores_csv} have no labels, "
-                         f"e.g. {unknown[:3]}")
-    idx = np.array([row[n] for n in s_names])
-    labels = labels[idx][:, [l_classes.index(c) for c in s_classes]]
-    bad = ~np.isin(labels, (0.0, 1.0))
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise ValueError(f"{labels_csv}: label {labels[i, j]:g} for {s_names[i]!r}, class "
-                         f"{s_classes[j]!r}; expected 0 or 1 ({int(bad.sum())} such values)")
-    result = evaluate_scores(scores, labels, s_classes, s_names, cfg)
-    result["source"] = dict(scores=str(scores_csv), labels=str(labels_csv))
-    if len(l_names) > len(s_names):
-        result["notes"].append(f"{len(l_names) - len(s_names)} labelled volumes of {labels_csv} "
-                               f"have no score and are not evaluated")
-    return result
-
-
-def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
-    """--findings: each must be a name whose prompts fit the text encoder's max_len tokens without
-    truncation and whose words the tokenizer knows (an [UNK] token carries no meaning)."""
-    unk = tokenizer.token_to_id("[UNK]")
-    tokenizer.no_truncation()  # data.tokenize sets both again before every use
-    tokenizer.no_padding()
-    for f in findings:
-        if not f.strip():
-            raise ValueError("--findings: an empty finding; expected abnormality names such as "
-                             "'pleural effusion'")
-        for _, prompt in prompt_set([f], cfg):
-            for text in (prompt,) if isinstance(prompt, str) else prompt:
-                enc = tokenizer.encode(text)
-                if len(enc.ids) > max_len:
-                    raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
-                                     f"the text encoder reads at most {max_len}")
-                if unk is not None and unk in enc.ids:
-                    words = sorted({w for w in text.split()
-                                    if unk in tokenizer.encode(w, add_special_tokens=False).ids})
-                    raise ValueError(f"--findings: {f!r} has words the tokenizer does not know "
-                                     f"{words}: they would all read as [UNK]")
-
-
-@torch.no_grad()
-def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None,
-               allow_non_hu: bool = False) -> dict:
-    """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
-
-    The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
-    allow_non_hu, a volume that does not look like a CT in HU is refused (data.check_hu)."""
-    path, cfg = Path(path), cfg or EvalConfig()
-    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
-    if path.suffix == ".npy":
-        try:
-            hu = np.load(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-        if tuple(hu.shape) != tuple(model.cfg.image_size):
-            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
-                             f"{tuple(model.cfg.image_size)}")
-    else:
-        hu, spacing = data_lib.load_nifti(path)
-    data_lib.check_hu(hu, path, allow=allow_non_hu)
-    if path.suffix != ".npy":
-        hu = data_lib.preprocess_volume(hu, spacing, model.cfg.spacing, model.cfg.image_size)
-    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None].to(device)
-    v = model.visual(x).float()  # (1, d)
-    scores = score_volumes(model, tokenizer, v, list(findings), cfg, device)[0]
-    return dict(zip(findings, scores.tolist()))
-
-
-# ----------------------------------------------------------------------------- what eval.py writes: tables
-
-def _fmt(x, digits=3):
-    return "  —  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def format_table(result: dict) -> str:
-    """Markdown: one row per class and the macro mean; retrieval and gap tables when present.
-
-    opt = ROC-corner threshold picked on the evaluated rows (optimistic), cal = threshold picked on
-    the calibration rows and scored on the test rows (see result["rows"])."""
-    has_cal = any(m.get("calibrated") for m in result["per_class"].values())
-    protos = ("roc_corner", "calibrated") if has_cal else ("roc_corner",)
-    heads = [f"{p} {k}" for p in ("opt", "cal")[:len(protos)]
-             for k in ("ACC", "F1", "Prec", "Rec", "Spec")]
-    lines = [f"| {'abnormality':34s} |  pos | {'AUROC [95% CI]':20s} | AUPRC | "
-             + " | ".join(heads) + " |",
-             f"|{'-' * 36}|------|{'-' * 22}|-------|"
-             + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
-
-    def row(name, pos, m):
-        ci = m.get("auc_ci") if not math.isnan(m["auc"]) else None
-        auc = _fmt(m["auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-        cells = [f"{_fmt(m.get(p, {}).get(k)):>{len(h)}s}" for p in protos
-                 for k, h in zip(THRESHOLDED, heads)]
-        return (f"| {name:34s} | {pos:>4} | {auc:20s} | {_fmt(m['auprc'])} | "
-                + " | ".join(cells) + " |")
-
-    for name, m in result["per_class"].items():
-        lines.append(row(name, m["positives"], m))
-    lines.append(row("macro mean", "", result["macro"]))
-    if result.get("retrieval"):
-        first = next(iter(result["retrieval"].values()))["volume_to_report"]
-        ks = [k for k in first if k.startswith("R@")]
-        lines += ["", "| similarity | direction        | " + " | ".join(f"{k:>5s}" for k in ks)
-                  + " |  mAP  |",
-                  "|------------|------------------|" + "|".join("-------" for _ in ks) + "|-------|"]
-        for space, d in result["retrieval"].items():
-            for direction, m in d.items():
-                lines.append(f"| {space:10s} | {direction:16s} | " + " | ".join(_fmt(m[k]) for k in ks)
-                             + f" | {_fmt(m['mAP'])} |")
-    if result.get("modality_gap"):
-        lines += ["", "| embeddings          | centroid dist | cos true pairs | cos random pairs "
-                  "| probe acc |", "|---------------------|---------------|----------------|"
-                  "------------------|-----------|"]
-        for space, m in result["modality_gap"].items():
-            label = "raw (v, t)" if space == "raw" else "bank (v_hat, t_hat)"
-            lines.append(f"| {label:19s} | {_fmt(m['centroid_distance']):>13s} | "
-                         f"{_fmt(m['true_pair_cos']):>14s} | {_fmt(m['random_pair_cos']):>16s} | "
-                         f"{_fmt(m['probe_acc']):>9s} |")
-    return "\n".join(lines)
-
-
-def print_scan(volume, scores: dict, thresholds: dict, protocol: str):
-    """Single-scan mode's table: each finding's score and, given calibrated thresholds, its call."""
-    kind = "cosine score, not a probability" if protocol == "brgsa" else "P(present)"
-    print(f"| {'finding':34s} |  score  | calibrated call |\n"
-          f"|{'-' * 36}|---------|-----------------|")
-    for f, s in scores.items():
-        thr = thresholds.get(f.lower())
-        call = "—" if thr is None else f"{'positive' if s > thr else 'negative'} (> {thr:+.3f})"
-        print(f"| {f:34s} | {s:+.4f} | {call:15s} |")
-    print(f"{volume}: {protocol} protocol ({kind})" + (
-        "" if thresholds else "; give --thresholds eval.json for calibrated calls"))
-
-
-# ----------------------------------------------------------------------------- what eval.py writes: files
-
-def _jsonable(x):
-    """nan -> null (strict JSON), numpy scalars -> Python numbers."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else float(x)
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _csv_text(header, rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def metrics_rows(result: dict):
-    """Flat per-class rows (and the macro row) for metrics.csv: every number with its interval."""
-    cols = ["auc", "auprc"] + [f"{p}_{k}" for p in ("roc_corner", "calibrated") for k in THRESHOLDED]
-    header = ["class", "positives", "threshold_roc_corner", "threshold_calibrated"]
-    header += [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")]
-    rows = []
-    for name, m in list(result["per_class"].items()) + [("macro mean", result["macro"])]:
-        flat = {k: m.get(k) for k in ("auc", "auprc", "auc_ci", "auprc_ci")}
-        for p in ("roc_corner", "calibrated"):
-            for k, v in (m.get(p) or {}).items():
-                flat[f"{p}_{k}"] = v
-        cells = [name, m.get("positives", ""), flat.get("roc_corner_threshold", ""),
-                 flat.get("calibrated_threshold", "")]
-        for c in cols:
-            ci = flat.get(f"{c}_ci") or ["", ""]
-            cells += [flat.get(c, ""), *ci]
-        rows.append(["" if isinstance(x, float) and math.isnan(x) else x for x in cells])
-    return header, rows
-
-
-def write_result(result: dict, out_dir, plots: bool = False) -> Path:
-    """eval.json (everything but the raw arrays), metrics.csv, and with the arrays: scores.csv,
-    labels.csv (re-evaluable with --scores/--labels), roc_curves.png and modality_gap.png."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = result.get("arrays")
-    summary = {k: v for k, v in result.items() if k != "arrays"}
-    path = out / "eval.json"
-    _write_atomic(path, json.dumps(_jsonable(summary), indent=2))
-    _write_atomic(out / "metrics.csv", _csv_text(*metrics_rows(result)))
-    if arrays is not None:
-        # repr: the shortest text that reads back to the same float, so files re-evaluate exactly
-        for fname, key, fmt in (("scores.csv", "scores", lambda x: repr(float(x))),
-                                ("labels.csv", "labels", str)):
-            rows = [[n] + [fmt(x) for x in r] for n, r in zip(arrays["names"], arrays[key])]
-            _write_atomic(out / fname, _csv_text(["VolumeName"] + list(result["classes"]), rows))
-        if plots:
-            write_plots(result, out)
-    return path
-
-
-def write_plots(result: dict, out: Path) -> list:
-    """ROC curve per class with both operating points, and the 2-D PCA of the modality gap.
-
-    matplotlib is optional: without it the plots are skipped with a message."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval: matplotlib is not installed, skipping the plots (pip install matplotlib)")
-        return []
-    a, classes = result["arrays"], result["classes"]
-    cols = min(6, len(classes))
-    n_rows = -(-len(classes) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.6 * n_rows), squeeze=False)
-    for ax in axes.flat[len(classes):]:
-        ax.axis("off")
-    for j, (c, ax) in enumerate(zip(classes, axes.flat)):
-        main, s, y = a["main_rows"], a["scores"][:, j], a["labels"][:, j]
-        fpr, tpr = roc_curve(s[main], y[main])
-        ax.plot(fpr, tpr, lw=1.2)
-        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-        m = result["per_class"][c]
-        for proto, rows, marker in (("roc_corner", main, "o"), ("calibrated", ~a["calib_rows"], "s")):
-            ok = m.get(proto) and math.isfinite(m[proto]["threshold"])
-            if ok and 0 < y[rows].sum() < rows.sum():
-                pred = s[rows] > m[proto]["threshold"]
-                ax.plot((pred & (y[rows] == 0)).sum() / (y[rows] == 0).sum(),
-                        (pred & (y[rows] == 1)).sum() / y[rows].sum(), marker, ms=5, label=proto)
-        ax.set_title(f"{c[:28]}\nAUROC {_fmt(m['auc'])}", fontsize=7)
-        ax.tick_params(labelsize=6)
-    axes.flat[0].legend(fontsize=6, loc="lower right")
-    fig.suptitle("ROC per class (x FPR, y TPR): roc_corner = threshold picked on the evaluated rows "
-                 "(optimistic), calibrated = frozen threshold on the test rows", fontsize=8)
-    fig.tight_layout()
-    written = [out / "roc_curves.png"]
-    fig.savefig(written[0], dpi=110)
-    plt.close(fig)
-    if "gap_points" in a:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
-        for ax, (space, (vi, ti)) in zip(axes, a["gap_points"].items()):
-            x = np.vstack([vi, ti])
-            x = x - x.mean(0)
-            xy = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # joint 2-D PCA of both modalities
-            # Same scale in both panels (unit-norm rows): the shrinking of the gap is seen, not rescaled.
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
-            ax.scatter(*xy[:len(vi)].T, s=6, alpha=0.6, label="image")
-            ax.scatter(*xy[len(vi):].T, s=6, alpha=0.6, label="text")
-            g = result["modality_gap"][space]
-            ax.set_title(f"{'v, t' if space == 'raw' else 'v_hat, t_hat'}: centroid distance "
-                         f"{_fmt(g['centroid_distance'])}, probe {_fmt(g['probe_acc'])}", fontsize=8)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "modality_gap.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
-
-
-# ----------------------------------------------------------------------------- grounding maps
-
-HEATMAP_KINDS = ("score", "raw", "bank")
-
-
-@torch.no_grad()
-def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConfig = None,
-               kind: str = "score") -> torch.Tensor:
-    """Where the model sees each finding: (B, 1, X, Y, Z) model input -> (B, F, gx, gy, gz).
-
-    Every patch token goes through the image head as the pooled token does, u_i = head(LN(x_i)), and
-    is scored against the finding's prompt embeddings t like a whole volume: score = 1/2 [cos(u_i, t)
-    + cos(CMKI(u_i), t)] (the zero-shot rule), raw = cos(u_i, t), bank = cos(CMKI(u_i), t); a prompt
-    ensemble is averaged. With mean pooling (the tiny preset) v = mean_i u_i, so the raw map is the
-    per-patch term of cos(v, t) before the division by |v|: a decomposition, not a saliency guess.
-    """
-    if kind not in HEATMAP_KINDS:
-        raise ValueError(f"--heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
-    cfg = cfg or EvalConfig()
-    brgsa_cfg = replace(cfg, protocol="brgsa", templates=cfg.templates if cfg.protocol == "brgsa" else ())
-    prompts = prompt_set(list(findings), brgsa_cfg)  # heat maps use "There is {}" (or --template)
-    t = embed_texts(model, tokenizer, [p for _, p in prompts], x.device)  # (P, d)
-    tokens, grid = model.visual.tokens(x)
-    u = model.visual.head(tokens[:, 1:]).float()  # (B, T, d) one embedding per patch
-    flat, bank = u.reshape(-1, u.shape[-1]), model.bank.weight.float()
-    if kind == "raw":
-        s = cmki.cosine_scores(flat, t)
-    elif kind == "bank":
-        s = cmki.cosine_scores(cmki.cmki(flat, bank, model.scale), t)
-    else:
-        s = cmki.zero_shot_scores(flat, t, bank, model.scale)  # (B*T, P)
-    idx = torch.tensor([j for j, _ in prompts], device=s.device)
-    per = torch.zeros(len(flat), len(findings), device=s.device).index_add_(1, idx, s)
-    per = per / torch.bincount(idx, minlength=len(findings))  # (B*T, F) ensemble mean
-    return per.reshape(len(x), *grid, len(findings)).permute(0, 4, 1, 2, 3)  # (B, F, gx, gy, gz)
-
-
-def _axis_weights(n: int, s: float, t: float, m: int, p: int):
-    """One canonical axis of n voxels at s mm, resampled to t mm and centre-cropped/padded to m
-    voxels of p-voxel patches (data.preprocess_volume) -> (W (n, m // p) linear interpolation of the
-    patch grid at each input voxel, inside (n,) bool: the voxel lies in the model's field of view)."""
-    r = int(n * (s / t))  # F.interpolate's output length: floor(n * scale)
-    offset = (r - m) // 2 if r >= m else -((m - r) // 2)  # resampled index of model voxel 0
-    k = np.arange(n)
-    mu = (k + 0.5) * (s / t) - 0.5 - offset  # input voxel k in model voxel coordinates
-    g = m // p
-    gamma = np.clip((mu + 0.5) / p - 0.5, 0, g - 1)  # patch-grid coordinate, patch centres at integers
-    i0 = np.floor(gamma).astype(int)
-    i1, f = np.minimum(i0 + 1, g - 1), gamma - i0
-    W = np.zeros((n, g))
-    np.add.at(W, (k, i0), 1 - f)
-    np.add.at(W, (k, i1), f)
-    return W, (mu >= -0.5) & (mu <= m - 0.5)
-
-
-@dataclass
-class Geometry:
-    """How the model's patch grid sits in an input volume's own voxel grid (file axis order)."""
-    shape: tuple          # the input's array shape (as stored, e.g. (X, Y, Z) or (X, Y, Z, 1))
-    affine: np.ndarray    # the input's affine, copied unchanged onto every heat map
-    axes: tuple           # canonical RAS axis of each file axis
-    weights: list         # per file axis: (n_i, g_axes[i]) interpolation weights
-    inside: np.ndarray    # bool (n0, n1, n2): voxels inside the model's field of view
-    tolerance: tuple      # one patch in input voxels, per file axis
-    header: object = None  # the input's NIfTI header (qform / sform codes), None for .npy
-
-
-def input_geometry(shape, affine, spacing_ras, cfg: ModelConfig, header=None) -> Geometry:
-    """Geometry of a NIfTI input: its axes reoriented to RAS as data.load_nifti does (nibabel's
-    io_orientation, the closest axes for an oblique affine), spacing_ras (3,) in RAS order as the
-    preprocessing used it, then each RAS axis resampled and cropped/padded as the preset does."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine))
-    axes, weights, inside, tol = [], [], [], []
-    for i in range(3):
-        a, flip = int(ornt[i, 0]), ornt[i, 1] < 0
-        s, t, p = float(spacing_ras[a]), float(cfg.spacing[a]), int(cfg.patch_size[a])
-        W, ok = _axis_weights(int(shape[i]), s, t, int(cfg.image_size[a]), p)
-        axes.append(a)
-        weights.append(W[::-1] if flip else W)  # file index f is canonical index n - 1 - f
-        inside.append(ok[::-1] if flip else ok)
-        tol.append(max(1, int(round(p * t / s))))
-    mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    return Geometry(tuple(shape), np.asarray(affine, np.float64), tuple(axes), weights, mask,
-                    tuple(tol), header)
-
-
-def model_geometry(cfg: ModelConfig) -> Geometry:
-    """Geometry of a preprocessed (.npy) input: the model's own grid, canonical RAS, centred affine."""
-    affine = np.diag([*cfg.spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(cfg.image_size) - 1) / 2 * np.asarray(cfg.spacing)
-    return input_geometry(cfg.image_size, affine, cfg.spacing, cfg)
-
-
-def to_input_grid(patch_map, geom: Geometry) -> np.ndarray:
-    """(gx, gy, gz) patch-grid map -> float32 map of geom.shape: trilinear between patch centres,
-    edge patches held out to the field of view's border; voxels the model never saw (cropped
-    away) get the map's minimum."""
-    G = np.asarray(patch_map, np.float64).transpose(geom.axes)  # axis i = RAS axis of file axis i
-    W0, W1, W2 = geom.weights
-    heat = np.einsum("ia,jb,kc,abc->ijk", W0, W1, W2, G, optimize=True)
-    heat[~geom.inside] = G.min()
-    return heat.astype(np.float32).reshape(geom.shape)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def writable_dir(path, flag: str) -> Path:
-    """Create `path` if needed and prove it takes a file; a clear error names the flag otherwise."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
-    return out
-
-
-def write_heatmap(heat, geom: Geometry, path) -> Path:
-    """float32 NIfTI with the input's own affine (and qform / sform codes): overlays in any viewer."""
-    img = nib.Nifti1Image(np.asarray(heat, np.float32), geom.affine)
-    if geom.header is not None:
-        img.set_qform(geom.header.get_qform(), int(geom.header["qform_code"]))
-        img.set_sform(geom.header.get_sform(), int(geom.header["sform_code"]))
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
-    return Path(path)
-
-
-def write_heatmap_png(heat, volume, path, title: str) -> bool:
-    """Three orthogonal slices through the map's maximum over the scan; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    heat = np.asarray(heat).reshape(np.asarray(heat).shape[:3])
-    peak = np.unravel_index(np.argmax(heat), heat.shape)
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, a in zip(axes, range(3)):
-        cut = [slice(None)] * 3
-        cut[a] = peak[a]
-        if volume is not None:  # raw or HU: window by percentiles
-            vol = np.asarray(volume).reshape(heat.shape)
-            lo, hi = np.percentile(vol[::2, ::2, ::2], [1, 99])
-            ax.imshow(vol[tuple(cut)].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        im = ax.imshow(heat[tuple(cut)].T, cmap="jet", origin="lower", alpha=0.45)
-        ax.set_title(f"file axis {a} = {peak[a]}", fontsize=8)
-        ax.axis("off")
-    fig.colorbar(im, ax=list(axes), shrink=0.8)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def _heatmap_input(path, cfg: ModelConfig):
-    """A single scan -> (model input (1, 1, X, Y, Z), Geometry, HU in file order or None)."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        hu = np.load(path)
-        if tuple(hu.shape) != tuple(cfg.image_size):
-            raise ValueError(f"{path}: preprocessed volume {hu.shape}, the model expects "
-                             f"{tuple(cfg.image_size)}")
-        geom, shown = model_geometry(cfg), hu
-    else:
-        raw, spacing = data_lib.load_nifti(path)  # checks the file, the shape and the spacing
-        img = nib.load(str(path))
-        geom = input_geometry(img.shape, img.affine, spacing, cfg, img.header)
-        hu = data_lib.preprocess_volume(raw, spacing, cfg.spacing, cfg.image_size)
-        shown = np.asanyarray(img.dataobj)
-    x = data_lib.normalize(torch.from_numpy(np.asarray(hu, np.float32)))[None, None]
-    return x, geom, shown
-
-
-def write_scan_heatmaps(maps, geom: Geometry, shown, name: str, findings, out_dir,
-                        kind: str = "score") -> list:
-    """One scan's patch maps (F, gx, gy, gz) -> out_dir/<name>_<finding>.nii.gz on the scan's own
-    grid (+ a .png of three slices through the maximum when matplotlib is installed)."""
-    written, png = [], True
-    for f, m in zip(findings, maps):
-        heat = to_input_grid(m, geom)
-        base = Path(out_dir) / f"{name}_{_slug(f)}"
-        written.append(write_heatmap(heat, geom, base.with_name(base.name + ".nii.gz")))
-        png = png and write_heatmap_png(heat, shown, base.with_name(base.name + ".png"),
-                                        f"{name}: {f} ({kind})")
-    if not png:
-        print("eval: matplotlib is not installed, heat map PNGs skipped (the NIfTI maps are written)")
-    return written
-
-
-# ----------------------------------------------------------------------------- grounding score
-
-def grounding_metrics(heat, mask, geom: Geometry) -> dict:
-    """One finding's map against its painted mask, both on the input grid, over the voxels the
-    model saw. hit: the map's maximum lies in the mask; hit_patch: within one patch of it (the mask
-    dilated by a box of one patch per axis); chance / chance_patch: the hit rate of a uniformly random
-    point (the volume fraction of the mask / of the dilated mask); auroc: map values inside vs
-    outside the mask (chance 0.5)."""
-    inside = geom.inside
-    heat = np.asarray(heat).reshape(inside.shape)
-    m = np.asarray(mask).reshape(inside.shape) > 0
-    peak = np.unravel_index(np.argmax(np.where(inside, heat, -np.inf)), heat.shape)
-    near = torch.from_numpy(m.astype(np.float32))[None, None]
-    for a, k in enumerate(geom.tolerance):  # box dilation, one axis at a time
-        size, pad = [1, 1, 1], [0, 0, 0]
-        size[a], pad[a] = 2 * k + 1, k
-        near = torch.nn.functional.max_pool3d(near, size, stride=1, padding=pad)
-    near = near[0, 0].numpy() > 0
-    return dict(hit=float(m[peak]), hit_patch=float(near[peak]), chance=float(m[inside].mean()),
-                chance_patch=float(near[inside].mean()), auroc=auroc(heat[inside], m[inside]))
-
-
-def grounding_summary(rows, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Per finding (and the macro mean over findings): mean of each metric over its volumes and a
-    percentile bootstrap interval of the mean AUROC (volumes resampled). A finding "beats chance"
-    when the interval's lower end is above 0.5; the pointing game is reported beside its chance."""
-    keys = ("hit", "hit_patch", "chance", "chance_patch", "auroc")
-    rng, out = np.random.default_rng(seed), {}
-    for f in dict.fromkeys(r["finding"] for r in rows):
-        mine = [r for r in rows if r["finding"] == f and not math.isnan(r["auroc"])]
-        if not mine:
-            continue
-        entry = {k: float(np.mean([r[k] for r in mine])) for k in keys}
-        a = np.array([r["auroc"] for r in mine])
-        draws = a[rng.integers(0, len(a), (max(n_boot, 1), len(a)))].mean(1)
-        lo, hi = percentile_ci(draws, level)
-        out[f] = dict(n=len(mine), **entry, auroc_ci=[float(lo), float(hi)],
-                      beats_chance=bool(lo > 0.5))
-    macro = {k: float(np.mean([e[k] for e in out.values()])) for k in keys} if out else {}
-    return dict(per_finding=out, macro=macro)
-
-
-GROUNDING_COLUMNS = ("finding", "n", "hit", "chance", "hit_patch", "chance_patch", "auroc",
-                     "auroc_lo", "auroc_hi", "beats_chance")
-
-
-def grounding_rows(summary: dict):
-    """grounding_summary -> (header, rows) for grounding.csv (the macro row last)."""
-    rows = []
-    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
-        ci = e.get("auroc_ci", ["", ""])
-        rows.append([f, e.get("n", ""), e["hit"], e["chance"], e["hit_patch"], e["chance_patch"],
-                     e["auroc"], *ci, e.get("beats_chance", "")])
-    return list(GROUNDING_COLUMNS), rows
-
-
-def format_grounding(summary: dict, kind: str) -> str:
-    """Markdown table of grounding_summary (pointing game beside its chance level, AUROC and CI)."""
-    lines = [f"| finding ({kind} map) | n | pointing | chance | pointing ±1 patch | chance | "
-             "AUROC in vs out [95% CI] | beats chance |", "|---|---|---|---|---|---|---|---|"]
-    for f, e in list(summary["per_finding"].items()) + [("macro mean", summary["macro"])]:
-        ci = e.get("auroc_ci")
-        auc = _fmt(e["auroc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-        verdict = {True: "yes", False: "no"}.get(e.get("beats_chance"), "")
-        lines.append(f"| {f} | {e.get('n', '')} | {_fmt(e['hit'])} | {_fmt(e['chance'])} | "
-                     f"{_fmt(e['hit_patch'])} | {_fmt(e['chance_patch'])} | {auc} | {verdict} |")
-    return "\n".join(lines)
-
-
-def _data_sources(path, split) -> dict:
-    """{volume name: source NIfTI path} of a CT-RATE-layout --data; {} for a preprocessed dir."""
-    try:
-        jobs, _ = ctrate_jobs(path, split)
-    except (FileNotFoundError, ValueError):
-        return {}
-    return {j["name"]: Path(j["src"]) for j in jobs}
-
-
-@torch.no_grad()
-def run_grounding(args, cfg: EvalConfig, device) -> dict:
-    """--data with --heatmap / --grounding: heat maps of the first --heatmap_n volumes, and the
-    grounding score of every volume's positive findings against the masks of prepare.phantom --masks."""
-    if args.heatmap_n < 0:
-        raise ValueError(f"--heatmap_n must be >= 0, got {args.heatmap_n}")
-    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    out = writable_dir(args.heatmap, "--heatmap") if args.heatmap else None
-    records = load_split(args.data, args.split, model.cfg, args)
-    classes = list(records[0].classes)
-    findings = list(args.findings or classes)
-    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
-    sources = _data_sources(args.data, args.split or "valid")
-    if args.grounding:
-        unknown = [f for f in findings if f not in classes]
-        if unknown:
-            raise ValueError(f"--findings {unknown}: --grounding scores label classes of --data, "
-                             f"one of {classes}")
-        if not sources:
-            raise ValueError(f"--grounding needs a CT-RATE-layout --data with masks (python -m "
-                             f"prepare.phantom --masks), got {args.data}")
-    rows, missing = [], 0
-    for i, r in enumerate(records if args.grounding else records[:args.heatmap_n]):
-        src = sources.get(r.name)
-        img = nib.load(str(src)) if src is not None else None
-        geom = (input_geometry(img.shape, img.affine, r.spacing, model.cfg, img.header)
-                if img is not None else model_geometry(model.cfg))
-        x = data_lib.load_volume(r.npy_path)[None].to(device)  # (1, 1, X, Y, Z)
-        maps = patch_maps(model, tokenizer, x, findings, cfg, args.heatmap_kind)[0].cpu().numpy()
-        if out is not None and i < args.heatmap_n:
-            shown = np.asanyarray(img.dataobj) if img is not None else np.load(r.npy_path)
-            write_scan_heatmaps(maps, geom, shown, r.name, findings, out, args.heatmap_kind)
-        for f, m in zip(findings, maps):
-            if not args.grounding or src is None or not r.labels[classes.index(f)]:
-                continue
-            path = mask_path(src.parents[3], src.name, f)
-            if not path.is_file():
-                missing += 1
-                continue
-            mask = np.asanyarray(nib.load(str(path)).dataobj)
-            rows.append(dict(finding=f, volume=r.name, **grounding_metrics(to_input_grid(m, geom),
-                                                                           mask, geom)))
-    if out is not None:
-        print(f"eval: heat maps of {min(args.heatmap_n, len(records))} volumes -> {out}")
-    if not args.grounding:
-        return {}
-    if not rows:
-        raise ValueError(f"{args.data}: no finding mask found (write the set with python -m "
-                         f"prepare.phantom --masks)")
-    rows.sort(key=lambda r: findings.index(r["finding"]))  # table rows in --findings order
-    summary = grounding_summary(rows, cfg.n_boot, cfg.seed)
-    summary.update(kind=args.heatmap_kind, volumes=len(records), pairs=len(rows), missing_masks=missing)
-    write_grounding(summary, args.out_dir)
-    return summary
-
-
-def write_grounding(summary: dict, out_dir) -> Path:
-    """Print the grounding table and write grounding.md, grounding.csv and grounding.json."""
-    table = format_grounding(summary, summary["kind"])
-    print(table)
-    od = writable_dir(out_dir, "--out_dir")
-    _write_atomic(od / "grounding.md", table + "\n")
-    _write_atomic(od / "grounding.csv", _csv_text(*grounding_rows(summary)))
-    _write_atomic(od / "grounding.json", json.dumps(_jsonable(summary), indent=2))
-    missing = summary["missing_masks"]
-    print(f"grounding of {summary['pairs']} (volume, finding) pairs in {summary['volumes']} volumes"
-          + (f", {missing} positive findings without a mask" if missing else "") + f" -> {od}")
-    return od
 
 
 # ----------------------------------------------------------------------------- command line

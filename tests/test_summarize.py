@@ -540,7 +540,10 @@ def test_ctrl_c_stops_promptly_and_keeps_finished_reports(llm_server, tmp_path):
     _write_csv(reports, texts)
     cmd = [sys.executable, "-m", "prepare.summarize", str(reports), "--out", str(cache), "--backend", "llm",
            "--url", llm_server.url, "--model", "m", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and a child inherits
+    # that (Python then installs no KeyboardInterrupt handler): give it the default, as a terminal would.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while (not cache.exists() or cache.read_text().count("\n") < 3) and time.monotonic() < deadline:
         time.sleep(0.02)

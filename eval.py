@@ -229,8 +229,6 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
         if m.get("calibrated"):  # what the calibrated numbers rest on, per class
             m["calibrated"].update(positives_calib=int(labels[is_cal, j].sum()),
                                    positives_test=int(labels[test, j].sum()))
-    result["warnings"] = calibration_warnings(labels[is_cal], classes,
-                                              calib is not None or cfg.calib_fraction > 0)
     result["auc"] = {c: m["auc"] for c, m in result["per_class"].items()}
     result["auprc"] = {c: m["auprc"] for c, m in result["per_class"].items()}
     result["macro_auc"], result["macro_auprc"] = result["macro"]["auc"], result["macro"]["auprc"]
@@ -241,26 +239,14 @@ def evaluate_scores(scores, labels, classes, names=None, cfg: EvalConfig = None,
                                                     for j, c in enumerate(classes)})
     result["arrays"] = dict(names=names, scores=scores[:n], labels=labels[:n].astype(int),
                             calib_rows=is_cal[:n], main_rows=main[:n])
-    result["notes"] = _notes(result)
-    return result
-
-
-MIN_CALIB_VOLUMES = 20  # fewer calibration volumes than this: thresholds get a warning
-
-
-def _notes(result: dict) -> list:
-    """What a reader of the macro number must know: classes left out of it, thin calibration."""
-    notes = []
+    # what a reader of the numbers must know: classes left out of the macro mean, thin calibration
     left_out = [c for c, m in result["per_class"].items() if not math.isfinite(m["auc"])]
-    if left_out:
-        notes.append(f"{len(left_out)} of {len(result['per_class'])} "
-                     f"classes have no positive or no negative among the evaluated rows and are "
-                     f"left out of the macro mean: {left_out}")
-    n_calib = result["rows"]["n_calib"]
-    if 0 < n_calib < MIN_CALIB_VOLUMES:
-        notes.append(f"calibrated thresholds were picked on only {n_calib} volume(s), too few to "
-                     f"trust (more data, --calib_data, or --calib_fraction 0)")
-    return notes
+    result["notes"] = ([f"{len(left_out)} of {len(classes)} classes have no positive or no negative "
+                        f"among the evaluated rows and are left out of the macro mean: {left_out}"]
+                       if left_out else [])
+    result["notes"] += calibration_warnings(labels[is_cal], classes,
+                                            calib is not None or cfg.calib_fraction > 0)
+    return result
 
 
 # ----------------------------------------------------------------------------- retrieval and gap
@@ -1774,8 +1760,6 @@ def main(argv=None):
         a = result["arrays"]
         result["official"] = official_bootstrap(a["scores"], a["labels"], result["classes"])
     print(format_table(result))
-    for w in result["warnings"]:
-        print(f"eval.py: warning: {w}", file=sys.stderr)
     path = write_result(result, args.out_dir, plots=not args.no_plots)
     rows = result["rows"]
     print(f"opt = ROC-corner threshold picked on the evaluated rows (optimistic); cal = picked on "

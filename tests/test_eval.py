@@ -336,7 +336,7 @@ def test_own_folder_with_made_up_classes_end_to_end(tiny, tmp_path, capsys):
     np.testing.assert_allclose(r["arrays"]["scores"][j], ref[0], atol=1e-5)
     err = capsys.readouterr().err
     assert "picked on only" in err and "fewer than 20" in err and r["rows"]["n_calib"] < 20
-    assert json.loads((tmp_path / "o" / "eval.json").read_text())["warnings"] == r["warnings"]
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["notes"] == r["notes"]
     with pytest.raises(ValueError, match="--split valid: .* has no splits"):
         E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "cache"), "--split", "valid",
                 "--out_dir", str(tmp_path / "o2"), "--n_boot", "0", "--no_plots"])

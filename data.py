@@ -460,9 +460,10 @@ def label_columns(path):
     return name, classes
 
 
-def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
-    """{volume: float32 (C,) labels in `classes` order}; columns are matched by name (case and
-    surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's differs)."""
+def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName", key=volume_key):
+    """{key(volume name): float32 (C,) 0/1 labels in `classes` order}; columns are matched by name
+    (case and surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's
+    differs). A value other than 0 or 1 is an error naming the file, line, volume and class."""
     rows = read_csv(path, (name_column,))
     fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
     missing = [c for c in classes if c.strip().lower() not in fields]
@@ -470,17 +471,17 @@ def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName"):
         raise ValueError(f"{path}: missing class column(s) {missing}")
     cols = [fields[c.strip().lower()] for c in classes]
     out = {}
-    for row in rows:
-        try:
-            out[volume_key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad label value for '{row[name_column]}' ({e})") from e
-        bad = next((c for c in cols if float(row[c]) not in (0.0, 1.0)), None)
-        if bad is not None:
-            raise ValueError(f"{path}: label {row[bad]!r} for '{row[name_column]}', class '{bad}'; "
-                             f"expected 0 or 1")
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        for c in cols:
+            try:
+                ok = float(row[c]) in (0.0, 1.0)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}: line {i} ('{row[name_column]}'): label {row[c]!r} for "
+                                 f"class '{c}'; expected 0 or 1")
+        out[key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
     return out
-
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 
 from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
                   check_hu, find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume,
-                  read_csv, read_radchest_npz, to_hu, volume_key)
+                  read_labels, read_radchest_npz, to_hu, volume_key)
 from prepare.tables import CTRateTables, read_radchest_labels
 
 
@@ -347,20 +347,10 @@ def read_folder_labels(path):
     "/" -> "__").
     """
     name_col, classes = label_columns(path)
-    rows = read_csv(path)
-    if not rows:
+    table = read_labels(path, classes, name_col,
+                        key=lambda n: volume_key(n.strip().replace("/", "__")))
+    if not table:
         raise ValueError(f"{path}: no label rows")
-    table = {}
-    for i, row in enumerate(rows, start=2):
-        values = [row[c] for c in classes]
-        try:
-            lab = np.array([float(v) for v in values], np.float32)
-        except (TypeError, ValueError):
-            lab = None
-        if lab is None or not np.isin(lab, (0.0, 1.0)).all():
-            raise ValueError(f"{path}: line {i} ('{row[name_col]}'): labels must be 0 or 1, "
-                             f"got {values}")
-        table[volume_key(row[name_col].strip().replace("/", "__"))] = lab
     return table, classes
 
 

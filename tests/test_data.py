@@ -466,8 +466,8 @@ def test_read_csv_refuses_an_unterminated_quote(tmp_path):
 def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("VolumeName,Cardiomegaly\na,1\nb,2\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"labels\.csv: label '2' for 'b', class 'Cardiomegaly'; "
-                                         r"expected 0 or 1"):
+    with pytest.raises(ValueError, match=r"labels\.csv: line 3 \('b'\): label '2' for class "
+                                         r"'Cardiomegaly'; expected 0 or 1"):
         data.read_labels(path, ("Cardiomegaly",))
 
 

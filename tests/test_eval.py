@@ -363,7 +363,7 @@ def test_own_folder_labels_errors_and_split_refused(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("scan,Glowing spleen\nscan1.nii.gz,maybe\n")
     assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "bad.csv")]) == 2
     err = capsys.readouterr().err
-    assert "bad.csv: line 2 ('scan1.nii.gz'): labels must be 0 or 1, got ['maybe']" in err
+    assert "bad.csv: line 2 ('scan1.nii.gz'): label 'maybe' for class 'Glowing spleen'; expected 0 or 1" in err
     (tmp_path / "one.csv").write_text("scan\nscan1.nii.gz\n")
     assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "one.csv")]) == 2
     assert "at least one class column" in capsys.readouterr().err

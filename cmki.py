@@ -21,6 +21,7 @@ kernels in kernels/ when the tensors are on CUDA, or when TRITON_INTERPRET=1 was
 """
 import math
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -95,18 +96,44 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return info_nce_reference(a, b, tau)
 
 
+# The objective's variants compared by benchmarks/ablation.py: the weights each one sets to zero.
+# "clip" is plain contrastive alignment (beta * L_INFO only) and scores with cos(v, t) alone
+# (BrgSA.zero_shot_scores); the bank exists but takes no part in it.
+METHODS = {"brgsa": {}, "clip": dict(alpha=0.0, gamma=0.0), "no_mse": dict(alpha=0.0),
+           "no_info_r": dict(gamma=0.0)}
+
+
+def loss_weights(method: str, alpha: float, beta: float, gamma: float) -> tuple:
+    """(alpha, beta, gamma) of a method from METHODS, given the full objective's weights."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    w = {**dict(alpha=alpha, beta=beta, gamma=gamma), **METHODS[method]}
+    return w["alpha"], w["beta"], w["gamma"]
+
+
+def _grad_if(weight):
+    return nullcontext() if weight else torch.no_grad()
+
+
 def brgsa_loss(v, t, bank, tau=0.1, alpha=0.5, beta=1.0, gamma=1.0, scale=1.0) -> dict:
     """The full BrgSA objective on pooled, projected, un-normalised embeddings v, t (N, d).
 
     No stop-gradient anywhere (official code): the MSE term pulls the bank towards both
-    modalities and the embeddings towards the bank at the same time.
+    modalities and the embeddings towards the bank at the same time. A term whose weight is 0 (the
+    ablations) is left out of the total, which is then exactly the weighted sum of the others; it
+    is still computed, without gradient, for the progress line.
     """
-    v_hat, t_hat = cmki(v, bank, scale), cmki(t, bank, scale)  # (N, d) each
+    with _grad_if(alpha or gamma):
+        v_hat, t_hat = cmki(v, bank, scale), cmki(t, bank, scale)  # (N, d) each
     up = torch.promote_types(v.dtype, torch.float32)  # losses in fp32 (or fp64) under autocast
-    mse = F.mse_loss(v_hat.to(up), v.to(up)) + F.mse_loss(t_hat.to(up), t.to(up))
-    info = info_nce(v, t, tau)
-    info_r = info_nce(v_hat, t_hat, tau)
-    total = alpha * mse + beta * info + gamma * info_r
+    with _grad_if(alpha):
+        mse = F.mse_loss(v_hat.to(up), v.to(up)) + F.mse_loss(t_hat.to(up), t.to(up))
+    with _grad_if(beta):
+        info = info_nce(v, t, tau)
+    with _grad_if(gamma):
+        info_r = info_nce(v_hat, t_hat, tau)
+    weighted = [w * x for w, x in ((alpha, mse), (beta, info), (gamma, info_r)) if w]
+    total = sum(weighted[1:], weighted[0]) if weighted else torch.zeros((), dtype=up, device=v.device)
     return dict(total=total, mse=mse, info=info, info_r=info_r)
 
 

@@ -126,13 +126,12 @@ def embed_texts(model: BrgSA, tokenizer, texts: list, device, batch_size: int = 
 def score_volumes(model: BrgSA, tokenizer, v: torch.Tensor, classes, cfg: EvalConfig, device):
     """(N, d) image embeddings -> (N, C) numpy scores under cfg's protocol and prompt ensemble."""
     prompts = prompt_set(classes, cfg)
-    bank = model.bank.weight.float()
     if cfg.protocol == "brgsa":
         t = embed_texts(model, tokenizer, [p for _, p in prompts], device)
-        per_prompt = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, P)
+        per_prompt = model.zero_shot_scores(v, t)  # (N, P)
     else:
         t = embed_texts(model, tokenizer, [x for _, p in prompts for x in p], device)
-        sim = cmki.zero_shot_scores(v, t, bank, model.scale)  # (N, 2P): present, not present, ...
+        sim = model.zero_shot_scores(v, t)  # (N, 2P): present, not present, ...
         # softmax over (present, not present) = sigmoid of the logit difference
         per_prompt = torch.sigmoid((sim[:, 0::2] - sim[:, 1::2]) / model.cfg.tau)
     idx = torch.tensor([j for j, _ in prompts], device=per_prompt.device)
@@ -275,7 +274,7 @@ def retrieval_and_gap(model: BrgSA, v: torch.Tensor, t: torch.Tensor, report_ids
     v_hat, t_hat = cmki.cmki(v, bank, model.scale), cmki.cmki(t, bank, model.scale)
     spaces = {"raw": cmki.cosine_scores(v, t),                    # cos(v, t): L_INFO's space
               "bank": cmki.cosine_scores(v_hat, t_hat),           # cos(v_hat, t_hat): L_INFO-R's
-              "score": cmki.zero_shot_scores(v, t, bank, model.scale)}  # the zero-shot rule
+              "score": model.zero_shot_scores(v, t)}  # the zero-shot rule
     report_ids = np.asarray(report_ids)
     relevant = report_ids[:, None] == np.arange(len(t))[None, :]  # (N, R)
     retrieval = {k: dict(volume_to_report=retrieval_metrics(s.cpu().numpy(), relevant),
@@ -320,9 +319,9 @@ def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalC
     prompts = {}
     for j, p in prompt_set(prompt_classes, cfg):
         prompts.setdefault(prompt_classes[j], []).append(p)
+    rule = "cos(v, t)" if model.cfg.method == "clip" else "1/2 [cos(v, t) + cos(v_hat, t)]"
     result["protocol"] = dict(name=cfg.protocol, prompts=prompts, score=(
-        "1/2 [cos(v, t) + cos(v_hat, t)]" if cfg.protocol == "brgsa" else
-        "softmax over (present, not present) of 1/2 [cos(v, t) + cos(v_hat, t)] / tau"),
+        rule if cfg.protocol == "brgsa" else f"softmax over (present, not present) of {rule} / tau"),
         ensemble="mean of the prompts' scores per class")
     result["prompt"] = PROMPT if cfg.protocol == "brgsa" and not cfg.templates else None
     records = _records_of(loader)
@@ -452,7 +451,7 @@ def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConf
     elif kind == "bank":
         s = cmki.cosine_scores(cmki.cmki(flat, bank, model.scale), t)
     else:
-        s = cmki.zero_shot_scores(flat, t, bank, model.scale)  # (B*T, P)
+        s = model.zero_shot_scores(flat, t)  # (B*T, P)
     idx = torch.tensor([j for j, _ in prompts], device=s.device)
     per = torch.zeros(len(flat), len(findings), device=s.device).index_add_(1, idx, s)
     per = per / torch.bincount(idx, minlength=len(findings))  # (B*T, F) ensemble mean

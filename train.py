@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cmki
 import data as data_lib
 import eval as eval_lib
 from model import PRESETS, BrgSA, flops_per_sample
@@ -50,7 +51,10 @@ class TrainConfig:
     synth_dir: str = _f("data_synth", "where the synthetic set is generated when --data is empty")
     synth_n: int = _f(None, "scans in the synthetic set (preset default: tiny 1000, paper 24)")
     out_dir: str = _f("out", "checkpoint, tokenizer, summaries and eval.json go here")
-    max_iters: int = _f(None, "optimizer steps (preset default: tiny 800, paper 39 epochs)")
+    epochs: int = _f(None, "passes over the training reports; sets the number of steps unless "
+                           "--max_iters is given (preset default: tiny 32, paper 39)")
+    max_iters: int = _f(None, "optimizer steps, overriding --epochs (default: epochs x the steps "
+                              "of one pass)")
     batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, paper 64)")
     lr: float = _f(None, "learning rate (preset default: tiny 5e-4, paper 5e-5)")
     beta1: float = _f(None, "Adam beta1 (preset default: tiny 0.9, paper 0.5)")
@@ -62,7 +66,12 @@ class TrainConfig:
     warmup_iters: int = _f(None, "linear LR warm-up steps, then cosine decay; 0 = constant LR "
                                  "as in the paper (preset default: tiny 30, paper 0)")
     grad_clip: float = _f(0.25, "clip the global gradient norm to this (0 = off); paper 0.25")
-    eval_interval: int = _f(200, "zero-shot evaluation on the held-out split every N steps (0 = end only)")
+    val_fraction: float = _f(None, "share of the training reports held back as a validation split: "
+                                   "zero-shot macro AUROC on it every --eval_interval steps picks the "
+                                   "model kept in out_dir/best.pt (the held-out split is never used "
+                                   "for that); 0 = keep the last step (preset default: tiny 0.1, "
+                                   "paper 0)")
+    eval_interval: int = _f(None, "validation every N steps (0 = none; default: a tenth of the run)")
     log_interval: int = _f(20, "print a progress line every N steps")
     ckpt_interval: int = _f(200, "write out_dir/ckpt.pt every N steps (and always at the end)")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt (model, optimizer, step, RNG states)")
@@ -92,6 +101,15 @@ class TrainConfig:
                            "reversed from ours (RAS): the official weights saw the files' own order, "
                            "so give the axes where the files' affine is not RAS (README; default: none)")
     seed: int = _f(0, "seed for the synthetic set, model init, data order and crops")
+    method: str = _f("brgsa", "brgsa (the paper's objective), or an ablation (benchmarks/ablation.py): "
+                              "clip (beta * L_INFO only, no bank; score cos(v, t)), no_mse (alpha = 0), "
+                              "no_info_r (gamma = 0)")
+    ema: float = _f(None, "decay of an exponential moving average of the weights, updated every "
+                          "step; evaluation and the saved model use the average (0 = off; preset "
+                          "default: tiny 0.99, paper 0)")
+    shift: int = _f(None, "random translation of each training volume by up to this many voxels "
+                          "per axis, air shifted in (preset default: tiny 2, paper 0: its random "
+                          "crops already move the volume)")
     summary_backend: str = _f("rules", "report summarization (prepare/summarize.py): rules (offline, "
                                        "findings named with the class names), rules_report (offline, "
                                        "the report's own wording) or llm")
@@ -113,12 +131,13 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(synth_n=1000, max_iters=800, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
-                 weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw"),
-    "paper": dict(synth_n=24, max_iters=None, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
-                  weight_decay=1e-6, warmup_iters=0, text_sampling="paper", optimizer="adam"),
+    "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
+                 weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
+                 ema=0.99, shift=2, val_fraction=0.1),
+    "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
+                  weight_decay=1e-6, warmup_iters=0, text_sampling="paper", optimizer="adam",
+                  ema=0.0, shift=0, val_fraction=0.0),
 }
-PAPER_EPOCHS = 39
 
 
 def _help(f):
@@ -130,8 +149,9 @@ def _help(f):
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=eval_lib.DefaultsHelp)
     for f in fields(TrainConfig):
-        kind = int if f.name in ("synth_n", "max_iters", "batch_size", "warmup_iters",
-                                 "workers", "prefetch", "grad_accum") else f.type
+        kind = int if f.name in ("synth_n", "epochs", "max_iters", "eval_interval", "batch_size",
+                                 "warmup_iters",
+                                 "workers", "prefetch", "grad_accum", "shift") else f.type
         if kind is bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
                            type=lambda s: s.lower() in ("1", "true", "yes"), help=_help(f))
@@ -152,23 +172,27 @@ def parse_args(argv=None) -> TrainConfig:
 
 CHOICES = dict(dtype=("auto", "bfloat16", "float16", "float32"),
                summary_backend=("rules", "rules_report", "llm"), text_sampling=("paper", "random"),
-               optimizer=("adam", "adamw"))
+               optimizer=("adam", "adamw"), method=tuple(cmki.METHODS))
 
 
 def check_config(cfg: TrainConfig):
     """Flag values that would crash, or silently do nothing, only after minutes of data preparation;
     and a new run into a folder that holds a checkpoint, which it would overwrite."""
-    for name in ("synth_n", "max_iters", "batch_size", "grad_accum", "log_interval", "ckpt_interval",
-                 "prefetch", "vocab_size"):
+    for name in ("synth_n", "epochs", "max_iters", "batch_size", "grad_accum", "log_interval",
+                 "ckpt_interval", "prefetch", "vocab_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
+    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay", "shift"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
@@ -218,10 +242,25 @@ def with_reports(records, where, log):
     return kept
 
 
-def text_side(cfg: TrainConfig, ckpt, train, valid, out: Path):
+def split_validation(records, fraction: float, seed: int):
+    """-> (training records, validation records): a seeded share of the training *reports* held
+    back to select the checkpoint. A report's volumes (reconstructions) stay on one side, and the
+    share comes from the training split only, so it never touches the held-out split."""
+    if not fraction:
+        return records, []
+    reports = sorted({r.report for r in records})
+    n_val = max(1, round(fraction * len(reports)))
+    if n_val >= len(reports):
+        raise ValueError(f"--val_fraction={fraction} leaves no training report of {len(reports)}")
+    order = torch.randperm(len(reports), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {reports[i] for i in order[:n_val]}
+    return [r for r in records if r.report not in held], [r for r in records if r.report in held]
+
+
+def text_side(cfg: TrainConfig, ckpt, train, others, out: Path):
     """-> (summaries {report: [sentences]}, tokenizer JSON string). The tokenizer comes from the
     checkpoint when resuming, from --tokenizer or --text_weights' vocab.txt, else it is trained."""
-    recs = [r for r in train + valid if r.report.strip()]
+    recs = [r for r in train + others if r.report.strip()]  # others: summarized, not tokenized
     summaries = summaries_of(cfg, [r.report for r in recs], [r.name for r in recs], out)
     if ckpt is not None:
         return summaries, ckpt["tokenizer"]
@@ -321,9 +360,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_eval):
-    """Atomic: written to a temp file, then os.replace, so a crash never leaves a torn ckpt.pt."""
-    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(),
+def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_eval, selection):
+    """The training state, for --resume. Atomic: written to a temp file, then os.replace, so a
+    crash never leaves a torn ckpt.pt. selection: Selection.state() (the average, the best score)."""
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), **selection,
                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, step=step,
                 model_config=asdict(model.cfg), train_config=asdict(cfg),
                 tokenizer=tokenizer.to_str(), last_eval=last_eval,
@@ -592,12 +632,12 @@ def main(argv=None):
 
 
 def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
-    """-> (model, tokenizer, train records, held-out records, summaries, checkpoint or None)."""
+    """-> (model, tokenizer, records: train / val / held-out, summaries, checkpoint or None)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint)
+    mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint, method=cfg.method)
     if cfg.text_weights:
         mcfg = replace(mcfg, **pretrained.bert_text_config(cfg.text_weights))
     ckpt_path = out / "ckpt.pt"
@@ -606,39 +646,111 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
     resume = cfg.resume or (cfg.auto_resume and ckpt_path.is_file())
     ckpt = read_resume_checkpoint(ckpt_path, mcfg) if resume else None
     with master_first():  # rank 0 generates / preprocesses once, the others read its caches
-        train_recs, valid_recs = load_records(cfg, mcfg, workers)
-    summaries, tok = broadcast(text_side(cfg, ckpt, train_recs, valid_recs, out) if master else None)
+        train_recs, held_out = load_records(cfg, mcfg, workers)
+    train_recs, val_recs = split_validation(train_recs, cfg.val_fraction, cfg.seed)
+    summaries, tok = broadcast(text_side(cfg, ckpt, train_recs, val_recs + held_out, out)
+                               if master else None)
     tokenizer = data_lib.tokenizer_from_string(tok)
     model = build_model(cfg, replace(mcfg, vocab_size=tokenizer.get_vocab_size()), device, ckpt,
                         train_recs, log)
-    return model, tokenizer, train_recs, valid_recs, summaries, ckpt
+    return model, tokenizer, (train_recs, val_recs, held_out), summaries, ckpt
+
+
+def steps_of(cfg: TrainConfig, n_reports: int, bs: int) -> int:
+    """--max_iters, else --epochs passes over the training reports (at least one step)."""
+    return cfg.max_iters or max(1, cfg.epochs * (n_reports // bs))
+
+
+class Selection:
+    """The weights that are evaluated and kept: the training weights, or their exponential moving
+    average (--ema); and the best of them on the validation split, written to out_dir/best.pt.
+
+    The average is torch.optim.swa_utils.AveragedModel, updated after every optimizer step. Without
+    a validation split best.pt holds the last step's weights."""
+
+    def __init__(self, model, cfg: TrainConfig, path: Path, tokenizer, ckpt=None):
+        self.model, self.cfg, self.path, self.tokenizer = model, cfg, path, tokenizer
+        self.ema = None
+        if cfg.ema:
+            avg = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
+            self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
+        self.best, self.best_step, self.history = float("-inf"), None, []
+        if ckpt is not None:  # resuming: the average and the validation scores come back too
+            if self.ema is not None and ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            self.best, self.best_step = ckpt.get("best_val", self.best), ckpt.get("best_step")
+            self.history = [tuple(x) for x in ckpt.get("val_history", [])]
+
+    @property
+    def scored(self):
+        """The module evaluated, selected and saved (the average when --ema is on)."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def update(self):
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def state(self) -> dict:
+        """What ckpt.pt carries for this object (for --resume)."""
+        return dict(ema=self.ema.state_dict() if self.ema is not None else None,
+                    best_val=self.best, best_step=self.best_step, val_history=self.history)
+
+    def offer(self, score: float, step: int) -> bool:
+        """Keep the scored weights in best.pt when score beats the best so far (NaN never does)."""
+        self.history.append((step, score))
+        if not score > self.best:
+            return False
+        self.best, self.best_step = score, step
+        save_weights(self.path, self.scored, self.tokenizer, self.cfg, step, score)
+        return True
+
+    def keep_last(self, step: int):
+        save_weights(self.path, self.scored, self.tokenizer, self.cfg, step, None)
+        self.best_step = step
+
+    def load_best(self):
+        self.scored.load_state_dict(eval_lib.read_checkpoint(self.path)["model"])
+
+
+def save_weights(path: Path, model, tokenizer, cfg: TrainConfig, step: int, val_auc):
+    """best.pt: what eval.py needs (weights, model config, tokenizer) and where it came from."""
+    blob = dict(model=model.state_dict(), model_config=asdict(model.cfg), train_config=asdict(cfg),
+                tokenizer=tokenizer.to_str(), step=step, val_macro_auc=val_auc)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
 
 
 def run(cfg: TrainConfig, rank: int, world: int, device):
     master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
-    model, tokenizer, train_recs, valid_recs, summaries, ckpt = prepare(cfg, master, device,
-                                                                       workers, log)
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    model, tokenizer, (train_recs, val_recs, held_out), summaries, ckpt = prepare(
+        cfg, master, device, workers, log)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt.pt"
     dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
-                                         train=True, seed=cfg.seed, sentences=cfg.text_sampling)
+                                         train=True, seed=cfg.seed, sentences=cfg.text_sampling,
+                                         shift=cfg.shift)
     bs = global_batch_size(cfg, len(dataset), world, log)
-    max_iters = cfg.max_iters or PAPER_EPOCHS * (len(dataset) // bs)
+    cfg = replace(cfg, max_iters=steps_of(cfg, len(dataset), bs))
+    every = cfg.eval_interval if cfg.eval_interval is not None else max(1, cfg.max_iters // 10)
     use_cuda = device.type == "cuda"
     dtype = autocast_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
     opt = make_optimizer(model.parameters(), cfg,
                          fused=use_cuda if cfg.fused_adam is None else cfg.fused_adam)
+    keep = Selection(model, cfg, out / "best.pt", tokenizer, ckpt)
     step, last_eval = 0, None
     if ckpt is not None:
         step, last_eval = restore(ckpt, opt, scaler)
         for group in opt.param_groups:  # the saved groups carry the kind of decay they were made with
             group["decoupled_weight_decay"] = cfg.optimizer == "adamw"
         log(f"train: resumed from {ckpt_path} at step {step}")
-    log(f"train: {cfg.preset} preset, {model.num_params() / 1e6:.1f} M parameters, "
-        f"{len(dataset)} training reports, {len(valid_recs)} held-out volumes, batch {bs} "
-        f"({world} rank(s) x {cfg.grad_accum} micro-batch(es)), {max_iters} steps on {device} "
-        f"({str(dtype).split('.')[-1]})", flush=True)
+    n_val = len({r.report for r in val_recs})
+    log(f"train: {cfg.preset} preset ({cfg.method}), {model.num_params() / 1e6:.1f} M parameters, "
+        f"{len(dataset)} training reports, {n_val} validation reports, {len(held_out)} held-out "
+        f"volumes, batch {bs} ({world} rank(s) x {cfg.grad_accum} micro-batch(es)), "
+        f"{cfg.max_iters} steps on {device} ({str(dtype).split('.')[-1]})", flush=True)
 
     sampler = rank_batches(len(dataset), bs, cfg.seed, step, rank, world, cfg.grad_accum)
     micro = iter(make_loader(cfg, dataset, sampler, tokenizer, model.cfg.max_len, workers, use_cuda))
@@ -647,7 +759,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
     history, peak = [], peak_flops(device)
     flops, t0 = flops_per_sample(model.cfg), time.time()
     t_log, seen = t0, 0
-    while step < max_iters:
+    while step < cfg.max_iters:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         losses = train_step(model, wrapped, micro, cfg, device, dtype, scaler, no_sync)
@@ -657,41 +769,50 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        keep.update()
         step, seen = step + 1, seen + bs
         history.append(losses["total"].item())
-        if step % cfg.log_interval == 0 or step == max_iters:
-            log(f"step {step:5d}/{max_iters} | loss {losses['total'].item():.4f} "
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            log(f"step {step:5d}/{cfg.max_iters} | loss {losses['total'].item():.4f} "
                 f"(info {losses['info'].item():.3f}, info_r {losses['info_r'].item():.3f}, "
                 f"mse {losses['mse'].item():.4f}) | "
                 f"{speed(seen, time.time() - t_log, flops, peak, world)}", flush=True)
             t_log, seen = time.time(), 0
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < max_iters:
+        if val_recs and every and (step % every == 0 or step == cfg.max_iters):
             if master:
-                last_eval = evaluate(model, tokenizer, valid_recs, device, bs)["macro_auc"]
-                log(f"step {step:5d} | held-out zero-shot macro AUROC {last_eval:.4f}")
+                last_eval = evaluate(keep.scored, tokenizer, val_recs, device, bs)["macro_auc"]
+                kept = keep.offer(last_eval, step)
+                log(f"step {step:5d} | validation zero-shot macro AUROC {last_eval:.4f}"
+                    f"{' (best so far: best.pt)' if kept else ''}")
             barrier()
-        if master and (step % cfg.ckpt_interval == 0 or step == max_iters):
-            save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer,
-                            last_eval)
-    return finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0,
-                  (opt, scaler, ckpt_path) if master else None)
+        if master and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+            save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, last_eval,
+                            keep.state())
+    return finish(cfg, keep, tokenizer, held_out, device, bs, step, history, t0, master)
 
 
-def finish(cfg, model, tokenizer, valid_recs, device, bs, step, history, t0, saving):
-    """Final zero-shot evaluation, checkpoint and eval.json, on rank 0 only."""
-    if saving is None:
+def finish(cfg, keep, tokenizer, held_out, device, bs, step, history, t0, master):
+    """The kept model (best on validation, else the last) scored once on the held-out split, on
+    rank 0 only; eval.json beside best.pt."""
+    if not master:
         return dict(step=step, history=history)
-    opt, scaler, ckpt_path = saving
-    result = evaluate(model, tokenizer, valid_recs, device, bs, second_opinion=True)
-    result.update(step=step, history=history)
-    save_checkpoint(ckpt_path, model, opt, scaler, step, cfg, tokenizer, result["macro_auc"])
+    if keep.best_step is None:  # no validation split (or none of its scores was a number)
+        keep.keep_last(step)
+    keep.load_best()
+    model, best = keep.scored, Path(cfg.out_dir) / "best.pt"
+    result = evaluate(model, tokenizer, held_out, device, bs, second_opinion=True)
+    result.update(step=step, history=history, selected_step=keep.best_step,
+                  val_macro_auc=None if keep.best == float("-inf") else keep.best,
+                  val_history=keep.history)
     print(eval_lib.format_table(result))
     for note in result.get("notes", []):  # e.g. held-out classes without a positive
         print(f"note: {note}")
     path = eval_lib.write_result(result, Path(cfg.out_dir))
+    chosen = (f"step {keep.best_step}, best validation macro AUROC {keep.best:.4f}"
+              if result["val_macro_auc"] is not None else f"step {keep.best_step}, the last")
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over "
-          f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes "
-          f"({time.time() - t0:.0f} s of training); {path}, {ckpt_path}")
+          f"{len(result['auc'])} abnormalities, {result['n_volumes']} volumes, model of {chosen} "
+          f"({time.time() - t0:.0f} s of training); {path}, {best}")
     print(f"(CT-CLIP protocol, 'X is present.' vs 'X is not present.': macro AUROC "
           f"{result['macro_auc_ctclip_protocol']:.4f}; python eval.py --help)")
     return result

@@ -157,3 +157,37 @@ def test_default_scale():
     assert cmki.default_scale(64, "sqrt") == pytest.approx(1 / math.sqrt(64))
     with pytest.raises(ValueError, match="bank_scale"):
         cmki.default_scale(64, "half")
+
+
+@pytest.mark.parametrize("method", list(cmki.METHODS))
+def test_ablation_losses_equal_their_formulas(use_kernels, method):
+    """Each ablation's total against the float64 reference with its weights; a zero-weight term
+    is left out of the total (clip: exactly beta * L_INFO) and passes no gradient."""
+    g = torch.Generator().manual_seed(13)
+    N, K, d = 7, 19, 10
+    v64, t64 = (torch.randn(N, d, generator=g, dtype=torch.float64) for _ in range(2))
+    D64 = torch.randn(K, d, generator=g, dtype=torch.float64)
+    alpha, beta, gamma = cmki.loss_weights(method, 0.5, 1.5, 1.0)
+    assert (alpha, beta, gamma) == {"brgsa": (0.5, 1.5, 1.0), "clip": (0.0, 1.5, 0.0),
+                                    "no_mse": (0.0, 1.5, 1.0), "no_info_r": (0.5, 1.5, 0.0)}[method]
+    leaves = [z.float().requires_grad_() for z in (v64, t64, D64)]
+    refs = [z.clone().requires_grad_() for z in (v64, t64, D64)]
+    out = cmki.brgsa_loss(*leaves, tau=0.1, alpha=alpha, beta=beta, gamma=gamma)
+    want = ref_loss(*refs, 0.1, alpha, beta, gamma, 1.0)
+    _close(out["total"].reshape(()), want, 1e-5, f"{method} total")
+    if method == "clip":
+        assert torch.equal(out["total"], beta * out["info"])  # bitwise: nothing else is added
+    for k, w in (("mse", alpha), ("info", beta), ("info_r", gamma)):
+        assert out[k].requires_grad == bool(w), f"{k}: weight {w}"
+    out["total"].backward()
+    want.backward()
+    for got, ref, name in zip(leaves, refs, ("dv", "dt", "dD")):
+        if method == "clip" and name == "dD":
+            assert got.grad is None  # the bank takes no part in plain contrastive alignment
+            continue
+        _close(got.grad, ref.grad, 1e-4, f"{method} {name}")
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        cmki.loss_weights("bank_only", 0.5, 1.0, 1.0)

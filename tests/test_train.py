@@ -93,15 +93,70 @@ def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path, monkeypatch)
 
 
 def test_resume_continues_the_same_run(synth_dir, tmp_path):
-    common = SMALL + [f"--synth_dir={synth_dir}", "--ckpt_interval=3", "--warmup_iters=0"]
+    """Weights, their moving average and the validation record continue as if never stopped."""
+    common = SMALL[:3] + SMALL[4:] + [f"--synth_dir={synth_dir}", "--ckpt_interval=3",
+                                      "--warmup_iters=0", "--eval_interval=2", "--val_fraction=0.2"]
     straight = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'a'}"])
     train.main(common + ["--max_iters=3", f"--out_dir={tmp_path / 'b'}"])
     resumed = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'b'}", "--resume"])
     assert resumed["history"] == straight["history"][3:]
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # the first run ended at step 3, so it also validated there; every other entry is the same
+    assert [h for h in resumed["val_history"] if h[0] != 3] == straight["val_history"]
+    assert [h[0] for h in straight["val_history"]] == [2, 4, 6]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs after resume"
+    assert a["ema"]["n_averaged"] == 6
+
+
+def test_validation_split_never_overlaps_the_held_out_split(synth_dir, tmp_path):
+    """The validation reports come from the training split; a report's volumes stay together."""
+    cfg = train.parse_args(SMALL + [f"--synth_dir={synth_dir}", f"--out_dir={tmp_path}",
+                                    "--val_fraction=0.25"])
+    _, _, (fit, val, held_out), _, _ = train.prepare(cfg, True, torch.device("cpu"), 0, print)
+    names = [{r.name for r in part} for part in (fit, val, held_out)]
+    assert names[1] and not names[0] & names[1] and not names[1] & names[2]
+    assert not names[0] & names[2] and all(n.startswith("train") for n in names[1])
+    assert not {r.report for r in fit} & {r.report for r in val}
+    reports = {r.report for r in fit + val}
+    assert len({r.report for r in val}) == round(0.25 * len(reports))
+    again = train.split_validation(fit + val, 0.25, cfg.seed)[1]
+    assert {r.name for r in again} == names[1]  # a function of the seed
+    assert {r.name for r in train.split_validation(fit + val, 0.25, cfg.seed + 1)[1]} != names[1]
+    assert train.split_validation(fit, 0.0, 0) == (fit, [])
+
+
+def test_the_kept_model_is_the_best_on_validation(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cmki, "USE_KERNELS", False)
+    out = tmp_path / "run"
+    result = train.main(SMALL[:3] + SMALL[4:] + [
+        "--max_iters=8", "--eval_interval=2", "--val_fraction=0.2", "--warmup_iters=0",
+        f"--synth_dir={synth_dir}", f"--out_dir={out}"])
+    steps, scores = zip(*result["val_history"])
+    assert steps == (2, 4, 6, 8)
+    best = max(range(4), key=lambda i: (scores[i], -i))  # the first of equal scores is kept
+    assert result["selected_step"] == steps[best] and result["val_macro_auc"] == scores[best]
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept["step"] == steps[best] and kept["val_macro_auc"] == scores[best]
+    assert json.loads((out / "eval.json").read_text())["selected_step"] == steps[best]
+
+
+def test_moving_average_follows_its_formula():
+    """--ema: after the first update (a copy) each update is avg <- d * avg + (1 - d) * w."""
+    cfg = train.parse_args(["--ema=0.75", "--val_fraction=0"])
+    net = torch.nn.Linear(3, 2).double()
+    keep = train.Selection(net, cfg, Path("unused.pt"), tokenizer=None)
+    want = None
+    for k in range(4):
+        with torch.no_grad():
+            net.weight.add_(float(k + 1))
+        keep.update()
+        w = net.weight.detach().clone()
+        want = w if want is None else 0.75 * want + 0.25 * w
+        torch.testing.assert_close(keep.scored.weight, want, rtol=1e-12, atol=1e-12)
+    assert keep.scored is not net
 
 
 def test_resume_without_checkpoint_names_the_file(synth_dir, tmp_path):
@@ -267,6 +322,11 @@ def run_cli(*args, timeout=120):
     ("--ckpt_interval=0", "--ckpt_interval must be >= 1, got 0"),
     ("--log_interval=0", "--log_interval must be >= 1, got 0"),
     ("--eval_interval=-1", "--eval_interval must be >= 0, got -1"),
+    ("--epochs=0", "--epochs must be >= 1, got 0"),
+    ("--shift=-2", "--shift must be >= 0, got -2"),
+    ("--ema=1", "--ema must be in [0, 1), got 1.0"),
+    ("--val_fraction=1", "--val_fraction must be in [0, 1), got 1.0"),
+    ("--method=bank_only", "--method must be one of ['brgsa', 'clip', 'no_mse', 'no_info_r'], got 'bank_only'"),
     ("--lr=0", "--lr must be > 0, got 0.0"),
     ("--dtype=float64", "--dtype must be one of ['auto', 'bfloat16', 'float16', 'float32'], got 'float64'"),
     ("--summary_backend=gpt", "--summary_backend must be one of ['rules', 'rules_report', 'llm'], got 'gpt'"),

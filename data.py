@@ -584,27 +584,15 @@ def _draw_rng(seed, index):
     return np.random.default_rng([seed, index, salt])
 
 
-def translate(a, offsets, fill=HU_MIN):
-    """a shifted by offsets (voxels per axis, + towards higher indices), same shape, the voxels
-    shifted in set to fill (air)."""
-    out = np.full(a.shape, fill, dtype=a.dtype)
-    src = tuple(slice(max(0, -o), n - max(0, o)) for n, o in zip(a.shape, offsets))
-    dst = tuple(slice(max(0, o), n - max(0, -o)) for n, o in zip(a.shape, offsets))
-    out[dst] = a[src]
-    return out
-
-
-def load_volume(npy_path, crop_size=None, rng=None, shift=0):
+def load_volume(npy_path, crop_size=None, rng=None):
     """Cached HU .npy -> normalised float32 tensor (1, X, Y, Z), randomly cropped when given
-    crop_size and rng, and randomly translated by up to `shift` voxels per axis (with rng)."""
+    crop_size and rng."""
     a = np.load(npy_path, mmap_mode="r")  # only the cropped part is read from disk
     if crop_size is not None and rng is not None:
         if any(c > n for c, n in zip(crop_size, a.shape)):
             raise ValueError(f"{npy_path}: crop {tuple(crop_size)} is larger than volume {a.shape}")
         start = [int(rng.integers(0, n - c + 1)) for n, c in zip(a.shape, crop_size)]
         a = a[tuple(slice(s, s + c) for s, c in zip(start, crop_size))]
-    if shift and rng is not None:
-        a = translate(np.asarray(a), [int(rng.integers(-shift, shift + 1)) for _ in a.shape])
     x = torch.from_numpy(np.asarray(a, dtype=np.float32))
     # normalize() folded into one in-place multiply-add: (HU / 1000 - mean) / std
     return x.mul_(1.0 / (1000.0 * NORM_STD)).add_(-NORM_MEAN / NORM_STD)[None]
@@ -621,7 +609,7 @@ class VolumeTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, summaries=None, crop_size=None, train=True, seed=0,
-                 sentences="paper", shift=0):
+                 sentences="paper"):
         if sentences not in ("paper", "random"):
             raise ValueError(f"sentences must be 'paper' or 'random', got {sentences!r}")
         groups = {}
@@ -630,7 +618,6 @@ class VolumeTextDataset(torch.utils.data.Dataset):
         self.groups = list(groups.values())
         self.summaries = summaries or {}
         self.crop_size, self.train, self.seed, self.sentences = crop_size, train, seed, sentences
-        self.shift = shift
 
     def __len__(self):
         return len(self.groups)
@@ -652,7 +639,7 @@ class VolumeTextDataset(torch.utils.data.Dataset):
         rng = _draw_rng(self.seed, i) if self.train else None
         r = group[int(rng.integers(len(group)))] if rng is not None else group[0]
         crop = self.crop_size if self.train else None
-        return dict(volume=load_volume(r.npy_path, crop, rng, self.shift), text=self.text(r.report, rng),
+        return dict(volume=load_volume(r.npy_path, crop, rng), text=self.text(r.report, rng),
                     labels=torch.from_numpy(np.asarray(r.labels, np.float32)), name=r.name)
 
 

@@ -38,8 +38,6 @@ class ModelConfig:
     vit_depth: int = 12
     vit_heads: int = 12
     vit_pool: str = "cls"                # image embedding: "cls" token (official) or "mean" of patches
-    vit_stem: str = "patch"              # "patch": one Conv3d, kernel = stride = patch (official);
-                                         # "conv": two stride-2 3x3x3 convolutions first (ConvStem)
     input_centering: bool = False        # subtract the training set's mean volume (not in the paper)
     # text side (BERT-base layout)
     vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
@@ -197,24 +195,6 @@ def _run_block(block, checkpoint: bool, *args):
     return block(*args)
 
 
-class ConvStem(nn.Module):
-    """Two 3x3x3 convolutions at stride 2, each followed by GELU, before the patch projection: a 3-D
-    version of the convolutional stem of Xiao et al., "Early convolutions help transformers see
-    better" (2021). A single linear patch projection sees where in its patch a small finding sits,
-    not only whether it is there; the stem's local filters fire wherever it sits. Not in the paper
-    (the tiny preset's choice, README); (B, 1, X, Y, Z) -> (B, channels, X/4, Y/4, Z/4)."""
-    stride = 4
-
-    def __init__(self, width: int):
-        super().__init__()
-        c1, self.channels = max(width // 12, 8), max(width // 6, 16)
-        self.conv1 = nn.Conv3d(1, c1, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv3d(c1, self.channels, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, x):
-        return F.gelu(self.conv2(F.gelu(self.conv1(x))))
-
-
 class ViT3D(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -223,16 +203,8 @@ class ViT3D(nn.Module):
             raise ValueError(f"vit_pool must be 'cls' or 'mean', got {cfg.vit_pool!r}")
         if cfg.pos_embed not in ("sincos", "table"):
             raise ValueError(f"pos_embed must be 'sincos' or 'table', got {cfg.pos_embed!r}")
-        if cfg.vit_stem not in ("patch", "conv"):
-            raise ValueError(f"vit_stem must be 'patch' or 'conv', got {cfg.vit_stem!r}")
         w = cfg.vit_width
-        self.stem = ConvStem(w) if cfg.vit_stem == "conv" else nn.Identity()
-        inner = self.stem.stride if cfg.vit_stem == "conv" else 1
-        if any(p % inner for p in cfg.patch_size):
-            raise ValueError(f"patch size {cfg.patch_size} must be a multiple of the stem's stride {inner}")
-        kernel = tuple(p // inner for p in cfg.patch_size)  # the rest of each patch, on the stem's grid
-        self.patch_embed = nn.Conv3d(self.stem.channels if cfg.vit_stem == "conv" else 1, w,
-                                     kernel_size=kernel, stride=kernel)
+        self.patch_embed = nn.Conv3d(1, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.base_grid = tuple(c // p for c, p in zip(cfg.crop_size, cfg.patch_size))
         if cfg.pos_embed == "table":
@@ -275,7 +247,7 @@ class ViT3D(nn.Module):
         if any(bad):
             raise ValueError(f"volume {tuple(volume.shape[2:])} is not divisible by the patch "
                              f"size {self.cfg.patch_size}")
-        x = self.patch_embed(self.stem(volume))  # (B, C, gx, gy, gz)
+        x = self.patch_embed(volume)  # (B, C, gx, gy, gz)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (B, T, C), T = gx*gy*gz
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)  # (B, 1, C)

@@ -107,9 +107,6 @@ class TrainConfig:
     ema: float = _f(None, "decay of an exponential moving average of the weights, updated every "
                           "step; evaluation and the saved model use the average (0 = off; preset "
                           "default: tiny 0.99, paper 0)")
-    shift: int = _f(None, "random translation of each training volume by up to this many voxels "
-                          "per axis, air shifted in (preset default: tiny 2, paper 0: its random "
-                          "crops already move the volume)")
     summary_backend: str = _f("rules", "report summarization (prepare/summarize.py): rules (offline, "
                                        "findings named with the class names), rules_report (offline, "
                                        "the report's own wording) or llm")
@@ -133,10 +130,10 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                  weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
-                 ema=0.99, shift=2, val_fraction=0.1),
+                 ema=0.99, val_fraction=0.1),
     "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
                   weight_decay=1e-6, warmup_iters=0, text_sampling="paper", optimizer="adam",
-                  ema=0.0, shift=0, val_fraction=0.0),
+                  ema=0.0, val_fraction=0.0),
 }
 
 
@@ -151,7 +148,7 @@ def parse_args(argv=None) -> TrainConfig:
     for f in fields(TrainConfig):
         kind = int if f.name in ("synth_n", "epochs", "max_iters", "eval_interval", "batch_size",
                                  "warmup_iters",
-                                 "workers", "prefetch", "grad_accum", "shift") else f.type
+                                 "workers", "prefetch", "grad_accum") else f.type
         if kind is bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
                            type=lambda s: s.lower() in ("1", "true", "yes"), help=_help(f))
@@ -183,7 +180,7 @@ def check_config(cfg: TrainConfig):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay", "shift"):
+    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")
@@ -729,8 +726,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
-                                         train=True, seed=cfg.seed, sentences=cfg.text_sampling,
-                                         shift=cfg.shift)
+                                         train=True, seed=cfg.seed, sentences=cfg.text_sampling)
     bs = global_batch_size(cfg, len(dataset), world, log)
     cfg = replace(cfg, max_iters=steps_of(cfg, len(dataset), bs))
     every = cfg.eval_interval if cfg.eval_interval is not None else max(1, cfg.max_iters // 10)

@@ -478,12 +478,3 @@ def test_nan_voxels_are_refused_even_with_allow_non_hu():
     with pytest.raises(ValueError, match="x: 1 NaN or inf voxels"):
         data.check_hu(hu, "x", allow=True)
 
-
-@pytest.mark.parametrize("offsets", [(0, 0, 0), (2, -1, 0), (-2, 2, 1), (5, 0, -3)])
-def test_translate_moves_voxels_and_fills_air(offsets):
-    a = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
-    got = data.translate(a, offsets, fill=-1000)
-    for idx in np.ndindex(a.shape):  # each output voxel, from its source or air
-        src = tuple(i - o for i, o in zip(idx, offsets))
-        inside = all(0 <= s < n for s, n in zip(src, a.shape))
-        assert got[idx] == (a[src] if inside else -1000), (idx, offsets)

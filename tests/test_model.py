@@ -226,3 +226,17 @@ def test_official_init_eps_and_dropout_on_a_reduced_paper_model():
     head = m.visual.head.weight.detach()  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert head.abs().max() <= 96 ** -0.5 and head.abs().max() > 0.9 * 96 ** -0.5
     assert not m.visual.head.bias.eq(0).all()
+
+
+def test_zero_shot_scores_follow_the_method():
+    """brgsa scores 1/2 [cos(v, t) + cos(v_hat, t)]; the bank-less clip ablation scores cos(v, t)."""
+    torch.manual_seed(0)
+    v, t = torch.randn(5, SMALL.embed_dim), torch.randn(3, SMALL.embed_dim)
+    for method in ("brgsa", "clip"):
+        model = BrgSA(dataclasses.replace(SMALL, method=method))
+        D = model.bank.weight.detach().double()
+        cos = lambda a, b: (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).t()
+        v_hat = torch.softmax(v.double() @ D.t() * model.scale, dim=1) @ D
+        raw = cos(v.double(), t.double())
+        want = raw if method == "clip" else 0.5 * (raw + cos(v_hat, t.double()))
+        torch.testing.assert_close(model.zero_shot_scores(v, t).double(), want, rtol=1e-5, atol=1e-6)

@@ -323,7 +323,6 @@ def run_cli(*args, timeout=120):
     ("--log_interval=0", "--log_interval must be >= 1, got 0"),
     ("--eval_interval=-1", "--eval_interval must be >= 0, got -1"),
     ("--epochs=0", "--epochs must be >= 1, got 0"),
-    ("--shift=-2", "--shift must be >= 0, got -2"),
     ("--ema=1", "--ema must be in [0, 1), got 1.0"),
     ("--val_fraction=1", "--val_fraction must be in [0, 1), got 1.0"),
     ("--method=bank_only", "--method must be one of ['brgsa', 'clip', 'no_mse', 'no_info_r'], got 'bank_only'"),

@@ -444,7 +444,7 @@ def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConf
     prompts = prompt_set(list(findings), brgsa_cfg)  # heat maps use "There is {}" (or --template)
     t = embed_texts(model, tokenizer, [p for _, p in prompts], x.device)  # (P, d)
     tokens, grid = model.visual.tokens(x)
-    u = model.visual.head(tokens[:, 1:]).float()  # (B, T, d) one embedding per patch
+    u = model.visual.patch_embeddings(tokens).float()  # (B, T, d) one embedding per patch
     flat, bank = u.reshape(-1, u.shape[-1]), model.bank.weight.float()
     if kind == "raw":
         s = cmki.cosine_scores(flat, t)

@@ -4,7 +4,8 @@ The encoders of Lai et al. (arXiv 2501.03565, section 3) as the official code bu
 (github.com/laihaoran/BrgSA):
 - ViT3D: gloria/models/stander_3D_vit_relate_pe.py (make_3d_model, timm blocks): Conv3d patch
   embedding, CLS token, pre-norm blocks (LayerNorm eps 1e-6), final LayerNorm (eps 1e-5),
-  CLS -> Linear(d, d) -> v (or the mean of the patch tokens: vit_pool="mean"). Positions, paper
+  CLS -> Linear(d, d) -> v (or vit_pool="mean": the mean of the patch tokens; "position": that plus
+  a linear read-out of its own per patch position, the tiny preset's). Positions, paper
   preset: a table for the 14^3 training-crop grid (sin-cos on 0..1 coordinates unless pretrained
   weights bring theirs), trilinearly interpolated to the input's grid (16^3 for 256x256x128 test
   volumes). The tiny preset keeps a fixed sin-cos table rebuilt on integer indices for each grid.
@@ -37,7 +38,8 @@ class ModelConfig:
     vit_width: int = 768
     vit_depth: int = 12
     vit_heads: int = 12
-    vit_pool: str = "cls"                # image embedding: "cls" token (official) or "mean" of patches
+    vit_pool: str = "cls"                # image embedding: "cls" token (official), "mean" of the
+                                         # patch tokens, or "position": mean + per-position read-out
     input_centering: bool = False        # subtract the training set's mean volume (not in the paper)
     # text side (BERT-base layout)
     vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
@@ -77,11 +79,11 @@ PRESETS = {
     "paper": ModelConfig(pos_embed="table", vit_norm_eps=1e-6, text_dropout=0.1, init="official"),
     # The CPU default: small enough to train on 2 cores in ~2 minutes on the synthetic set, at
     # 7 x 7 x 10 mm voxels (a 48 x 48 x 32 volume covers a 34 x 34 x 32 cm chest). Unlike the paper:
-    # the whole volume (no random crop), the mean of the patch tokens instead of CLS, and input
-    # centering; each measurably helped a small ViT trained from scratch for minutes (README).
+    # the whole volume (no random crop), position pooling instead of CLS, and input centering;
+    # each measurably helped a small ViT trained from scratch for minutes (README).
     "tiny": ModelConfig(
         image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
-        patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="mean",
+        patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",
         input_centering=True,
         vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
         embed_dim=192, bank_size=256),
@@ -199,8 +201,8 @@ class ViT3D(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vit_pool not in ("cls", "mean"):
-            raise ValueError(f"vit_pool must be 'cls' or 'mean', got {cfg.vit_pool!r}")
+        if cfg.vit_pool not in ("cls", "mean", "position"):
+            raise ValueError(f"vit_pool must be 'cls', 'mean' or 'position', got {cfg.vit_pool!r}")
         if cfg.pos_embed not in ("sincos", "table"):
             raise ValueError(f"pos_embed must be 'sincos' or 'table', got {cfg.pos_embed!r}")
         w = cfg.vit_width
@@ -216,6 +218,15 @@ class ViT3D(nn.Module):
                                     for _ in range(cfg.vit_depth))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, cfg.embed_dim)
+        if cfg.vit_pool == "position" and tuple(cfg.crop_size) != tuple(cfg.image_size):
+            raise ValueError(f"position pooling needs whole volumes (crop_size {cfg.crop_size} == "
+                             f"image_size {cfg.image_size}): each patch position has its own read-out")
+        if cfg.vit_pool == "position":
+            # One more (C, d) map per patch position (zero at init, where this is mean pooling). The
+            # mean of the tokens forgets where a finding sits; a calcified aortic wall or a hiatal
+            # hernia sits in the same place in every chest, and a read-out per position can use
+            # that, as a linear model on the voxels does (README: what the default reaches).
+            self.position_head = nn.Parameter(torch.zeros(math.prod(self.base_grid), w, cfg.embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if cfg.input_centering:
             # The training set's mean volume in model-input units, set by train.py (set_input_mean)
@@ -230,7 +241,21 @@ class ViT3D(nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:  # (B, 1, X, Y, Z) -> v (B, d)
         x, _ = self.tokens(volume)  # (B, 1 + T, C)
+        if self.cfg.vit_pool == "position":
+            return self.patch_embeddings(x).mean(1)  # (B, d)
         return self.head(x[:, 0] if self.cfg.vit_pool == "cls" else x[:, 1:].mean(1))  # (B, d)
+
+    def patch_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Final tokens (B, 1 + T, C) -> one embedding per patch (B, T, d), whose mean is v for
+        mean and position pooling (eval.py's grounding maps score them)."""
+        u = self.head(x[:, 1:])  # (B, T, d)
+        if self.cfg.vit_pool == "position":
+            T = x.shape[1] - 1
+            if T != len(self.position_head):
+                raise ValueError(f"position pooling was built for {len(self.position_head)} patches "
+                                 f"(the {self.base_grid} grid of the crop), got {T}")
+            u = u + T * torch.einsum("btc,tcd->btd", x[:, 1:], self.position_head.to(x.dtype))
+        return u
 
     def tokens(self, volume: torch.Tensor):
         """(B, 1, X, Y, Z) -> (final-normed tokens (B, 1 + T, C), CLS first, patch grid (gx, gy, gz)).

@@ -104,9 +104,6 @@ class TrainConfig:
     method: str = _f("brgsa", "brgsa (the paper's objective), or an ablation (benchmarks/ablation.py): "
                               "clip (beta * L_INFO only, no bank; score cos(v, t)), no_mse (alpha = 0), "
                               "no_info_r (gamma = 0)")
-    ema: float = _f(None, "decay of an exponential moving average of the weights, updated every "
-                          "step; evaluation and the saved model use the average (0 = off; preset "
-                          "default: tiny 0.99, paper 0)")
     summary_backend: str = _f("rules", "report summarization (prepare/summarize.py): rules (offline, "
                                        "findings named with the class names), rules_report (offline, "
                                        "the report's own wording) or llm")
@@ -130,10 +127,10 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                  weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
-                 ema=0.99, val_fraction=0.1),
+                 val_fraction=0.1),
     "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
                   weight_decay=1e-6, warmup_iters=0, text_sampling="paper", optimizer="adam",
-                  ema=0.0, val_fraction=0.0),
+                  val_fraction=0.0),
 }
 
 
@@ -186,8 +183,6 @@ def check_config(cfg: TrainConfig):
             raise ValueError(f"--{name} must be >= 0, got {value}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.ema < 1:
-        raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     for name, allowed in CHOICES.items():
@@ -359,7 +354,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_eval, selection):
     """The training state, for --resume. Atomic: written to a temp file, then os.replace, so a
-    crash never leaves a torn ckpt.pt. selection: Selection.state() (the average, the best score)."""
+    crash never leaves a torn ckpt.pt. selection: Selection.state() (the validation record)."""
     ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), **selection,
                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, step=step,
                 model_config=asdict(model.cfg), train_config=asdict(cfg),
@@ -521,6 +516,18 @@ def evaluate(model, tokenizer, valid, device, batch_size: int, second_opinion=Fa
     return result
 
 
+@torch.no_grad()
+def validate(model, tokenizer, records, device, batch_size: int) -> float:
+    """Zero-shot macro AUROC on the validation split (the paper's protocol, no intervals): the
+    number the kept checkpoint is chosen by."""
+    model.eval()
+    v, labels, names = eval_lib.embed_volumes(model, data_lib.eval_loader(records, batch_size), device)
+    cfg, classes = eval_lib.EvalConfig(n_boot=0, calib_fraction=0), data_lib.CTRATE_CLASSES
+    scores = eval_lib.score_volumes(model, tokenizer, v, classes, cfg, device)
+    model.train()
+    return eval_lib.evaluate_scores(scores, labels, classes, names, cfg)["macro_auc"]
+
+
 def mean_volume(records, limit: int = 512) -> torch.Tensor:
     """Mean model-input volume (1, X, Y, Z) of up to `limit` training volumes, evenly spaced."""
     picks = records[:: max(1, len(records) // limit)][:limit]
@@ -659,54 +666,35 @@ def steps_of(cfg: TrainConfig, n_reports: int, bs: int) -> int:
 
 
 class Selection:
-    """The weights that are evaluated and kept: the training weights, or their exponential moving
-    average (--ema); and the best of them on the validation split, written to out_dir/best.pt.
-
-    The average is torch.optim.swa_utils.AveragedModel, updated after every optimizer step. Without
-    a validation split best.pt holds the last step's weights."""
+    """The best weights on the validation split, kept in out_dir/best.pt (the last step's when
+    there is no validation split), and the record of validation scores."""
 
     def __init__(self, model, cfg: TrainConfig, path: Path, tokenizer, ckpt=None):
         self.model, self.cfg, self.path, self.tokenizer = model, cfg, path, tokenizer
-        self.ema = None
-        if cfg.ema:
-            avg = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
-            self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
         self.best, self.best_step, self.history = float("-inf"), None, []
-        if ckpt is not None:  # resuming: the average and the validation scores come back too
-            if self.ema is not None and ckpt.get("ema"):
-                self.ema.load_state_dict(ckpt["ema"])
+        if ckpt is not None:  # resuming: the validation record comes back too
             self.best, self.best_step = ckpt.get("best_val", self.best), ckpt.get("best_step")
             self.history = [tuple(x) for x in ckpt.get("val_history", [])]
 
-    @property
-    def scored(self):
-        """The module evaluated, selected and saved (the average when --ema is on)."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def update(self):
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-
     def state(self) -> dict:
         """What ckpt.pt carries for this object (for --resume)."""
-        return dict(ema=self.ema.state_dict() if self.ema is not None else None,
-                    best_val=self.best, best_step=self.best_step, val_history=self.history)
+        return dict(best_val=self.best, best_step=self.best_step, val_history=self.history)
 
     def offer(self, score: float, step: int) -> bool:
-        """Keep the scored weights in best.pt when score beats the best so far (NaN never does)."""
+        """Keep the weights in best.pt when score beats the best so far (NaN never does)."""
         self.history.append((step, score))
         if not score > self.best:
             return False
         self.best, self.best_step = score, step
-        save_weights(self.path, self.scored, self.tokenizer, self.cfg, step, score)
+        save_weights(self.path, self.model, self.tokenizer, self.cfg, step, score)
         return True
 
     def keep_last(self, step: int):
-        save_weights(self.path, self.scored, self.tokenizer, self.cfg, step, None)
+        save_weights(self.path, self.model, self.tokenizer, self.cfg, step, None)
         self.best_step = step
 
     def load_best(self):
-        self.scored.load_state_dict(eval_lib.read_checkpoint(self.path)["model"])
+        self.model.load_state_dict(eval_lib.read_checkpoint(self.path)["model"])
 
 
 def save_weights(path: Path, model, tokenizer, cfg: TrainConfig, step: int, val_auc):
@@ -765,7 +753,6 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        keep.update()
         step, seen = step + 1, seen + bs
         history.append(losses["total"].item())
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
@@ -776,7 +763,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
             t_log, seen = time.time(), 0
         if val_recs and every and (step % every == 0 or step == cfg.max_iters):
             if master:
-                last_eval = evaluate(keep.scored, tokenizer, val_recs, device, bs)["macro_auc"]
+                last_eval = validate(model, tokenizer, val_recs, device, bs)
                 kept = keep.offer(last_eval, step)
                 log(f"step {step:5d} | validation zero-shot macro AUROC {last_eval:.4f}"
                     f"{' (best so far: best.pt)' if kept else ''}")
@@ -795,7 +782,7 @@ def finish(cfg, keep, tokenizer, held_out, device, bs, step, history, t0, master
     if keep.best_step is None:  # no validation split (or none of its scores was a number)
         keep.keep_last(step)
     keep.load_best()
-    model, best = keep.scored, Path(cfg.out_dir) / "best.pt"
+    model, best = keep.model, Path(cfg.out_dir) / "best.pt"
     result = evaluate(model, tokenizer, held_out, device, bs, second_opinion=True)
     result.update(step=step, history=history, selected_step=keep.best_step,
                   val_macro_auc=None if keep.best == float("-inf") else keep.best,

@@ -30,7 +30,7 @@ def test_tiny_forward_returns_loss_dict_and_backprops():
 
 
 def test_vit_accepts_crop_and_full_volume_grids():
-    cfg = dataclasses.replace(SMALL, input_centering=False, crop_size=(32, 32, 24))
+    cfg = dataclasses.replace(SMALL, input_centering=False, crop_size=(32, 32, 24), vit_pool="mean")
     m = ViT3D(cfg).eval()
     for size in (cfg.crop_size, cfg.image_size):
         assert m(torch.randn(2, 1, *size)).shape == (2, cfg.embed_dim)
@@ -240,3 +240,29 @@ def test_zero_shot_scores_follow_the_method():
         raw = cos(v.double(), t.double())
         want = raw if method == "clip" else 0.5 * (raw + cos(v_hat, t.double()))
         torch.testing.assert_close(model.zero_shot_scores(v, t).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_position_pooling_starts_as_mean_pooling_and_reads_out_per_position():
+    """v = mean_i [head(x_i) + T x_i P_i]: equal to mean pooling while P = 0; each patch position
+    has its own read-out (float64 reference on the final tokens); the per-patch embeddings that the
+    grounding maps score average to v."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SMALL, vit_pool="position")
+    pos, mean = ViT3D(cfg).double().eval(), ViT3D(dataclasses.replace(SMALL, vit_pool="mean")).double().eval()
+    mean.load_state_dict({k: v for k, v in pos.state_dict().items() if k != "position_head"})
+    x = torch.randn(2, 1, *SMALL.image_size, dtype=torch.float64)
+    torch.testing.assert_close(pos(x), mean(x))
+    with torch.no_grad():
+        pos.position_head.normal_()
+    tokens, _ = pos.tokens(x)
+    patches = tokens[:, 1:]  # (B, T, C)
+    T = patches.shape[1]
+    want = sum(pos.head(patches[:, i]) + T * patches[:, i] @ pos.position_head[i] for i in range(T)) / T
+    torch.testing.assert_close(pos(x), want)
+    torch.testing.assert_close(pos.patch_embeddings(tokens).mean(1), pos(x))
+    pos(x).sum().backward()
+    assert pos.position_head.grad.abs().sum(dim=(1, 2)).gt(0).all()  # every position learns
+    with pytest.raises(ValueError, match="position pooling was built for"):
+        pos.patch_embeddings(tokens[:, :-1])
+    with pytest.raises(ValueError, match="position pooling needs whole volumes"):
+        ViT3D(dataclasses.replace(cfg, crop_size=(32, 32, 24)))

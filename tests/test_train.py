@@ -93,7 +93,7 @@ def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path, monkeypatch)
 
 
 def test_resume_continues_the_same_run(synth_dir, tmp_path):
-    """Weights, their moving average and the validation record continue as if never stopped."""
+    """Weights and the validation record continue as if never stopped."""
     common = SMALL[:3] + SMALL[4:] + [f"--synth_dir={synth_dir}", "--ckpt_interval=3",
                                       "--warmup_iters=0", "--eval_interval=2", "--val_fraction=0.2"]
     straight = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'a'}"])
@@ -105,10 +105,8 @@ def test_resume_continues_the_same_run(synth_dir, tmp_path):
     assert [h[0] for h in straight["val_history"]] == [2, 4, 6]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part} {k} differs after resume"
-    assert a["ema"]["n_averaged"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
 
 
 def test_validation_split_never_overlaps_the_held_out_split(synth_dir, tmp_path):
@@ -141,22 +139,6 @@ def test_the_kept_model_is_the_best_on_validation(synth_dir, tmp_path, monkeypat
     kept = torch.load(out / "best.pt", weights_only=True)
     assert kept["step"] == steps[best] and kept["val_macro_auc"] == scores[best]
     assert json.loads((out / "eval.json").read_text())["selected_step"] == steps[best]
-
-
-def test_moving_average_follows_its_formula():
-    """--ema: after the first update (a copy) each update is avg <- d * avg + (1 - d) * w."""
-    cfg = train.parse_args(["--ema=0.75", "--val_fraction=0"])
-    net = torch.nn.Linear(3, 2).double()
-    keep = train.Selection(net, cfg, Path("unused.pt"), tokenizer=None)
-    want = None
-    for k in range(4):
-        with torch.no_grad():
-            net.weight.add_(float(k + 1))
-        keep.update()
-        w = net.weight.detach().clone()
-        want = w if want is None else 0.75 * want + 0.25 * w
-        torch.testing.assert_close(keep.scored.weight, want, rtol=1e-12, atol=1e-12)
-    assert keep.scored is not net
 
 
 def test_resume_without_checkpoint_names_the_file(synth_dir, tmp_path):
@@ -323,7 +305,6 @@ def run_cli(*args, timeout=120):
     ("--log_interval=0", "--log_interval must be >= 1, got 0"),
     ("--eval_interval=-1", "--eval_interval must be >= 0, got -1"),
     ("--epochs=0", "--epochs must be >= 1, got 0"),
-    ("--ema=1", "--ema must be in [0, 1), got 1.0"),
     ("--val_fraction=1", "--val_fraction must be in [0, 1), got 1.0"),
     ("--method=bank_only", "--method must be one of ['brgsa', 'clip', 'no_mse', 'no_info_r'], got 'bank_only'"),
     ("--lr=0", "--lr must be > 0, got 0.0"),

@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py                          # 4 methods x 3 seeds x 2 sets (~1 h on 2 cores)
     python benchmarks/ablation.py --sets synthetic --seeds 0 --methods brgsa clip   # one pair
+    python benchmarks/ablation.py --merge a.csv b.csv    # one table from runs made in parallel
 
 Methods (cmki.METHODS, train.py --method): brgsa (alpha L_MSE + beta L_INFO + gamma L_INFO-R, score
 1/2 [cos(v, t) + cos(v_hat, t)]), clip (beta L_INFO only, score cos(v, t): plain contrastive
@@ -161,7 +162,17 @@ def main(argv=None):
                    help="data sets and one run folder per (set, method, seed) (default: out/ablation)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/ablation"),
                    help="writes OUT.csv, OUT.md and OUT.png (default: benchmarks/ablation)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per run (default 0: torch's choice; 1 when running two "
+                        "of these side by side on 2 cores)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="CSV",
+                   help="only write the table (to --out) from the rows of these earlier CSVs")
     a = p.parse_args(argv)
+    if a.merge:
+        rows = [r for path in a.merge for r in csv.DictReader(open(path, newline=""))]
+        return report(rows, a.out, f"ablation: {len(rows)} runs from {len(a.merge)} file(s)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if "real_text" in a.sets and not a.reports.is_file():
         sys.exit(f"ablation: {a.reports}: no such reports CSV (give --reports, or --sets synthetic)")
     rows, t0 = [], time.time()
@@ -178,12 +189,17 @@ def main(argv=None):
                     w = csv.DictWriter(f, fieldnames=list(rows[0]))
                     w.writeheader()
                     w.writerows(rows)
+    report(rows, a.out, f"ablation: {len(rows)} runs in {time.time() - t0:.0f} s")
+
+
+def report(rows: list, out: Path, what: str):
+    """The table (printed and written to out.md) and, with matplotlib, out.png."""
     text = table(rows)
-    a.out.with_suffix(".md").write_text(text + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
     print(text)
-    drawn = plot(rows, a.out.with_suffix(".png"))
-    print(f"ablation: {len(rows)} runs in {time.time() - t0:.0f} s; wrote {a.out.with_suffix('.csv')}, "
-          f"{a.out.with_suffix('.md')}{', ' + str(a.out.with_suffix('.png')) if drawn else ''}")
+    drawn = plot(rows, out.with_suffix(".png"))
+    print(f"{what}; wrote {out.with_suffix('.md')}{', ' + str(out.with_suffix('.png')) if drawn else ''}")
 
 
 if __name__ == "__main__":

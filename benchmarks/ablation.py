@@ -184,22 +184,27 @@ def main(argv=None):
                 print(f"ablation: run {len(rows) + 1}/{total}: {set_name}, {method}, seed {seed} "
                       f"({time.time() - t0:.0f} s so far)", flush=True)
                 rows.append(one_run(set_name, root, method, seed, a.work))
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                with open(a.out.with_suffix(".csv"), "w", newline="") as f:  # after every run
-                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    w.writeheader()
-                    w.writerows(rows)
+                write_csv(rows, a.out.with_suffix(".csv"))  # after every run
     report(rows, a.out, f"ablation: {len(rows)} runs in {time.time() - t0:.0f} s")
 
 
+def write_csv(rows: list, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def report(rows: list, out: Path, what: str):
-    """The table (printed and written to out.md) and, with matplotlib, out.png."""
+    """The rows (out.csv), the table (printed and written to out.md) and, with matplotlib, out.png."""
     text = table(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out.with_suffix(".csv"))
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
     drawn = plot(rows, out.with_suffix(".png"))
-    print(f"{what}; wrote {out.with_suffix('.md')}{', ' + str(out.with_suffix('.png')) if drawn else ''}")
+    print(f"{what}; wrote {out.with_suffix('.csv')}, {out.with_suffix('.md')}"
+          f"{', ' + str(out.with_suffix('.png')) if drawn else ''}")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ Sections, in reading order: the zero-shot protocol (prompts, scores, diagnosis, 
 score files and single scans, grounding maps and their score, what this file reads and writes, the
 numpy metrics everything rests on, and the command line.
 
-    python eval.py --ckpt out/ckpt.pt --data data_synth/n1000_seed0/dataset --out_dir out
-    python eval.py --ckpt out/ckpt.pt --data cache/mine --out_dir eval_mine  # own scans: made by
+    python eval.py --ckpt out/best.pt --data data_synth/n1000_seed0/dataset --out_dir out
+    python eval.py --ckpt out/best.pt --data cache/mine --out_dir eval_mine  # own scans: made by
         # python -m prepare.preprocess --dataset folder --root DIR --labels CSV --out cache/mine;
         # prompts "There is {class}" for the CSV's class columns
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
-    python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
-    python eval.py --ckpt out/ckpt.pt --volume scan.nii.gz --findings "pleural effusion" --heatmap maps
-    python eval.py --ckpt out/ckpt.pt --data data_synth/grounding/dataset --grounding --out_dir out/grounding
+    python eval.py --ckpt out/best.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
+    python eval.py --ckpt out/best.pt --volume scan.nii.gz --findings "pleural effusion" --heatmap maps
+    python eval.py --ckpt out/best.pt --data data_synth/grounding/dataset --grounding --out_dir out/grounding
     python eval.py --help                                              # every flag
 """
 import argparse
@@ -431,11 +431,13 @@ def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConf
                kind: str = "score") -> torch.Tensor:
     """Where the model sees each finding: (B, 1, X, Y, Z) model input -> (B, F, gx, gy, gz).
 
-    Every patch token goes through the image head as the pooled token does, u_i = head(LN(x_i)), and
-    is scored against the finding's prompt embeddings t like a whole volume: score = 1/2 [cos(u_i, t)
-    + cos(CMKI(u_i), t)] (the zero-shot rule), raw = cos(u_i, t), bank = cos(CMKI(u_i), t); a prompt
-    ensemble is averaged. With mean pooling (the tiny preset) v = mean_i u_i, so the raw map is the
-    per-patch term of cos(v, t) before the division by |v|: a decomposition, not a saliency guess.
+    Every patch token gets an embedding as the pooled token does (ViT3D.patch_embeddings: u_i =
+    head(LN(x_i)), plus the patch position's own read-out under position pooling) and is scored
+    against the finding's prompt embeddings t like a whole volume: score = 1/2 [cos(u_i, t) +
+    cos(CMKI(u_i), t)] (the zero-shot rule), raw = cos(u_i, t), bank = cos(CMKI(u_i), t); a prompt
+    ensemble is averaged. With mean or position pooling (the tiny preset) v = mean_i u_i, so the raw
+    map is the per-patch term of cos(v, t) before the division by |v|: a decomposition, not a
+    saliency guess.
     """
     if kind not in HEATMAP_KINDS:
         raise ValueError(f"--heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
@@ -1590,7 +1592,8 @@ class DefaultsHelp(argparse.RawTextHelpFormatter):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelp)
-    p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer)")
+    p.add_argument("--ckpt", help="checkpoint written by train.py (model, config and tokenizer): "
+                                  "out_dir/best.pt, the model it kept, or out_dir/ckpt.pt, the last step")
     p.add_argument("--data", help="data set: a CT-RATE-layout root or a preprocessed directory")
     p.add_argument("--split", choices=("train", "valid"), help="which split of --data to "
                    "evaluate (None: valid where --data has splits; refused for a folder without)")

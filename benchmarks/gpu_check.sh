@@ -44,5 +44,5 @@ step train_paper 90 env TRITON_INTERPRET=0 "$PY" train.py --device=cuda --preset
   --max_iters=30 --log_interval=5 --eval_interval=0 --synth_dir="$OUT/synth" --out_dir="$OUT/paper"
 step pytest 120 "$PY" -m pytest -q -x tests
 grep "^step" "$OUT/train_paper.log" | tail -3 > "$OUT/paper_preset_speed.txt"  # vol/s, MFU, peak GiB
-rm -rf "$OUT/synth" "$OUT/train/ckpt.pt" "$OUT/paper/ckpt.pt"
+rm -rf "$OUT/synth" "$OUT"/train/*.pt "$OUT"/paper/*.pt
 exit $status

@@ -126,7 +126,8 @@ def tiny():
     torch.manual_seed(0)
     texts = [f"There is {c.lower()}. {c} is present. {c} is not present." for c in CLASSES]
     tok = D.train_tokenizer(texts * 3 + ["normal chest patient findings seen"], vocab_size=200)
-    cfg = replace(PRESETS["tiny"], image_size=(16, 16, 8), spacing=(20.0, 20.0, 40.0),
+    cfg = replace(PRESETS["tiny"], image_size=(16, 16, 8), crop_size=(16, 16, 8),
+                  spacing=(20.0, 20.0, 40.0),
                   patch_size=(8, 8, 4), vit_width=32, vit_depth=1, vit_heads=2,
                   vocab_size=tok.get_vocab_size(), text_width=32, text_depth=1, text_heads=2,
                   text_mlp=64, embed_dim=32, bank_size=16)
@@ -315,7 +316,8 @@ def test_own_folder_with_made_up_classes_end_to_end(tiny, tmp_path, capsys):
     with prompts written from the CSV's class names; small calibration splits are warned about;
     --split is refused for a folder; unlabelled folders get a clear error, not torch.cat's."""
     model, tok = tiny
-    model = BrgSA(replace(model.cfg, image_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0))).eval()
+    model = BrgSA(replace(model.cfg, image_size=(48, 48, 32), crop_size=(48, 48, 32),
+                                 spacing=(7.0, 7.0, 10.0))).eval()
     ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")  # the `tiny` preprocessing grid
     labels_csv, truth = _own_folder(tmp_path / "scans")
     (tmp_path / "scans" / "extra.nii.gz").write_bytes((tmp_path / "scans" / "scan1.nii.gz").read_bytes())
@@ -1006,7 +1008,8 @@ def _known_answer_model(tok):
     only +t and -t. A bright patch's token is then ~ +t (score ~ +1), a dark one ~ -t: the map's
     maximum is the brightest patch."""
     torch.manual_seed(0)
-    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), crop_size=(32, 32, 16),
+                  spacing=(10.0, 10.0, 20.0),
                   patch_size=(8, 8, 4), vit_width=32, vit_depth=0, vit_heads=2, input_centering=False,
                   vocab_size=tok.get_vocab_size(), text_width=32, text_depth=1, text_heads=2,
                   text_mlp=64, embed_dim=32, bank_size=16)
@@ -1077,7 +1080,8 @@ def test_to_input_grid_inverts_the_preprocessing():
     """Reference: data.preprocess_volume itself. A volume whose HU is a linear function of one
     canonical axis is resampled and cropped/padded by the real pipeline; the patch map that holds
     the source coordinate at each patch centre, mapped back, must give each voxel its own coordinate."""
-    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), crop_size=(32, 32, 16),
+                  spacing=(10.0, 10.0, 20.0),
                   patch_size=(8, 8, 4))
     shape_ras, sp = (40, 24, 20), np.array([9.0, 11.0, 18.0])
     affine = np.diag([-sp[0], -sp[1], sp[2], 1.0])  # LPS file: axes 0 and 1 flipped
@@ -1107,7 +1111,8 @@ def test_to_input_grid_inverts_the_preprocessing():
 
 
 def test_grounding_metrics_hand_case():
-    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), crop_size=(32, 32, 16),
+                  spacing=(10.0, 10.0, 20.0),
                   patch_size=(8, 8, 4))
     geom = E.model_geometry(cfg)
     heat = np.zeros((32, 32, 16), np.float32)

@@ -178,7 +178,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(synth_dir, t
 
 # A very small model in float64: the point is the gradient plumbing, not the encoders, and float64
 # makes "equal" mean equal up to summation order (1e-10), not up to float32 noise.
-CFG = replace(PRESETS["tiny"], input_centering=False, crop_size=(16, 16, 8), patch_size=(8, 8, 4), vit_width=32,
+CFG = replace(PRESETS["tiny"], input_centering=False, image_size=(16, 16, 8), crop_size=(16, 16, 8),
+              patch_size=(8, 8, 4), vit_width=32,
               vit_depth=1, vit_heads=2, vocab_size=50, max_len=12, text_width=32, text_depth=1,
               text_heads=2, text_mlp=64, embed_dim=24, bank_size=16)
 GLOBAL_BATCH = 8

@@ -112,7 +112,9 @@ def table(rows: list) -> str:
             "| linear probe on v | gap raw: centroid dist / cos true pairs | gap bank: centroid dist "
             "/ cos true pairs | s per run |\n|---|---|---:|---|---|---|---|---|---:|")
     lines = [head]
-    keys = list(dict.fromkeys((r["set"], r["method"]) for r in rows))
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    order = lambda k: (sets.index(k[0]), list(cmki.METHODS).index(k[1]))  # noqa: E731
+    keys = sorted(dict.fromkeys((r["set"], r["method"]) for r in rows), key=order)
     for s, m in keys:
         rs = [r for r in rows if (r["set"], r["method"]) == (s, m)]
         col = lambda k: [float(r[k]) for r in rs]  # noqa: E731

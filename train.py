@@ -355,16 +355,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, opt, scaler, step, cfg, tokenizer, last_eval, selection):
-    """The training state, for --resume. Atomic: written to a temp file, then os.replace, so a
-    crash never leaves a torn ckpt.pt. selection: Selection.state() (the validation record)."""
+    """The training state, for --resume (atomic). selection: Selection.state() (the validation
+    record)."""
     ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), **selection,
                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, step=step,
                 model_config=asdict(model.cfg), train_config=asdict(cfg),
                 tokenizer=tokenizer.to_str(), last_eval=last_eval,
                 rng=dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temp file, then os.replace: a crash never leaves a torn file at path."""
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -500,33 +505,36 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the loop
 
-def evaluate(model, tokenizer, valid, device, batch_size: int, second_opinion=False) -> dict:
-    """Zero-shot evaluation on the held-out volumes (the paper's protocol). second_opinion adds
-    the CT-CLIP protocol's macro AUROC (present vs not present per class), scored on the same
-    volume embeddings: it compares two prompts per class instead of ranking volumes by one."""
-    loader, classes = data_lib.eval_loader(valid, batch_size), data_lib.CTRATE_CLASSES
+def evaluate(model, tokenizer, held_out, device, batch_size: int) -> dict:
+    """Zero-shot evaluation on the held-out volumes (the paper's protocol), plus the CT-CLIP
+    protocol's macro AUROC (present vs not present per class) on the same volume embeddings: it
+    compares two prompts per class instead of ranking volumes by one."""
+    loader = data_lib.eval_loader(held_out, batch_size)
     model.eval()
-    v, labels, names = embedded = eval_lib.embed_volumes(model, loader, device)
-    result = eval_lib.zero_shot(model, tokenizer, loader, classes, device, embedded=embedded)
-    if second_opinion:
-        cfg = eval_lib.EvalConfig(protocol="ctclip", n_boot=0, calib_fraction=0)
-        with torch.no_grad():
-            scores = eval_lib.score_volumes(model, tokenizer, v, classes, cfg, device)
-        result["macro_auc_ctclip_protocol"] = eval_lib.evaluate_scores(
-            scores, labels, classes, names, cfg)["macro_auc"]
+    embedded = eval_lib.embed_volumes(model, loader, device)
+    result = eval_lib.zero_shot(model, tokenizer, loader, data_lib.CTRATE_CLASSES, device,
+                                embedded=embedded)
+    result["macro_auc_ctclip_protocol"] = macro_auc(model, tokenizer, embedded, device, "ctclip")
     model.train()
     return result
 
 
-@torch.no_grad()
 def validate(model, tokenizer, records, device, batch_size: int) -> float:
-    """Zero-shot macro AUROC on the validation split (the paper's protocol, no intervals): the
-    number the kept checkpoint is chosen by."""
+    """Zero-shot macro AUROC on the validation split (the paper's protocol): the number the kept
+    checkpoint is chosen by."""
     model.eval()
-    v, labels, names = eval_lib.embed_volumes(model, data_lib.eval_loader(records, batch_size), device)
-    cfg, classes = eval_lib.EvalConfig(n_boot=0, calib_fraction=0), data_lib.CTRATE_CLASSES
-    scores = eval_lib.score_volumes(model, tokenizer, v, classes, cfg, device)
+    embedded = eval_lib.embed_volumes(model, data_lib.eval_loader(records, batch_size), device)
+    auc = macro_auc(model, tokenizer, embedded, device, "brgsa")
     model.train()
+    return auc
+
+
+@torch.no_grad()
+def macro_auc(model, tokenizer, embedded, device, protocol: str) -> float:
+    """Macro AUROC of embed_volumes' output under a zero-shot protocol (point estimate only)."""
+    v, labels, names = embedded
+    cfg, classes = eval_lib.EvalConfig(protocol=protocol, n_boot=0, calib_fraction=0), data_lib.CTRATE_CLASSES
+    scores = eval_lib.score_volumes(model, tokenizer, v, classes, cfg, device)
     return eval_lib.evaluate_scores(scores, labels, classes, names, cfg)["macro_auc"]
 
 
@@ -662,11 +670,6 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
     return model, tokenizer, (train_recs, val_recs, held_out), summaries, ckpt
 
 
-def steps_of(cfg: TrainConfig, n_reports: int, bs: int) -> int:
-    """--max_iters, else --epochs passes over the training reports (at least one step)."""
-    return cfg.max_iters or max(1, cfg.epochs * (n_reports // bs))
-
-
 class Selection:
     """The best weights on the validation split, kept in out_dir/best.pt (the last step's when
     there is no validation split), and the record of validation scores."""
@@ -701,11 +704,9 @@ class Selection:
 
 def save_weights(path: Path, model, tokenizer, cfg: TrainConfig, step: int, val_auc):
     """best.pt: what eval.py needs (weights, model config, tokenizer) and where it came from."""
-    blob = dict(model=model.state_dict(), model_config=asdict(model.cfg), train_config=asdict(cfg),
-                tokenizer=tokenizer.to_str(), step=step, val_macro_auc=val_auc)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    atomic_save(dict(model=model.state_dict(), model_config=asdict(model.cfg),
+                     train_config=asdict(cfg), tokenizer=tokenizer.to_str(), step=step,
+                     val_macro_auc=val_auc), path)
 
 
 def run(cfg: TrainConfig, rank: int, world: int, device):
@@ -718,7 +719,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device):
     dataset = data_lib.VolumeTextDataset(train_recs, summaries, crop_size=model.cfg.crop_size,
                                          train=True, seed=cfg.seed, sentences=cfg.text_sampling)
     bs = global_batch_size(cfg, len(dataset), world, log)
-    cfg = replace(cfg, max_iters=steps_of(cfg, len(dataset), bs))
+    cfg = replace(cfg, max_iters=cfg.max_iters or max(1, cfg.epochs * (len(dataset) // bs)))
     every = cfg.eval_interval if cfg.eval_interval is not None else max(1, cfg.max_iters // 10)
     use_cuda = device.type == "cuda"
     dtype = autocast_dtype(cfg.dtype, device)
@@ -783,9 +784,10 @@ def finish(cfg, keep, tokenizer, held_out, device, bs, step, history, t0, master
         return dict(step=step, history=history)
     if keep.best_step is None:  # no validation split (or none of its scores was a number)
         keep.keep_last(step)
-    keep.load_best()
+    else:
+        keep.load_best()
     model, best = keep.model, Path(cfg.out_dir) / "best.pt"
-    result = evaluate(model, tokenizer, held_out, device, bs, second_opinion=True)
+    result = evaluate(model, tokenizer, held_out, device, bs)
     result.update(step=step, history=history, selected_step=keep.best_step,
                   val_macro_auc=None if keep.best == float("-inf") else keep.best,
                   val_history=keep.history)

@@ -477,4 +477,3 @@ def test_nan_voxels_are_refused_even_with_allow_non_hu():
     hu[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="x: 1 NaN or inf voxels"):
         data.check_hu(hu, "x", allow=True)
-

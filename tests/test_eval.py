@@ -1080,8 +1080,7 @@ def test_to_input_grid_inverts_the_preprocessing():
     """Reference: data.preprocess_volume itself. A volume whose HU is a linear function of one
     canonical axis is resampled and cropped/padded by the real pipeline; the patch map that holds
     the source coordinate at each patch centre, mapped back, must give each voxel its own coordinate."""
-    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), crop_size=(32, 32, 16),
-                  spacing=(10.0, 10.0, 20.0),
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
                   patch_size=(8, 8, 4))
     shape_ras, sp = (40, 24, 20), np.array([9.0, 11.0, 18.0])
     affine = np.diag([-sp[0], -sp[1], sp[2], 1.0])  # LPS file: axes 0 and 1 flipped
@@ -1111,8 +1110,7 @@ def test_to_input_grid_inverts_the_preprocessing():
 
 
 def test_grounding_metrics_hand_case():
-    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), crop_size=(32, 32, 16),
-                  spacing=(10.0, 10.0, 20.0),
+    cfg = replace(PRESETS["tiny"], image_size=(32, 32, 16), spacing=(10.0, 10.0, 20.0),
                   patch_size=(8, 8, 4))
     geom = E.model_geometry(cfg)
     heat = np.zeros((32, 32, 16), np.float32)

@@ -46,7 +46,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, store_chunks, tile, zeros
+from kernels.tiles import (acc_dtype, check_int32, chunking, chunks, constexprs, interpreter_rounds_bf16, sm_count,
+                           store_chunks, tile, zeros)
 
 LOG2E = 1.4426950408889634
 BUFFER_BYTES = 64 * 2 ** 20  # backward chunk buffer (P and s dS for a block of rows)
@@ -332,4 +333,6 @@ def _check():
 
 
 if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        interpreter_rounds_bf16()  # as the GPU rounds bf16 stores
     _check()  # timing: python -m kernels.bench

@@ -15,13 +15,15 @@ Why fuse (N = 32768, d = 768, fp32 logits: one (N, N) array is 4.3 GB): eager no
 backward (~4 x 4.3 GB written and read forward, as much again backward, and >= 8.6 GB alive).
 
 Design (Inf-CL / cut-cross-entropy style; FLOPs in units of one N x N x d GEMM, eager does 3):
-* Forward, one pass (1 unit): a program holds BLOCK_M = 64 rows of a (32 in fp32) for the whole walk
-  over the column tiles of b, keeping the row log-sum-exp online and writing, for each column, the
-  log-sum-exp over its own rows; _col_lse_kernel merges those into the column log-sum-exp. The
-  diagonal S_ii comes from the tiles that cross the diagonal. Norms are computed once by a row kernel.
+* Forward, one pass (1 unit): a program holds BLOCK_M rows of a (128 at d = 768 in 16 bits, 32 in
+  fp32) for the whole walk over the column tiles of b, so b is read N / BLOCK_M times; it keeps the
+  row log-sum-exp online and writes, for each column, the log-sum-exp over its own rows;
+  _col_lse_kernel merges those into the column log-sum-exp. The diagonal S_ii comes from the tiles
+  that cross the diagonal. Norms are computed once by a row kernel.
 * Backward in row chunks (3 units): _h_kernel recomputes S for a chunk of rows (held) against all
   columns and writes H in the input dtype into a chunk buffer (never the whole N x N); two GEMMs give
-  da^ = H b^ and db^ += H^T a^ (fp32 sum over chunks), and the normalisation backward is O(N d).
+  da^ = H b^ and db^ += H^T a^ (fp32 sum over chunks). Row kernels make a^, b^ and apply the
+  normalisation backward (one read of x and dL/dx^ per pass, O(N d)).
   A fused kernel holding a (64, d) fp32 gradient accumulator would recompute S once per gradient
   (4 units for da and db, 5 with the forward) and exceed the register file at d = 768.
 * Tile helpers come from kernels/tiles.py. Accumulation is fp32 (fp64 for fp64 inputs, gradcheck).
@@ -37,11 +39,12 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, sm_count, tile
+from kernels.tiles import (acc_dtype, check_int32, chunking, chunks, constexprs, interpreter_rounds_bf16, sm_count,
+                           tile)
 
 EPS = 1e-12  # F.normalize's clamp of the norm
 BLOCK = 64  # rows of a held by one program (16-bit), and columns of a tile when d <= 256
-BUFFER_BYTES = 256 * 2 ** 20  # backward chunk buffer (H for a block of rows)
+BUFFER_BYTES = 512 * 2 ** 20  # backward chunk buffer (H for a block of rows)
 
 
 def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -69,6 +72,42 @@ def _norm_kernel(X, NRM,                        # x (N, d) -> max(||x_i||, eps) 
         t = tile(X, rows, c0 + tl.arange(0, BLOCK_D), N, d, stride_x, UPCAST).to(ACC)
         sq += tl.sum(t * t, 1)
     tl.store(NRM + rows, tl.maximum(tl.sqrt(sq), eps).to(NRM.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _scale_kernel(X, NRM, OUT,                  # x (N, d), n (N,) -> x / n (N, d) in OUT's dtype
+                  N, d, stride_x, stride_o,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    inv = 1.0 / tl.load(NRM + rows, mask=rows < N, other=1.0)
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        t = tile(X, rows, cols, N, d, stride_x, UPCAST).to(ACC) * inv[:, None]
+        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], t.to(OUT.dtype.element_ty),
+                 mask=(rows < N)[:, None] & (cols < d)[None, :])
+
+
+@triton.jit
+def _unit_grad_kernel(X, NRM, DXH, COEF, DX,    # F.normalize's backward for dL/dx^ = coef * dxh
+                      N, d, stride_x, stride_g, stride_o, eps,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.load(NRM + rows, mask=rows < N, other=1.0)
+    coef = tl.load(COEF).to(ACC)
+    proj = tl.zeros((BLOCK_M,), ACC)  # x^ . dxh, over the whole row first
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        x = tile(X, rows, cols, N, d, stride_x, UPCAST).to(ACC)
+        g = tile(DXH, rows, cols, N, d, stride_g, UPCAST).to(ACC)
+        proj += tl.sum(x * g, 1)
+    proj = tl.where(n > eps, proj / n, 0.0)  # removed only where the norm was not clamped
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        x = tile(X, rows, cols, N, d, stride_x, UPCAST).to(ACC)
+        g = tile(DXH, rows, cols, N, d, stride_g, UPCAST).to(ACC)
+        dx = coef * (g - x / n[:, None] * proj[:, None]) / n[:, None]
+        tl.store(DX + rows[:, None] * stride_o + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=(rows < N)[:, None] & (cols < d)[None, :])
 
 
 @triton.jit
@@ -174,22 +213,28 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
 # ----------------------------------------------------------------------------- launchers
 
 def _tiles(d: int, itemsize: int) -> dict:
-    """Tile sizes, warps and stages of the logit kernels, from the sm_90 report of kernels.aot: the
-    held 64 rows of a take 64 * d * itemsize bytes of shared memory (96 KB for bf16 at d = 768), so
-    wide rows walk 32-column tiles of b (two stages) to stay within 227 KB; fp32 holds 32 rows."""
+    """Tile sizes, warps and stages of the logit kernels, from the sm_90 report of kernels.aot. A
+    program holds BLOCK_M rows of a for its whole walk over b, so the column tiles of b are read from
+    L2 N / BLOCK_M times: 16-bit wide rows hold 128 (192 KB of shared memory at d = 768) and walk
+    64-column tiles one 256-wide chunk at a time, unpipelined, to stay within 227 KB; fp32 holds 32."""
     block_d, nc = chunking(d)
     wide = block_d * nc > 256
     if itemsize > 2 and wide:  # fp32: hold 32 rows, walk 16 columns
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=BLOCK, BLOCK_N=32 if wide else BLOCK, BLOCK_D=block_d, NC=nc,
-                num_warps=8 if wide else 4, num_stages=2)
+    if wide:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, NC=nc, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=2)
+
+
+def _rowwise(kernel, x, *args, **kw):
+    """Launch a row kernel over x (N, d): 64 rows a program, 64-column chunks."""
+    kernel[(triton.cdiv(x.shape[0], 64),)](x, *args, BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4, **kw)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
     """max(||x_i||, eps) in the accumulator dtype, (N,)."""
     n = torch.empty(x.shape[0], device=x.device, dtype=acc_dtype(x))
-    _norm_kernel[(triton.cdiv(x.shape[0], 64),)](x, n, x.shape[0], x.shape[1], x.stride(0), EPS,
-                                                 BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
+    _rowwise(_norm_kernel, x, n, x.shape[0], x.shape[1], x.stride(0), EPS)
     return n
 
 
@@ -211,12 +256,19 @@ def _loss_forward(a, b, tau):
     return loss, (na, nb, lse_r, lse_c)
 
 
-def _unit_grad(x, n, dx_hat):
-    """F.normalize's backward: x (N, d), n = max(||x||, eps) (N,), dL/dx^ (N, d) fp32 -> dL/dx."""
-    x_hat = x.to(dx_hat.dtype) / n[:, None]
-    proj = (x_hat * dx_hat).sum(1, keepdim=True)  # x^ . dx^
-    keep = (n > EPS)[:, None]  # the projection is removed only where the norm was not clamped
-    return ((dx_hat - torch.where(keep, x_hat * proj, 0.0)) / n[:, None]).to(x.dtype)
+def _normalize(x, n):
+    """x / n in x's dtype (the a^, b^ of the gradient GEMMs)."""
+    out = torch.empty_like(x)
+    _rowwise(_scale_kernel, x, n, out, x.shape[0], x.shape[1], x.stride(0), out.stride(0))
+    return out
+
+
+def _unit_grad(x, n, dx_hat, coef):
+    """F.normalize's backward: x (N, d), n = max(||x||, eps) (N,), dL/dx^ = coef * dx_hat -> dL/dx."""
+    dx = torch.empty_like(x)
+    _rowwise(_unit_grad_kernel, x, n, dx_hat, coef, dx, x.shape[0], x.shape[1], x.stride(0), dx_hat.stride(0),
+             dx.stride(0), EPS)
+    return dx
 
 
 def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
@@ -228,11 +280,11 @@ def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
     chunk = min(chunk, triton.cdiv(N, bm) * bm)
     buf = torch.empty(chunk * N, device=a.device, dtype=a.dtype)
     check_int32("contrastive_loss", buffer=buf)
-    a_hat, b_hat = (a / na[:, None]).to(a.dtype), (b / nb[:, None]).to(b.dtype)
+    a_hat, b_hat = _normalize(a, na), _normalize(b, nb)
     da_hat = torch.empty_like(a)
     db_hat = None
-    programs = triton.cdiv(chunk, bm)  # a chunk's row blocks; below a wave, columns are split too
-    col_split = max(1, min(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(sm_count(a.device), programs)))
+    programs = triton.cdiv(chunk, bm)  # a chunk's row blocks; below a wave, columns are split too,
+    col_split = max(1, min(triton.cdiv(N, tiles["BLOCK_N"]), sm_count(a.device) // programs))  # within it
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         H = buf[: n * N].view(n, N)
@@ -242,8 +294,8 @@ def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
         torch.mm(H, b_hat, out=da_hat[r0:r0 + n])
         part = H.t() @ a_hat[r0:r0 + n]  # (N, d)
         db_hat = part.to(na.dtype) if db_hat is None else db_hat.add_(part)
-    coef = grad.to(na.dtype) / (N * tau)  # device scalar: no host sync
-    return _unit_grad(a, na, da_hat.to(na.dtype) * coef), _unit_grad(b, nb, db_hat * coef)
+    coef = (grad.to(na.dtype) / (N * tau)).reshape(1)  # device scalar: no host sync
+    return _unit_grad(a, na, da_hat, coef), _unit_grad(b, nb, db_hat, coef)
 
 
 class ContrastiveLoss(torch.autograd.Function):
@@ -319,4 +371,6 @@ def _check():
 
 
 if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        interpreter_rounds_bf16()  # as the GPU rounds bf16 stores
     _check()  # timing: python -m kernels.bench

@@ -82,3 +82,29 @@ def check_int32(name: str, **tensors: torch.Tensor) -> None:
         if t.numel() > INT32_MAX:
             raise ValueError(f"{name}: {what} {tuple(t.shape)} has {t.numel():,} elements; the kernels "
                              f"use 32-bit offsets (at most {INT32_MAX:,}): split the batch")
+
+
+def interpreter_rounds_bf16() -> None:
+    """Make Triton's interpreter cast fp32 -> bf16 by rounding to nearest even, as a GPU does. By
+    itself it drops the low 16 bits, an error no GPU makes, and kernels that store P, H or dS in bf16
+    before a second product would be checked against it. Called by tests/conftest.py and by the ops'
+    self-checks; calling it twice changes nothing."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(cast, "rounds_bf16", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            x = np.asarray(src.data, dtype=np.float32)
+            u = x.view(np.uint32).astype(np.uint64)
+            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            bits = np.where(np.isnan(x), np.uint16(0x7FC0), bits).astype(np.uint16)
+            return interpreter.TensorHandle(bits.reshape(x.shape), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    cast_impl.rounds_bf16 = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+

@@ -15,6 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import the top-level modules (model, cmki, data, ...)
 
+from kernels.tiles import interpreter_rounds_bf16  # noqa: E402
+
+interpreter_rounds_bf16()  # bf16 stores round as on a GPU (the interpreter alone truncates)
+
 # Real third-party data lives beside the repository, never inside it (see shared/data/README.md).
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

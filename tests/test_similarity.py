@@ -97,11 +97,13 @@ def test_cosine_scores_match_float64(N, C, d, dtype):
     assert worst <= TOL[dtype], f"max rel err {worst:.2e} (mean {mean:.2e})"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backward_in_several_row_chunks(dtype, monkeypatch):
+@pytest.mark.parametrize("N, d, dtype", [(150, 20, torch.float32), (150, 20, torch.float16),
+                                         (300, 768, torch.bfloat16)])  # 128-row blocks at d = 768
+def test_backward_in_several_row_chunks(N, d, dtype, monkeypatch):
     # a small buffer forces several chunks of rows of H: da per chunk, db summed over chunks in fp32
-    monkeypatch.setattr(sim, "BUFFER_BYTES", 64 * 150 * torch.empty(0, dtype=dtype).element_size())
-    a, b = _pairs(150, 20, dtype, seed=3)
+    rows = sim._tiles(d, torch.empty(0, dtype=dtype).element_size())["BLOCK_M"]
+    monkeypatch.setattr(sim, "BUFFER_BYTES", rows * N * torch.empty(0, dtype=dtype).element_size())
+    a, b = _pairs(N, d, dtype, seed=3)
     got = _loss_and_grads(sim.contrastive_loss, a, b, 0.1, 1.0)
     want = _loss_and_grads(sim.contrastive_loss_reference, a.double(), b.double(), 0.1, 1.0)
     for name, g, w in zip(("loss", "da", "db"), got, want):
@@ -122,3 +124,21 @@ def test_bad_inputs_are_rejected_with_a_clear_message():
         sim.cosine_scores(torch.randn(4, 8), torch.randn(5, 9))
     with pytest.raises(ValueError, match="non-empty"):
         sim.contrastive_loss(torch.randn(0, 8), torch.randn(0, 8), 0.1)
+
+
+def test_interpreter_rounds_bf16_stores_as_torch_does():
+    # conftest makes the interpreter's fp32 -> bf16 cast round to nearest even (alone it truncates),
+    # so the bf16 tolerances above hold the kernels to the rounding a GPU applies
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(Y + i, tl.load(X + i, mask=i < n).to(tl.bfloat16), mask=i < n)
+
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 30
+    x[:4] = torch.tensor([float("inf"), -0.0, 1e-40, 1.00390625])  # 1 + 2^-8: a tie, rounds to even (1.0)
+    y = torch.empty(4000, dtype=torch.bfloat16)
+    cast[(1,)](x, y, 4000, BLOCK=4096)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))

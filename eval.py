@@ -1,7 +1,8 @@
 """Zero-shot diagnosis, retrieval and the modality gap of a BrgSA checkpoint, measured honestly.
 
 Two zero-shot protocols (SPEC section 3); prompt embeddings are computed once, not per volume:
-  brgsa   prompt "There is {name}";  Score(V, c) = 1/2 [cos(v, t_c) + cos(v_hat, t_c)],
+  brgsa   the model's prompt: the paper's "There is {name}" (the tiny preset's "{name}.", phrased as
+          its training summaries are);  Score(V, c) = 1/2 [cos(v, t_c) + cos(v_hat, t_c)],
           v_hat = CMKI(v) through the knowledge bank (the paper's and official code's rule).
   ctclip  prompts "{name} is present." / "{name} is not present."; softmax over the pair of
           similarities / tau (CT-CLIP's rule, on the same BrgSA similarity).
@@ -39,7 +40,7 @@ numpy metrics everything rests on, and the command line.
     python eval.py --ckpt out/best.pt --data data_synth/n1000_seed0/dataset --out_dir out
     python eval.py --ckpt out/best.pt --data cache/mine --out_dir eval_mine  # own scans: made by
         # python -m prepare.preprocess --dataset folder --root DIR --labels CSV --out cache/mine;
-        # prompts "There is {class}" for the CSV's class columns
+        # prompts from the CSV's class columns
     python eval.py --scores S.csv --labels L.csv --out_dir D          # precomputed scores
     python eval.py --ckpt out/best.pt --volume scan.nii.gz --findings "pleural effusion" "lung nodule"
     python eval.py --ckpt out/best.pt --volume scan.nii.gz --findings "pleural effusion" --heatmap maps
@@ -71,7 +72,7 @@ from prepare.preprocess import ctrate_jobs, ensure_cache
 
 RETRIEVAL_KS = (1, 5, 10, 50, 100)
 THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
-PROMPT = "There is {}"  # the paper's zero-shot prompt, shared with nothing else in training
+PROMPT = "There is {}"  # the paper's zero-shot prompt (a model's own is ModelConfig.prompt)
 PROTOCOLS = {"brgsa": (PROMPT,), "ctclip": ("{} is present.|{} is not present.",)}
 
 
@@ -90,8 +91,9 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- prompts and scores
 
-def prompt_set(classes, cfg: EvalConfig) -> list:
-    """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template."""
+def prompt_set(classes, cfg: EvalConfig, prompt: str = PROMPT) -> list:
+    """-> [(class index, prompt or (positive, negative) pair)] for every class x name x template;
+    `prompt` is the brgsa protocol's template when cfg gives none (the model's ModelConfig.prompt)."""
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {cfg.protocol!r}; expected one of {sorted(PROTOCOLS)}")
     if not len(classes):
@@ -100,7 +102,8 @@ def prompt_set(classes, cfg: EvalConfig) -> list:
     if unknown:
         raise ValueError(f"synonyms given for unknown classes {unknown}; classes are {list(classes)}")
     out = []
-    for template in cfg.templates or PROTOCOLS[cfg.protocol]:
+    default = (prompt,) if cfg.protocol == "brgsa" else PROTOCOLS[cfg.protocol]
+    for template in cfg.templates or default:
         parts = template.split("|")
         n_parts = 2 if cfg.protocol == "ctclip" else 1
         if len(parts) != n_parts or any(p.count("{}") != 1 for p in parts):
@@ -125,7 +128,7 @@ def embed_texts(model: BrgSA, tokenizer, texts: list, device, batch_size: int = 
 @torch.no_grad()
 def score_volumes(model: BrgSA, tokenizer, v: torch.Tensor, classes, cfg: EvalConfig, device):
     """(N, d) image embeddings -> (N, C) numpy scores under cfg's protocol and prompt ensemble."""
-    prompts = prompt_set(classes, cfg)
+    prompts = prompt_set(classes, cfg, model.cfg.prompt)
     if cfg.protocol == "brgsa":
         t = embed_texts(model, tokenizer, [p for _, p in prompts], device)
         per_prompt = model.zero_shot_scores(v, t)  # (N, P)
@@ -317,13 +320,13 @@ def zero_shot(model: BrgSA, tokenizer, loader, classes: list, device, cfg: EvalC
         calib = (scores_of(vc), lc, nc)
     result = evaluate_scores(scores_of(v), labels, classes, names, cfg, calib)
     prompts = {}
-    for j, p in prompt_set(prompt_classes, cfg):
+    for j, p in prompt_set(prompt_classes, cfg, model.cfg.prompt):
         prompts.setdefault(prompt_classes[j], []).append(p)
     rule = "cos(v, t)" if model.cfg.method == "clip" else "1/2 [cos(v, t) + cos(v_hat, t)]"
     result["protocol"] = dict(name=cfg.protocol, prompts=prompts, score=(
         rule if cfg.protocol == "brgsa" else f"softmax over (present, not present) of {rule} / tau"),
         ensemble="mean of the prompts' scores per class")
-    result["prompt"] = PROMPT if cfg.protocol == "brgsa" and not cfg.templates else None
+    result["prompt"] = model.cfg.prompt if cfg.protocol == "brgsa" and not cfg.templates else None
     records = _records_of(loader)
     reports = [r.report for r in records] if records is not None else []
     if reports and len(reports) == len(names) and all(r and r.strip() for r in reports):
@@ -370,7 +373,7 @@ def evaluate_score_files(scores_csv, labels_csv, cfg: EvalConfig = None) -> dict
     return result
 
 
-def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
+def check_findings(tokenizer, findings, cfg: EvalConfig, mcfg: ModelConfig):
     """--findings: each must be a name whose prompts fit the text encoder's max_len tokens without
     truncation and whose words the tokenizer knows (an [UNK] token carries no meaning)."""
     unk = tokenizer.token_to_id("[UNK]")
@@ -380,14 +383,14 @@ def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int):
         if not f.strip():
             raise ValueError("--findings: an empty finding; expected abnormality names such as "
                              "'pleural effusion'")
-        for _, prompt in prompt_set([f], cfg):
+        for _, prompt in prompt_set([f], cfg, mcfg.prompt):
             for text in (prompt,) if isinstance(prompt, str) else prompt:
                 enc = tokenizer.encode(text)
-                if len(enc.ids) > max_len:
+                if len(enc.ids) > mcfg.max_len:
                     raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
-                                     f"the text encoder reads at most {max_len}")
+                                     f"the text encoder reads at most {mcfg.max_len}")
                 if unk is not None and unk in enc.ids:
-                    words = sorted({w for w in text.split()
+                    words = sorted({w for w in re.findall(r"\w+", text)  # words, not punctuation
                                     if unk in tokenizer.encode(w, add_special_tokens=False).ids})
                     raise ValueError(f"--findings: {f!r} has words the tokenizer does not know "
                                      f"{words}: they would all read as [UNK]")
@@ -401,7 +404,7 @@ def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig 
     The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
     allow_non_hu, a volume that does not look like a CT in HU is refused (data.check_hu)."""
     path, cfg = Path(path), cfg or EvalConfig()
-    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
+    check_findings(tokenizer, findings, cfg, model.cfg)
     if path.suffix == ".npy":
         try:
             hu = np.load(path)
@@ -443,7 +446,7 @@ def patch_maps(model: BrgSA, tokenizer, x: torch.Tensor, findings, cfg: EvalConf
         raise ValueError(f"--heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
     cfg = cfg or EvalConfig()
     brgsa_cfg = replace(cfg, protocol="brgsa", templates=cfg.templates if cfg.protocol == "brgsa" else ())
-    prompts = prompt_set(list(findings), brgsa_cfg)  # heat maps use "There is {}" (or --template)
+    prompts = prompt_set(list(findings), brgsa_cfg, model.cfg.prompt)  # the model's prompt (or --template)
     t = embed_texts(model, tokenizer, [p for _, p in prompts], x.device)  # (P, d)
     tokens, grid = model.visual.tokens(x)
     u = model.visual.patch_embeddings(tokens).float()  # (B, T, d) one embedding per patch
@@ -707,7 +710,7 @@ def run_grounding(args, cfg: EvalConfig, device) -> dict:
     records = load_split(args.data, args.split, model.cfg, args)
     classes = list(records[0].classes)
     findings = list(args.findings or classes)
-    check_findings(tokenizer, findings, cfg, model.cfg.max_len)
+    check_findings(tokenizer, findings, cfg, model.cfg)
     sources = _data_sources(args.data, args.split or "valid")
     if args.grounding:
         unknown = [f for f in findings if f not in classes]
@@ -1616,8 +1619,8 @@ def build_parser():
     p.add_argument("--label_csv", help="labels for --data from this CSV: VolumeName (or the first "
                    "column), then one 0/1 column per class; prompts are written from the class names")
     p.add_argument("--protocol", default="brgsa", choices=sorted(PROTOCOLS),
-                   help="brgsa: 'There is {}', 1/2[cos(v,t)+cos(v_hat,t)]; ctclip: present / not "
-                        "present pair, softmax")
+                   help="brgsa: the model's prompt ('There is {}'; tiny: '{}.'), 1/2[cos(v,t)+cos(v_hat,t)]; "
+                        "ctclip: present / not present pair, softmax")
     p.add_argument("--template", action="append", default=[], help="prompt template with {} "
                    "(repeatable, scores averaged); ctclip: 'POS {}|NEG {}'")
     p.add_argument("--synonyms", help="JSON {class: [names...]}: prompt ensemble over the names")

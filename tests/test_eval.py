@@ -173,13 +173,19 @@ def test_scores_follow_each_protocol(tiny):
     device = torch.device("cpu")
     v = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     bank, classes = model.bank.weight.detach(), ["Cardiomegaly", "Lung nodule"]
-    with torch.no_grad():
-        t = E.embed_texts(model, tok, ["There is Cardiomegaly", "There is Lung nodule"], device)
-        v_hat = cmki.cmki_reference(v, bank, model.scale)
-        ref = 0.5 * (F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
-                     + F.normalize(v_hat, dim=-1) @ F.normalize(t, dim=-1).T)
-    got = E.score_volumes(model, tok, v, classes, E.EvalConfig(), device)
-    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    # BrgSA with the model's own prompt: the paper's "There is {}", or the tiny preset's "{}."
+    assert (PRESETS["paper"].prompt, PRESETS["tiny"].prompt) == (E.PROMPT, "{}.") == ("There is {}", "{}.")
+    for prompt in ("There is {}", "{}."):
+        model.cfg = replace(model.cfg, prompt=prompt)
+        with torch.no_grad():
+            t = E.embed_texts(model, tok, [prompt.format(c) for c in classes], device)
+            v_hat = cmki.cmki_reference(v, bank, model.scale)
+            ref = 0.5 * (F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+                         + F.normalize(v_hat, dim=-1) @ F.normalize(t, dim=-1).T)
+        got = E.score_volumes(model, tok, v, classes, E.EvalConfig(), device)
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    other = E.score_volumes(model, tok, v, classes, E.EvalConfig(templates=("There is {}",)), device)
+    assert not np.allclose(other, got, atol=1e-3)  # a --template replaces the model's prompt
     # CT-CLIP: softmax over (present, not present) of the BrgSA similarity / tau
     with torch.no_grad():
         tp = E.embed_texts(model, tok, [f"{c} is present." for c in classes], device)
@@ -206,7 +212,7 @@ def test_zero_shot_end_to_end_and_round_trip(tiny, tmp_path):
     r = E.zero_shot(model, tok, loader, CLASSES, torch.device("cpu"), E.EvalConfig(n_boot=200))
     assert r["n_volumes"] == 20 and set(r["auc"]) == set(CLASSES)
     assert r["rows"]["n_calib"] + r["rows"]["n_test"] == 20 and r["rows"]["n_calib"] % 2 == 0
-    assert r["protocol"]["prompts"]["Cardiomegaly"] == ["There is Cardiomegaly"]
+    assert r["protocol"]["prompts"]["Cardiomegaly"] == ["Cardiomegaly."] and r["prompt"] == "{}."  # tiny's
     lo, hi = r["per_class"]["Cardiomegaly"]["auc_ci"]
     assert lo <= r["auc"]["Cardiomegaly"] <= hi and lo < hi
     # retrieval: 10 unique reports for 20 volumes; the gap of both embedding spaces
@@ -329,7 +335,7 @@ def test_own_folder_with_made_up_classes_end_to_end(tiny, tmp_path, capsys):
     r = E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "o"),
                 "--n_boot", "20", "--no_plots"])
     assert r["classes"] == MADE_UP and r["n_volumes"] == len(truth)
-    assert r["protocol"]["prompts"] == {c: [f"There is {c}"] for c in MADE_UP}
+    assert r["protocol"]["prompts"] == {c: [f"{c}."] for c in MADE_UP}  # the checkpoint's own prompt
     got = dict(zip(r["arrays"]["names"], r["arrays"]["labels"].tolist()))
     assert got == truth
     j = r["arrays"]["names"].index("sub__scan0")  # scores are the model's on the cached volume
@@ -1014,7 +1020,7 @@ def _known_answer_model(tok):
                   vocab_size=tok.get_vocab_size(), text_width=32, text_depth=1, text_heads=2,
                   text_mlp=64, embed_dim=32, bank_size=16)
     model = BrgSA(cfg).eval()
-    t = E.embed_texts(model, tok, [E.PROMPT.format(FINDING)], torch.device("cpu"))[0]
+    t = E.embed_texts(model, tok, [cfg.prompt.format(FINDING)], torch.device("cpu"))[0]
     t_hat = t / t.norm()
     with torch.no_grad():
         w = model.visual.patch_embed.weight

@@ -652,8 +652,8 @@ def prepare(cfg: TrainConfig, master: bool, device, workers: int, log):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint, method=cfg.method)
-    if cfg.text_weights:  # a pretrained text tower reads the paper's prompt
-        mcfg = replace(mcfg, **pretrained.bert_text_config(cfg.text_weights), prompt=PRESETS["paper"].prompt)
+    if cfg.text_weights:  # its text sizes, and the paper's prompt
+        mcfg = replace(mcfg, **pretrained.bert_text_config(cfg.text_weights))
     ckpt_path = out / "ckpt.pt"
     if cfg.resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")

@@ -102,7 +102,8 @@ def _assign(module, mapped: dict, theirs: dict, report: LoadReport):
 # ----------------------------------------------------------------------------- BERT -> TextEncoder
 
 def bert_text_config(folder) -> dict:
-    """config.json of a Hugging Face BERT -> the ModelConfig text fields it implies."""
+    """config.json of a Hugging Face BERT -> the ModelConfig text fields it implies, and the paper's
+    zero-shot prompt ("There is {}": a pretrained text encoder reads it as the paper's did)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face BERT folder)")
@@ -114,7 +115,7 @@ def bert_text_config(folder) -> dict:
         raise ValueError(f"{path}: layer_norm_eps {c['layer_norm_eps']} (TextEncoder uses BERT's 1e-12)")
     return dict(text_width=c["hidden_size"], text_depth=c["num_hidden_layers"],
                 text_heads=c["num_attention_heads"], text_mlp=c["intermediate_size"],
-                vocab_size=c["vocab_size"])
+                vocab_size=c["vocab_size"], prompt=PRESETS["paper"].prompt)
 
 
 _BERT_LAYER = {"attention.output.dense": "attn.proj", "attention.output.LayerNorm": "norm1",

@@ -45,6 +45,7 @@ def bert_dir(tmp_path_factory):
 def test_bert_loads_and_matches_transformers(bert_dir):
     folder, bert = bert_dir
     cfg = replace(PRESETS["tiny"], **pretrained.bert_text_config(folder))
+    assert cfg.prompt == PRESETS["paper"].prompt == "There is {}"  # not the from-scratch tiny's "{}."
     text = TextEncoder(cfg).eval()
     report = pretrained.load_bert(text, folder)
     assert set(report.missing) == {"head.weight", "head.bias"}, report.summary()

@@ -72,7 +72,7 @@ from prepare.preprocess import ctrate_jobs, ensure_cache
 
 RETRIEVAL_KS = (1, 5, 10, 50, 100)
 THRESHOLDED = ("acc", "f1", "precision", "recall", "specificity")
-PROMPT = "There is {}"  # the paper's zero-shot prompt (a model's own is ModelConfig.prompt)
+PROMPT = ModelConfig.prompt  # the paper's zero-shot prompt, "There is {}" (a model's own: its cfg.prompt)
 PROTOCOLS = {"brgsa": (PROMPT,), "ctclip": ("{} is present.|{} is not present.",)}
 
 

@@ -13,6 +13,7 @@ The encoders of Lai et al. (arXiv 2501.03565, section 3) as the official code bu
   M3AE CXR-BERT weights can be loaded; pooling as gloria/models/text_model.py (BertEncoderWithProj):
   the last 4 hidden states are summed, the non-padding tokens are summed and divided by the maximum
   length (a constant), then Linear -> t. Dropout 0.1 in the paper preset, as BERT-base's config.
+  The tiny preset divides by the text's own length instead (text_pool="mean", README).
 - BrgSA: both encoders plus the Cross-Modal Knowledge Bank; forward returns the loss dict of cmki.py.
 
     python model.py        # prints the parameter count of each preset
@@ -68,6 +69,8 @@ class ModelConfig:
                                          # interpolated to the input grid, not trained
     vit_norm_eps: float = 1e-5           # LayerNorm eps of the ViT blocks (official 1e-6; final 1e-5)
     text_dropout: float = None           # dropout of the text encoder (None: `dropout`; BERT-base 0.1)
+    text_pool: str = "max_len"           # the token sum divided by max_len (official), or "mean":
+                                         # by the text's own number of tokens
     init: str = "trunc_normal"           # Linear init: trunc_normal(0.02) everywhere, or "official":
                                          # xavier in the ViT, BERT's normal(0.02) in the text
                                          # encoder, PyTorch's default in the two projection heads
@@ -84,12 +87,14 @@ PRESETS = {
     # each measurably helped a small ViT trained from scratch for minutes (README). Its text tower
     # is trained from scratch on the summaries ("Mild bilateral emphysema."), which never say
     # "There is": the zero-shot prompt is phrased as they are, the finding's name as a sentence.
+    # Its text embedding is the mean over the tokens, not the sum over max_len: a 4-token prompt
+    # and a 60-token report then reach the head at the same scale (README).
     "tiny": ModelConfig(
         image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
         patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",
         input_centering=True,
         vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
-        embed_dim=192, bank_size=256, prompt="{}."),
+        embed_dim=192, bank_size=256, prompt="{}.", text_pool="mean"),
 }
 
 
@@ -294,6 +299,8 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.text_pool not in ("max_len", "mean"):
+            raise ValueError(f"text_pool must be 'max_len' or 'mean', got {cfg.text_pool!r}")
         w = cfg.text_width
         self.word_embeddings = nn.Embedding(cfg.vocab_size, w, padding_idx=0)
         self.position_embeddings = nn.Embedding(cfg.max_len, w)
@@ -321,8 +328,12 @@ class TextEncoder(nn.Module):
             x = _run_block(layer, self.cfg.grad_checkpoint, x, mask)
             if i >= len(self.layers) - 4:  # official pooling: sum of the last 4 hidden states
                 pooled = pooled + x
-        # Sum the non-padding tokens and divide by the *maximum* length, not the true length.
-        pooled = (pooled * keep[..., None].to(x.dtype)).sum(1) / self.cfg.max_len  # (B, C)
+        # Sum the non-padding tokens; officially divide by the *maximum* length, not the true one.
+        pooled = (pooled * keep[..., None].to(x.dtype)).sum(1)  # (B, C)
+        if self.cfg.text_pool == "mean":
+            pooled = pooled / keep.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+        else:
+            pooled = pooled / self.cfg.max_len
         return self.head(pooled)  # (B, d)
 
 

@@ -102,8 +102,9 @@ def _assign(module, mapped: dict, theirs: dict, report: LoadReport):
 # ----------------------------------------------------------------------------- BERT -> TextEncoder
 
 def bert_text_config(folder) -> dict:
-    """config.json of a Hugging Face BERT -> the ModelConfig text fields it implies, and the paper's
-    zero-shot prompt ("There is {}": a pretrained text encoder reads it as the paper's did)."""
+    """config.json of a Hugging Face BERT -> the ModelConfig text fields it implies, the official
+    pooling (sum over max_len) and the paper's zero-shot prompt ("There is {}"): a pretrained
+    text encoder is read as the paper's was."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face BERT folder)")
@@ -115,7 +116,8 @@ def bert_text_config(folder) -> dict:
         raise ValueError(f"{path}: layer_norm_eps {c['layer_norm_eps']} (TextEncoder uses BERT's 1e-12)")
     return dict(text_width=c["hidden_size"], text_depth=c["num_hidden_layers"],
                 text_heads=c["num_attention_heads"], text_mlp=c["intermediate_size"],
-                vocab_size=c["vocab_size"], prompt=PRESETS["paper"].prompt)
+                vocab_size=c["vocab_size"], prompt=PRESETS["paper"].prompt,
+                text_pool=PRESETS["paper"].text_pool)
 
 
 _BERT_LAYER = {"attention.output.dense": "attn.proj", "attention.output.LayerNorm": "norm1",

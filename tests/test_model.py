@@ -78,15 +78,18 @@ def test_paper_preset_size_and_reduced_forward():
     assert v.shape == t.shape == (1, 768)
 
 
-def test_text_pooling_is_official_sum_over_max_len():
+@pytest.mark.parametrize("text_pool", ["max_len", "mean"])
+def test_text_pooling(text_pool):
     torch.manual_seed(1)
-    enc = TextEncoder(SMALL).eval()
-    ids = torch.randint(5, 100, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
+    enc = TextEncoder(dataclasses.replace(SMALL, text_pool=text_pool)).eval().double()
+    ids = torch.randint(5, 100, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
     mask[0, 4:] = 0
+    mask[2, 1:] = 0  # a single token
     got = enc(ids, mask)
-    # Recompute by hand: sum of the last 4 hidden states (here all layers, depth 2), masked token
-    # sum, divided by max_len = 97 (not the true length), then the projection.
+    # Recompute by hand in float64: sum of the last 4 hidden states (here all layers, depth 2),
+    # masked token sum, divided by max_len = 97 (official: not the true length) or, with "mean",
+    # by each text's own number of tokens (4, 9, 1), then the projection.
     hidden = []
     pos = torch.arange(9)
     x = enc.word_embeddings(ids) + enc.position_embeddings(pos)[None] + enc.token_type_embeddings.weight[0]
@@ -94,13 +97,33 @@ def test_text_pooling_is_official_sum_over_max_len():
     for layer in enc.layers:
         x = layer(x, mask.bool()[:, None, None, :])
         hidden.append(x)
-    pooled = (sum(hidden[-4:]) * mask[..., None]).sum(1) / 97
-    torch.testing.assert_close(got, enc.head(pooled), rtol=1e-5, atol=1e-6)
+    divisor = torch.tensor([[4.0], [9.0], [1.0]], dtype=torch.float64) if text_pool == "mean" else 97
+    pooled = (sum(hidden[-4:]) * mask[..., None]).sum(1) / divisor
+    torch.testing.assert_close(got, enc.head(pooled), rtol=1e-12, atol=1e-12)
     # Padding content does not matter, and trimming padding columns does not change the result.
     ids2 = ids.clone()
     ids2[0, 4:] = 7
-    torch.testing.assert_close(enc(ids2, mask), got, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(enc(ids[:1, :4], mask[:1, :4]), got[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc(ids2, mask), got, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(enc(ids[:1, :4], mask[:1, :4]), got[:1], rtol=1e-12, atol=1e-12)
+
+
+def test_text_pool_mean_is_length_free_and_unknown_pool_rejected():
+    # With "mean" a text and the same text twice over pool to the same vector up to position
+    # effects; with max_len the short text's pooled vector is ~ its length / 97 of the long one's.
+    # Here: constant token, no positions (zeroed), so every token's hidden state is the same.
+    torch.manual_seed(2)
+    for pool, ratio in (("mean", 1.0), ("max_len", 3 / 9)):
+        enc = TextEncoder(dataclasses.replace(SMALL, text_pool=pool)).eval().double()
+        with torch.no_grad():
+            enc.position_embeddings.weight.zero_()
+            enc.head.bias.zero_()
+        ids = torch.full((2, 9), 11)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[0, 3:] = 0
+        t = enc(ids, mask)
+        torch.testing.assert_close(t[0], ratio * t[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="text_pool must be"):
+        TextEncoder(dataclasses.replace(SMALL, text_pool="cls"))
 
 
 def test_text_encoder_rejects_too_long_input():

@@ -44,7 +44,7 @@ class ModelConfig:
     input_centering: bool = False        # subtract the training set's mean volume (not in the paper)
     # text side (BERT-base layout)
     vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
-    max_len: int = 97                    # tokens per report; also the pooling divisor (official)
+    max_len: int = 97                    # tokens per report; text_pool="max_len" divides by it
     text_width: int = 768
     text_depth: int = 12
     text_heads: int = 12

@@ -88,7 +88,7 @@ PRESETS = {
     # is trained from scratch on the summaries ("Mild bilateral emphysema."), which never say
     # "There is": the zero-shot prompt is phrased as they are, the finding's name as a sentence.
     # Its text embedding is the mean over the tokens, not the sum over max_len: a 4-token prompt
-    # and a 60-token report then reach the head at the same scale (README).
+    # and a 40-token training text then reach the head at the same scale (README).
     "tiny": ModelConfig(
         image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
         patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",

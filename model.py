@@ -329,11 +329,8 @@ class TextEncoder(nn.Module):
             if i >= len(self.layers) - 4:  # official pooling: sum of the last 4 hidden states
                 pooled = pooled + x
         # Sum the non-padding tokens; officially divide by the *maximum* length, not the true one.
-        pooled = (pooled * keep[..., None].to(x.dtype)).sum(1)  # (B, C)
-        if self.cfg.text_pool == "mean":
-            pooled = pooled / keep.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
-        else:
-            pooled = pooled / self.cfg.max_len
+        n = keep.sum(1, keepdim=True).to(x.dtype) if self.cfg.text_pool == "mean" else self.cfg.max_len
+        pooled = (pooled * keep[..., None].to(x.dtype)).sum(1) / n  # (B, C)
         return self.head(pooled)  # (B, d)
 
 

@@ -15,7 +15,6 @@ decode gzip or resample. Those directories are written by prepare/preprocess.py:
 """
 import csv
 import json
-import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -43,33 +42,9 @@ CTRATE_CLASSES = (
     "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
     "Interlobular septal thickening",
 )
-# RAD-ChestCT's 16 classes (SPEC section 5): the two calcification classes merge, Mosaic drops out
-RADCHEST_CLASSES = (
-    "Medical material", "Calcification", "Cardiomegaly", "Pericardial effusion", "Hiatal hernia",
-    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
-    "Pulmonary fibrotic sequela", "Pleural effusion", "Peribronchial thickening", "Consolidation",
-    "Bronchiectasis", "Interlobular septal thickening",
-)
-# the paper's 15 under-represented abnormalities on CT-RATE validation (prompt order)
-CTRATE_LT_CLASSES = (
-    "Pneumonia", "Pneumothorax", "Empyema", "Tuberculosis", "Pulmonary fibrosis", "Lung cyst",
-    "Bronchial thickening", "Lung mass", "Osteophyte", "Rib fracture", "Atherosclerosis",
-    "Pericardial calcification", "Spondylosis", "Pleural calcification", "Pneumomediastinum",
-)
 
 
 
-def ctrate_to_radchest(scores):
-    """(N, 18) CT-RATE-class scores -> (N, 16) RAD-ChestCT-class scores (numpy or torch).
-
-    Calcification = max(arterial wall, coronary artery wall calcification); Mosaic attenuation is
-    dropped; every other class keeps its own column.
-    """
-    xp = torch if torch.is_tensor(scores) else np
-    col = {c: scores[:, i] for i, c in enumerate(CTRATE_CLASSES)}
-    col["Calcification"] = xp.maximum(col["Arterial wall calcification"],
-                                      col["Coronary artery wall calcification"])
-    return xp.stack([col[c] for c in RADCHEST_CLASSES], 1)
 
 
 
@@ -291,31 +266,8 @@ def normalize(hu):
     return (x - NORM_MEAN) / NORM_STD
 
 
-RADCHEST_SPACING = (0.8, 0.8, 0.8)  # mm, isotropic as released
 
 
-def read_radchest_npz(path, spacing=RADCHEST_SPACING):
-    """RAD-ChestCT .npz -> (HU float32 (X, Y, Z) in canonical RAS, spacing (3,)).
-
-    The array under key "ct" is (slices, rows, columns) in DICOM display order: rows run anterior
-    to posterior, columns patient right to left, and slice 0 is the most superior one (the z axis
-    is flipped relative to CT-RATE). Transposing to (columns, rows, slices) and flipping all three
-    axes gives R, A, S increasing.
-    """
-    try:
-        with np.load(path) as z:
-            if "ct" not in z.files:
-                raise ValueError(f"{path}: no array 'ct' in the .npz (found {z.files})")
-            ct = z["ct"]
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-    if ct.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D 'ct' array (slices, rows, columns), "
-                         f"got {ct.shape}")
-    if ct.dtype.kind == "f" and not np.isfinite(ct).all():
-        raise ValueError(f"{path}: volume contains NaN or inf voxels")
-    hu = np.ascontiguousarray(ct.transpose(2, 1, 0)[::-1, ::-1, ::-1], dtype=np.float32)
-    return hu, np.asarray(spacing, np.float64)
 
 
 # ----------------------------------------------------------------------------- report tokenizer
@@ -444,44 +396,8 @@ def volume_key(name):
     return name
 
 
-def label_columns(path):
-    """(volume-name column, class columns) of a labels CSV: the name column is VolumeName when
-    present, else the first column; every other column is a class (any name)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    name = "VolumeName" if "VolumeName" in header else (header[0] if header else None)
-    classes = tuple(c for c in header if c != name)
-    if not classes:
-        raise ValueError(f"{path}: expected a header with a volume-name column and at least one "
-                         f"class column, got {header}")
-    return name, classes
 
 
-def read_labels(path, classes=CTRATE_CLASSES, name_column="VolumeName", key=volume_key):
-    """{key(volume name): float32 (C,) 0/1 labels in `classes` order}; columns are matched by name
-    (case and surrounding spaces ignored), so their order in the file is free (CT-RATE-LT's
-    differs). A value other than 0 or 1 is an error naming the file, line, volume and class."""
-    rows = read_csv(path, (name_column,))
-    fields = {c.strip().lower(): c for c in (rows[0] if rows else {})}
-    missing = [c for c in classes if c.strip().lower() not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing class column(s) {missing}")
-    cols = [fields[c.strip().lower()] for c in classes]
-    out = {}
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
-        for c in cols:
-            try:
-                ok = float(row[c]) in (0.0, 1.0)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{path}: line {i} ('{row[name_column]}'): label {row[c]!r} for "
-                                 f"class '{c}'; expected 0 or 1")
-        out[key(row[name_column])] = np.array([float(row[c]) for c in cols], np.float32)
-    return out
 
 
 @dataclass
@@ -658,18 +574,14 @@ class VolumeDataset(torch.utils.data.Dataset):
                     labels=torch.from_numpy(np.asarray(r.labels, np.float32)), name=r.name)
 
 
+def mean_volume(records, limit: int = 512) -> torch.Tensor:
+    """Mean model-input volume (1, X, Y, Z) of up to `limit` records, evenly spaced: what input
+    centering subtracts (model.ViT3D)."""
+    picks = records[:: max(1, len(records) // limit)][:limit]
+    return torch.stack([load_volume(r.npy_path) for r in picks]).mean(0)
+
+
 def eval_loader(records, batch_size, workers=0):
     """A plain, ordered DataLoader over VolumeDataset(records) for evaluation."""
     return torch.utils.data.DataLoader(VolumeDataset(records), batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=torch.cuda.is_available())
-
-
-def make_loader(dataset, batch_size, shuffle=True, workers=0, seed=0, drop_last=None):
-    """DataLoader with a seeded shuffle, pinned memory on CUDA hosts, and persistent, prefetching
-    workers when workers > 0. drop_last defaults to shuffle: a tiny last training batch has
-    almost no negatives for the contrastive loss."""
-    extra = dict(prefetch_factor=2, persistent_workers=True) if workers > 0 else {}
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
-        drop_last=shuffle if drop_last is None else drop_last, **extra)

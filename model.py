@@ -2,19 +2,16 @@
 
 The encoders of Lai et al. (arXiv 2501.03565, section 3) as the official code builds them
 (github.com/laihaoran/BrgSA):
-- ViT3D: gloria/models/stander_3D_vit_relate_pe.py (make_3d_model, timm blocks): Conv3d patch
-  embedding, CLS token, pre-norm blocks (LayerNorm eps 1e-6), final LayerNorm (eps 1e-5),
-  CLS -> Linear(d, d) -> v (or vit_pool="mean": the mean of the patch tokens; "position": that plus
-  a linear read-out of its own per patch position, the tiny preset's). Positions, paper
-  preset: a table for the 14^3 training-crop grid (sin-cos on 0..1 coordinates unless pretrained
-  weights bring theirs), trilinearly interpolated to the input's grid (16^3 for 256x256x128 test
-  volumes). The tiny preset keeps a fixed sin-cos table rebuilt on integer indices for each grid.
-- TextEncoder: BERT layout (post-norm layers, learned positions, token types) so the official
-  M3AE CXR-BERT weights can be loaded; pooling as gloria/models/text_model.py (BertEncoderWithProj):
-  the last 4 hidden states are summed, the non-padding tokens are summed and divided by the maximum
-  length (a constant), then Linear -> t. Dropout 0.1 in the paper preset, as BERT-base's config.
-  The tiny preset divides by the text's own length instead (text_pool="mean", README).
-- BrgSA: both encoders plus the Cross-Modal Knowledge Bank; forward returns the loss dict of cmki.py.
+- ViT3D (gloria/models/stander_3D_vit_relate_pe.py, timm blocks): Conv3d patch embedding, a CLS
+  token, a fixed 3D sin-cos position table, pre-norm blocks, a final LayerNorm, CLS -> Linear -> v.
+- TextEncoder (gloria/models/text_model.py): BERT's layout (post-norm layers, learned positions,
+  token types) so BERT / CXR-BERT weights load as they are; the last 4 hidden states are summed,
+  the non-padding tokens summed and divided by the maximum length (a constant), then Linear -> t.
+- BrgSA: both encoders and the knowledge bank. forward(volume, ids, mask) -> (v, t); the loss is
+  cmki.brgsa_loss on them (BrgSA.loss), so that under DDP it can see every rank's embeddings.
+
+Three presets: `paper` (the official model, ~200 M parameters), `tiny` (the CPU default) and
+`small` (one GPU). Where the CPU presets differ from the paper, ModelConfig says so in one group.
 
     python model.py        # prints the parameter count of each preset
 """
@@ -31,7 +28,7 @@ import cmki
 
 @dataclass
 class ModelConfig:
-    # image side
+    # image side: a 3D ViT over the CT volume
     image_size: tuple = (256, 256, 128)  # stored / test volume in voxels (X, Y, Z), RAS order
     crop_size: tuple = (224, 224, 112)   # random training crop of the stored volume
     spacing: tuple = (1.5, 1.5, 3.0)     # mm per voxel the volumes are resampled to
@@ -39,17 +36,14 @@ class ModelConfig:
     vit_width: int = 768
     vit_depth: int = 12
     vit_heads: int = 12
-    vit_pool: str = "cls"                # image embedding: "cls" token (official), "mean" of the
-                                         # patch tokens, or "position": mean + per-position read-out
-    input_centering: bool = False        # subtract the training set's mean volume (not in the paper)
-    # text side (BERT-base layout)
+    # text side: a BERT over the report's summary sentences
     vocab_size: int = 30522              # replaced by the trained tokenizer's size at train time
-    max_len: int = 97                    # tokens per report; text_pool="max_len" divides by it
+    max_len: int = 97                    # tokens per text
     text_width: int = 768
     text_depth: int = 12
     text_heads: int = 12
     text_mlp: int = 3072
-    # shared embedding space and the method
+    # the shared embedding space and the method (cmki.py)
     embed_dim: int = 768                 # d, width of v, t and of the bank entries
     bank_size: int = 2048                # K, number of knowledge-bank entries
     bank_scale: str = "one"              # CMKI logit scale: "one" (official) or "sqrt" (1/sqrt(d))
@@ -57,38 +51,37 @@ class ModelConfig:
     alpha: float = 0.5                   # weight of L_MSE
     beta: float = 1.0                    # weight of L_INFO
     gamma: float = 1.0                   # weight of L_INFO-R
-    method: str = "brgsa"                # "brgsa", or an ablation of cmki.METHODS: "clip" (no bank:
-                                         # beta * L_INFO, score cos(v, t)), "no_mse", "no_info_r"
-    prompt: str = "There is {}"          # zero-shot prompt of the brgsa protocol (eval.py), the paper's
+    method: str = "brgsa"                # or an ablation of cmki.METHODS: "clip" (no bank), ...
+    prompt: str = "There is {}"          # zero-shot prompt, the paper's (eval.py)
     dropout: float = 0.0                 # inside the encoders; the official ViT uses none
     grad_checkpoint: bool = False        # recompute block activations in backward to save memory
-    # official-code details (defaults keep the tiny preset and older checkpoints as they were)
-    pos_embed: str = "sincos"            # "sincos": fixed table rebuilt on integer indices per grid;
-                                         # "table": official, a stored table for the crop grid
-                                         # (sin-cos on 0..1 coordinates or pretrained), trilinearly
-                                         # interpolated to the input grid, not trained
-    vit_norm_eps: float = 1e-5           # LayerNorm eps of the ViT blocks (official 1e-6; final 1e-5)
-    text_dropout: float = None           # dropout of the text encoder (None: `dropout`; BERT-base 0.1)
-    text_pool: str = "max_len"           # the token sum divided by max_len (official), or "mean":
-                                         # by the text's own number of tokens
-    init: str = "trunc_normal"           # Linear init: trunc_normal(0.02) everywhere, or "official":
-                                         # xavier in the ViT, BERT's normal(0.02) in the text
-                                         # encoder, PyTorch's default in the two projection heads
+    # Where the presets part ways. The paper preset sets the official code's choice of each; the
+    # CPU-sized presets, trained from scratch for minutes on synthetic scans, keep what measurably
+    # helped them (benchmarks/README.md, "What the default reaches"). The defaults here are what the
+    # first checkpoints were written with, so that those still load.
+    vit_pool: str = "cls"                # image embedding: "cls" token (official), "mean" of the
+                                         # patch tokens, or "position": mean + a per-position read-out
+    input_centering: bool = False        # subtract the training set's mean volume (not official)
+    pos_embed: str = "sincos"            # "table" (official): a table for the crop grid on 0..1
+                                         # coordinates (or pretrained), interpolated to the input
+                                         # grid, not trained; "sincos": rebuilt on integer indices
+    vit_norm_eps: float = 1e-5           # LayerNorm eps of the ViT blocks (official 1e-6)
+    text_pool: str = "max_len"           # divide the token sum by max_len (official) or by the
+                                         # text's own length ("mean")
+    text_dropout: float = None           # of the text encoder (None: `dropout`; BERT-base 0.1)
+    init: str = "trunc_normal"           # "official": xavier in the ViT, BERT's normal(0.02) in the
+                                         # text encoder, PyTorch's default in the two heads
 
 
 PRESETS = {
-    # The paper's model: ViT-B/16x16x8 + BERT-base, d = 768, K = 2048 (about 200 M parameters).
-    # Follows the official code's ViT (learned-table positions, LayerNorm eps, xavier init) and
-    # BERT (dropout 0.1); starts from random weights unless pretrained ones are loaded (README).
+    # The paper's model: ViT-B/16x16x8 + BERT-base, d = 768, K = 2048, the official code's details.
+    # It starts from random weights unless pretrained ones are loaded (README).
     "paper": ModelConfig(pos_embed="table", vit_norm_eps=1e-6, text_dropout=0.1, init="official"),
-    # The CPU default: small enough to train on 2 cores in ~2 minutes on the synthetic set, at
-    # 7 x 7 x 10 mm voxels (a 48 x 48 x 32 volume covers a 34 x 34 x 32 cm chest). Unlike the paper:
-    # the whole volume (no random crop), position pooling instead of CLS, and input centering;
-    # each measurably helped a small ViT trained from scratch for minutes (README). Its text tower
-    # is trained from scratch on the summaries ("Mild bilateral emphysema."), which never say
-    # "There is": the zero-shot prompt is phrased as they are, the finding's name as a sentence.
-    # Its text embedding is the mean over the tokens, not the sum over max_len: a 4-token prompt
-    # and a 40-token training text then reach the head at the same scale (README).
+    # The CPU default: 48 x 48 x 32 voxels of 7 x 7 x 10 mm (a 34 x 34 x 32 cm chest), the whole
+    # volume (no crop), trained on 2 cores in minutes. Its text tower learns from scratch on the
+    # summaries ("Mild bilateral emphysema."), which never say "There is": the prompt is phrased as
+    # they are. Mean text pooling: a 4-token prompt and a 40-token training text then reach the head
+    # at the same scale.
     "tiny": ModelConfig(
         image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
         patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",
@@ -98,39 +91,23 @@ PRESETS = {
 }
 
 
-def sincos_3d(grid: tuple, width: int, device=None) -> torch.Tensor:
+def sincos_table(grid: tuple, width: int, unit: bool = False) -> torch.Tensor:
     """Fixed 3D sin-cos position table for a (gx, gy, gz) patch grid -> (gx*gy*gz, width).
 
-    Each axis gets an equal share of the channels (pairs of sin/cos at geometric frequencies);
-    channels left over when width is not a multiple of 6 stay zero.
+    Each axis gets width // 3 channels, [sin | cos] at frequencies 10000^(-i / (width // 6)); the
+    channels left over when width is not a multiple of 6 stay zero. Positions are the integer
+    patch indices, or with unit=True the official code's 0..1 coordinates (np.linspace per axis).
     """
-    per_axis = (width // 6) * 2  # even number of channels per axis
-    omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, device=device) / max(per_axis // 2, 1))
-    axes = torch.meshgrid(*[torch.arange(g, device=device, dtype=torch.float32) for g in grid],
-                          indexing="ij")
+    half = width // 6
+    dtype = torch.float64 if unit else torch.float32
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=dtype) / max(half, 1))
+    coords = [torch.linspace(0, 1, g, dtype=dtype) if unit else torch.arange(g, dtype=dtype)
+              for g in grid]
     parts = []
-    for pos in axes:
-        angle = pos.reshape(-1, 1) * omega  # (T, per_axis/2)
-        parts += [angle.sin(), angle.cos()]
-    table = torch.cat(parts, dim=1)  # (T, 3*per_axis)
-    return F.pad(table, (0, width - table.shape[1]))
-
-
-def sincos_table(grid: tuple, width: int) -> torch.Tensor:
-    """The official code's initial position table -> (1 + gx*gy*gz, width), row 0 (CLS) zero.
-
-    Coordinates run over 0..1 along each axis (np.linspace), width // 3 channels per axis as
-    [sin | cos] at frequencies 10000^(-i / (width // 6)); leftover channels stay zero.
-    """
-    half = width // 3 // 2
-    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-    axes = torch.meshgrid(*[torch.linspace(0, 1, g, dtype=torch.float64) for g in grid], indexing="ij")
-    parts = []
-    for pos in axes:
+    for pos in torch.meshgrid(*coords, indexing="ij"):
         angle = pos.reshape(-1, 1) * omega  # (T, half)
         parts += [angle.sin(), angle.cos()]
-    table = F.pad(torch.cat(parts, dim=1), (0, width - 6 * half))  # (T, width)
-    return F.pad(table, (0, 0, 1, 0)).float()  # CLS row first
+    return F.pad(torch.cat(parts, dim=1), (0, width - 6 * half)).float()  # (T, width)
 
 
 def interpolate_table(table: torch.Tensor, base: tuple, grid: tuple) -> torch.Tensor:
@@ -209,36 +186,35 @@ class ViT3D(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vit_pool not in ("cls", "mean", "position"):
-            raise ValueError(f"vit_pool must be 'cls', 'mean' or 'position', got {cfg.vit_pool!r}")
-        if cfg.pos_embed not in ("sincos", "table"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'table', got {cfg.pos_embed!r}")
+        _check_choice("vit_pool", cfg.vit_pool, ("cls", "mean", "position"))
+        _check_choice("pos_embed", cfg.pos_embed, ("sincos", "table"))
         w = cfg.vit_width
         self.patch_embed = nn.Conv3d(1, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.base_grid = tuple(c // p for c, p in zip(cfg.crop_size, cfg.patch_size))
         if cfg.pos_embed == "table":
-            # (1 + T0, C) for the training-crop grid (14^3 in the paper). A buffer, not a parameter:
-            # the official code interpolates it under torch.no_grad, so BrgSA training never moves
-            # it; it is what the pretrained weights (or the sin-cos init) put there.
-            self.register_buffer("pos_embed", sincos_table(self.base_grid, w))
+            # (1 + T0, C) for the training-crop grid (14^3 in the paper), CLS row first and zero. A
+            # buffer, not a parameter: the official code interpolates it under torch.no_grad, so
+            # BrgSA training never moves it; it is what pretrained weights (or sin-cos) put there.
+            self.register_buffer("pos_embed", F.pad(sincos_table(self.base_grid, w, unit=True),
+                                                    (0, 0, 1, 0)))
         self.blocks = nn.ModuleList(PreNormBlock(w, cfg.vit_heads, cfg.dropout, cfg.vit_norm_eps)
                                     for _ in range(cfg.vit_depth))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, cfg.embed_dim)
-        if cfg.vit_pool == "position" and tuple(cfg.crop_size) != tuple(cfg.image_size):
-            raise ValueError(f"position pooling needs whole volumes (crop_size {cfg.crop_size} == "
-                             f"image_size {cfg.image_size}): each patch position has its own read-out")
         if cfg.vit_pool == "position":
+            if tuple(cfg.crop_size) != tuple(cfg.image_size):
+                raise ValueError(f"position pooling needs whole volumes (crop_size {cfg.crop_size} "
+                                 f"== image_size {cfg.image_size}): each patch position has its own "
+                                 f"read-out")
             # One more (C, d) map per patch position (zero at init, where this is mean pooling). The
             # mean of the tokens forgets where a finding sits; a calcified aortic wall or a hiatal
-            # hernia sits in the same place in every chest, and a read-out per position can use
-            # that, as a linear model on the voxels does (README: what the default reaches).
+            # hernia sits in the same place in every chest, and a read-out per position can use it.
             self.position_head = nn.Parameter(torch.zeros(math.prod(self.base_grid), w, cfg.embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if cfg.input_centering:
             # The training set's mean volume in model-input units, set by train.py (set_input_mean)
-            # and saved with the weights. Every chest shares most of its anatomy, so without it the
+            # and saved with the weights. Every chest shares most of its anatomy; without this the
             # patch embeddings are dominated by that common part and a small ViT trained from
             # scratch barely moves in a few hundred steps (measured on the synthetic set).
             self.register_buffer("input_mean", torch.zeros(1, 1, *cfg.image_size))
@@ -254,21 +230,23 @@ class ViT3D(nn.Module):
         return self.head(x[:, 0] if self.cfg.vit_pool == "cls" else x[:, 1:].mean(1))  # (B, d)
 
     def patch_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        """Final tokens (B, 1 + T, C) -> one embedding per patch (B, T, d), whose mean is v for
-        mean and position pooling (eval.py's grounding maps score them)."""
+        """Final tokens (B, 1 + T, C) -> one embedding per patch u_i (B, T, d), whose mean is v under
+        mean and position pooling (analysis/grounding.py scores them)."""
         u = self.head(x[:, 1:])  # (B, T, d)
         if self.cfg.vit_pool == "position":
             T = x.shape[1] - 1
             if T != len(self.position_head):
                 raise ValueError(f"position pooling was built for {len(self.position_head)} patches "
                                  f"(the {self.base_grid} grid of the crop), got {T}")
+            # u_i = head(x_i) + T x_i W_i, so that v = mean_i u_i = head(mean_i x_i) + sum_i x_i W_i:
+            # the mean token's head plus every position's read-out, and each u_i its own share.
             u = u + T * torch.einsum("btc,tcd->btd", x[:, 1:], self.position_head.to(x.dtype))
         return u
 
     def tokens(self, volume: torch.Tensor):
         """(B, 1, X, Y, Z) -> (final-normed tokens (B, 1 + T, C), CLS first, patch grid (gx, gy, gz)).
 
-        Patch token i is patch (ix, iy, iz) of the grid in C order; eval.py's grounding maps read them."""
+        Patch token i is patch (ix, iy, iz) of the grid in C order."""
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"ViT3D expects (B, 1, X, Y, Z), got {tuple(volume.shape)}")
         if self.cfg.input_centering:
@@ -276,8 +254,7 @@ class ViT3D(nn.Module):
                 raise ValueError(f"input centering needs {tuple(self.input_mean.shape[2:])} volumes "
                                  f"(the stored mean), got {tuple(volume.shape[2:])}")
             volume = volume - self.input_mean.to(volume.dtype)
-        bad = [s % p for s, p in zip(volume.shape[2:], self.cfg.patch_size)]
-        if any(bad):
+        if any(s % p for s, p in zip(volume.shape[2:], self.cfg.patch_size)):
             raise ValueError(f"volume {tuple(volume.shape[2:])} is not divisible by the patch "
                              f"size {self.cfg.patch_size}")
         x = self.patch_embed(volume)  # (B, C, gx, gy, gz)
@@ -288,7 +265,7 @@ class ViT3D(nn.Module):
             pos = interpolate_table(self.pos_embed, self.base_grid, grid).to(x.dtype)  # (1 + T, C)
             x, cls = x + pos[1:], cls + pos[:1]
         else:
-            x = x + sincos_3d(grid, x.shape[-1], x.device).to(x.dtype)
+            x = x + sincos_table(grid, x.shape[-1]).to(x.device, x.dtype)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = _run_block(block, self.cfg.grad_checkpoint, x)
@@ -299,8 +276,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.text_pool not in ("max_len", "mean"):
-            raise ValueError(f"text_pool must be 'max_len' or 'mean', got {cfg.text_pool!r}")
+        _check_choice("text_pool", cfg.text_pool, ("max_len", "mean"))
         w = cfg.text_width
         self.word_embeddings = nn.Embedding(cfg.vocab_size, w, padding_idx=0)
         self.position_embeddings = nn.Embedding(cfg.max_len, w)
@@ -341,31 +317,30 @@ class BrgSA(nn.Module):
         self.visual = ViT3D(cfg)
         self.text = TextEncoder(cfg)
         self.bank = cmki.KnowledgeBank(cfg.bank_size, cfg.embed_dim)
-        if cfg.init not in ("trunc_normal", "official"):
-            raise ValueError(f"init must be 'trunc_normal' or 'official', got {cfg.init!r}")
+        _check_choice("init", cfg.init, ("trunc_normal", "official"))
         if cfg.init == "official":
-            self.visual.apply(partial(self._init_linear, fn=nn.init.xavier_uniform_))
-            self.text.apply(partial(self._init_linear, fn=partial(nn.init.normal_, std=0.02)))
+            self.visual.apply(partial(_init_linear, fn=nn.init.xavier_uniform_))
+            self.text.apply(partial(_init_linear, fn=partial(nn.init.normal_, std=0.02)))
             nn.init.normal_(self.visual.cls_token, std=0.02)
             for head in (self.visual.head, self.text.head):  # plain nn.Linear officially
                 head.reset_parameters()
         else:
-            self.apply(partial(self._init_linear, fn=partial(nn.init.trunc_normal_, std=0.02)))
+            self.apply(partial(_init_linear, fn=partial(nn.init.trunc_normal_, std=0.02)))
 
-    @staticmethod
-    def _init_linear(m, fn):
-        if isinstance(m, nn.Linear):
-            fn(m.weight)
-            nn.init.zeros_(m.bias)
+    def forward(self, volume, input_ids, attention_mask):
+        """(B, 1, X, Y, Z), (B, L), (B, L) -> (v, t), each (B, d); the loss is self.loss(v, t)."""
+        return self.visual(volume), self.text(input_ids, attention_mask)
 
     @property
     def scale(self) -> float:
         return cmki.default_scale(self.cfg.embed_dim, self.cfg.bank_scale)
 
     def loss(self, v: torch.Tensor, t: torch.Tensor) -> dict:
+        """cmki.brgsa_loss with this config's weights (an ablation's, for cfg.method)."""
         c = self.cfg
         alpha, beta, gamma = cmki.loss_weights(c.method, c.alpha, c.beta, c.gamma)
-        return cmki.brgsa_loss(v, t, self.bank.weight, c.tau, alpha, beta, gamma, self.scale)
+        bank = self.bank.weight.detach() if c.method == "clip" else self.bank.weight  # unused: untrained
+        return cmki.brgsa_loss(v, t, bank, c.tau, alpha, beta, gamma, self.scale)
 
     def zero_shot_scores(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(N, d) image, (C, d) prompt embeddings -> (N, C) scores: BrgSA's 1/2 [cos(v, t) +
@@ -374,17 +349,19 @@ class BrgSA(nn.Module):
             return cmki.cosine_scores(v, t).float()
         return cmki.zero_shot_scores(v, t, self.bank.weight.float(), self.scale)
 
-    def forward(self, volume, input_ids, attention_mask, return_embeddings: bool = False):
-        """(B, 1, X, Y, Z), (B, L), (B, L) -> dict(total=, mse=, info=, info_r=).
-
-        return_embeddings=True returns (v, t) instead, each (B, d): under DistributedDataParallel
-        the wrapped forward must produce the graph (so its gradient hooks fire) while the loss is
-        computed afterwards on embeddings all-gathered from every rank (train.py)."""
-        v, t = self.visual(volume), self.text(input_ids, attention_mask)
-        return (v, t) if return_embeddings else self.loss(v, t)
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _init_linear(m, fn):
+    if isinstance(m, nn.Linear):
+        fn(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _check_choice(name: str, value, allowed: tuple):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def flops_per_sample(cfg: ModelConfig, train: bool = True) -> float:
@@ -408,4 +385,6 @@ def flops_per_sample(cfg: ModelConfig, train: bool = True) -> float:
 
 if __name__ == "__main__":
     for name, preset in PRESETS.items():
-        print(f"{name:6s} {BrgSA(preset).num_params() / 1e6:8.1f} M parameters")
+        print(f"{name:6s} {BrgSA(preset).num_params() / 1e6:8.1f} M parameters "
+              f"(vocabulary {preset.vocab_size}; train.py counts with its trained tokenizer's, "
+              f"which can be smaller)")

@@ -20,6 +20,7 @@ in prepare/phantom_reports.py; this file draws the labels, writes the files and 
 import argparse
 import csv
 import gzip
+import json
 import multiprocessing
 import sys
 import time
@@ -35,6 +36,8 @@ from prepare.phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIO
                                    PLEURAL, SEPTAL, draw_spacing, render_volume)
 
 INTERCEPT = -1024                # CT-RATE v1: raw = HU - intercept, slope 1
+MARKER = "synthetic.json"        # written beside the CSVs: what made this set (train.py and eval.py
+                                 # say so when a model trained on it scores a scan)
 SECOND_RECON_P = 0.1             # share of scans that get a second reconstruction of the same scene
 
 
@@ -209,6 +212,9 @@ def generate(out_dir, n=1000, valid_fraction=0.2, seed=0, workers=2, reports_csv
         _write_csv(root / "metadata" / names[0], META_COLUMNS, meta)
         _write_csv(root / "radiology_text_reports" / names[1], REPORT_COLUMNS, reports)
         _write_csv(root / "multi_abnormality_labels" / names[2], ["VolumeName"] + CLASSES, labels)
+    (root / MARKER).write_text(json.dumps(dict(made_by="python -m prepare.phantom", n=n, seed=int(seed),
+                                               reports=str(reports_csv) if reports_csv else "templates",
+                                               scans="synthetic phantoms, not real CT")) + "\n")
     volumes = sum(len(t[0]) for t in tables.values())
     prevalence = np.mean([[r[c] for c in CLASSES] for t in tables.values() for r in t[2]], axis=0)
     log(f"phantom: {n} scans ({n_train} train, {n - n_train} valid), {volumes} volumes in "

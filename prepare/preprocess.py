@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, RADCHEST_CLASSES, RADCHEST_SPACING, Record,
-                  check_hu, find_index, label_columns, load_nifti, preprocess_settings, preprocess_volume,
-                  read_labels, read_radchest_npz, to_hu, volume_key)
-from prepare.tables import CTRateTables, read_radchest_labels
+from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, Record, check_hu, find_index, load_dataset,
+                  load_nifti, preprocess_settings, preprocess_volume, to_hu, volume_key)
+from prepare.tables import (RADCHEST_CLASSES, RADCHEST_SPACING, CTRateTables, label_columns,
+                            read_labels, read_radchest_labels, read_radchest_npz)
 
 
 # ----------------------------------------------------------------------------- one volume
@@ -284,6 +284,23 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out
         cache_dir = beside if reuse else Path(out_dir) / f"cache_{name}" / Path(path).resolve().name / split
     prepare_ctrate(path, split, Path(cache_dir), spacing, shape, workers)
     return Path(cache_dir)
+
+
+def records_of(path, split, model_cfg, out_dir, workers: int = 1, flag: str = "--split"):
+    """Records of `split` of a data set for evaluation (eval.py --data / --calib_data), a raw
+    CT-RATE root preprocessed first under out_dir. split None means "valid" where the data has
+    splits; an explicit split is refused for a data set without splits (a folder of one's own
+    scans) instead of being ignored."""
+    cache = ensure_cache(path, split or "valid", model_cfg, workers=workers, out_dir=out_dir)
+    records = load_dataset(cache, split or "valid", model_cfg)
+    has_splits = find_index(cache, split or "valid") == Path(cache) / (split or "valid") or any(
+        r.name.startswith(("train_", "valid_")) for r in records)
+    if split is not None and not has_splits:
+        raise ValueError(f"{flag} {split}: {path} has no splits (its volume names carry no "
+                         f"train_/valid_ prefix); leave {flag} out to evaluate every volume")
+    if not records:
+        raise ValueError(f"{path}: no volumes to evaluate")
+    return records
 
 
 # ----------------------------------------------------------------------------- RAD-ChestCT, folders

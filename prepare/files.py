@@ -1,0 +1,209 @@
+"""Files the commands leave whole: atomic writes, one run per output folder, clean stops, safe reads.
+
+Every command of this project writes something a later run relies on (checkpoints, caches, eval.json,
+heat maps). Four rules keep those files whole, whatever happens to the process:
+- atomic writes: a file is written to a temporary name beside it, flushed to disk, and only then
+  renamed over the old one, so a crash, a kill or a full disk leaves the previous file as it was;
+  a full disk ends the command with one line naming the file and the cause;
+- a lock per output folder (or cache): a second run into the same place refuses at once and names
+  the first; a lock whose process no longer exists (a crashed run) is recognised and taken over;
+- SIGTERM (a scheduler's stop) is turned into KeyboardInterrupt, so the same clean-up as Ctrl-C runs;
+- checkpoints are read with torch.load(weights_only=True): nothing in the file is executed, and every
+  way a file can fail to be a checkpoint becomes one message that names it.
+
+    python -c "import prepare.files"   # a library used by train.py, eval.py and prepare/
+"""
+import errno
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig
+
+REASONS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large",
+           errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied"}
+
+
+class WriteError(ValueError):
+    """A file could not be written; the message names it and says why. The old file is untouched."""
+
+
+def atomic_write(path, write) -> Path:
+    """Write `path` through a temporary file beside it: write(f) fills the open binary file, which
+    is flushed and fsynced before os.replace puts it in place. An OSError (full disk, file size
+    limit) removes the temporary file and raises WriteError naming `path` and the cause."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = REASONS.get(e.errno, e.strerror or str(e))
+        raise WriteError(f"{path}: could not be written ({reason}); any earlier version of the "
+                         f"file is unchanged") from None
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_torch(obj, path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder, what: str):
+    """Hold folder/.lock while the block runs: a second holder refuses with a message naming the
+    first (its pid, host, start and command). A lock is stale when it was written on this host by a
+    process that no longer exists (a crashed or killed run): it is taken over, with a note. A lock
+    from another host is never taken over (its process cannot be checked from here)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+              command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:200])
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # written this instant, or torn: treat as held
+                other = {}
+            if other.get("host") == me["host"] and isinstance(other.get("pid"), int) \
+                    and not _alive(other["pid"]):
+                print(f"{what}: taking over {lock}: its run (pid {other['pid']}, started "
+                      f"{other.get('started')}) no longer exists", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            raise ValueError(f"{folder} is in use by another {what} run (pid {other.get('pid', '?')} "
+                             f"on {other.get('host', '?')}, started {other.get('started', '?')}: "
+                             f"{other.get('command', '?')}); wait for it to finish or pick another "
+                             f"folder. If no such run exists, delete {lock}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside the block SIGTERM raises KeyboardInterrupt, so a scheduler's stop runs the same
+    clean-up as Ctrl-C (only in the main thread, where signal handlers can be set)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with _handlers(handler, signal.SIGTERM):
+        yield
+
+
+class StopRequest:
+    signum = None  # the signal that asked for a stop, once one did
+
+
+@contextmanager
+def stop_requests():
+    """Inside the block Ctrl-C (SIGINT) and SIGTERM ask for a stop instead of interrupting: a loop
+    checks `.signum` between steps and ends at a whole one; a second signal interrupts at once."""
+    request = StopRequest()
+
+    def handler(signum, frame):
+        if request.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        request.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    with _handlers(handler, signal.SIGINT, signal.SIGTERM):
+        yield request
+
+
+class Stopped(Exception):
+    """A run ended early by a signal, its state saved; exit_code is the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+@contextmanager
+def _handlers(handler, *signums):
+    try:
+        old = {s: signal.signal(s, handler) for s in signums}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file -> its dict, loaded with weights_only (nothing in it is executed).
+
+    Every way a file can fail to be a BrgSA checkpoint (missing, truncated, corrupt, pickled objects
+    that are not plain data, config fields this code does not know) becomes one ValueError or
+    FileNotFoundError naming the file; torch's own message is kept out because it advises
+    weights_only=False, which would execute an untrusted file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # torch's refusal of a pickled class
+            raise ValueError(f"{path}: holds objects other than tensors and plain data, so it was "
+                             f"not loaded (not a checkpoint written by train.py)") from None
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read") from None
+    except Exception as e:  # truncated zip, bad magic number, EOF: torch raises several types
+        raise ValueError(f"{path}: corrupt or truncated checkpoint, cannot be read "
+                         f"({type(e).__name__})") from None
+    missing = [k for k in ("model", "model_config", "tokenizer")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a BrgSA checkpoint (missing {missing})")
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"{path}: model_config has field(s) {unknown} that this code's ModelConfig "
+                         f"does not know (written by another version?)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint read by read_checkpoint (lists back to tuples)."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in ckpt["model_config"].items()})

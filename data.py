@@ -582,6 +582,9 @@ def mean_volume(records, limit: int = 512) -> torch.Tensor:
 
 
 def eval_loader(records, batch_size, workers=0):
-    """A plain, ordered DataLoader over VolumeDataset(records) for evaluation."""
+    """A plain, ordered DataLoader over VolumeDataset(records) for evaluation. Its own generator
+    seeds its workers, so that evaluating mid-training draws nothing from torch's global RNG
+    (which a resumed run must find as the uninterrupted run left it)."""
     return torch.utils.data.DataLoader(VolumeDataset(records), batch_size=batch_size, shuffle=False,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator())

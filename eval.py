@@ -207,13 +207,13 @@ def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int, prompt: s
             if len(enc.ids) > max_len:
                 raise ValueError(f"--findings: {f[:60]!r}... is {len(enc.ids)} tokens as a prompt; "
                                  f"the text encoder reads at most {max_len}")
-        words = re.findall(r"\w+", tokenizer.normalizer.normalize_str(f) if tokenizer.normalizer else f)
+        words = re.findall(r"\w+", f)
         pieces = {w: tokenizer.encode(w, add_special_tokens=False).tokens for w in words}
-        if any(unk is not None and unk in tokenizer.encode(w, add_special_tokens=False).ids for w in words):
-            bad = [w for w in words if "[UNK]" in pieces[w]]
+        bad = [w for w in words if unk is not None and unk in tokenizer.encode(w, add_special_tokens=False).ids]
+        if bad:
             raise ValueError(f"--findings: {f!r} has words the tokenizer cannot read {bad} "
                              f"(they would all read as [UNK]); write them in Latin letters")
-        spelled = [w for w in words if len(pieces[w]) > 1 and
+        spelled = [w for w in words if len(pieces[w]) > 1 and  # mostly single letters
                    sum(len(p.lstrip("#")) == 1 for p in pieces[w]) * 2 > len(w)]
         if spelled:
             known = [w for w in words if w not in spelled]
@@ -317,8 +317,10 @@ def parse_device(name: str) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: {torch.cuda.device_count()} CUDA GPU(s) here")
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     return device
 
 

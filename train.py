@@ -37,7 +37,7 @@ import data as data_lib
 import eval as eval_lib
 from model import PRESETS, BrgSA, flops_per_sample
 from prepare import files, pretrained
-from prepare.inputs import training_inputs
+from prepare.inputs import SUMMARY_BACKENDS, training_inputs
 
 
 def _f(default, help):
@@ -64,7 +64,7 @@ class TrainConfig:  # every field is a flag: --name=value; None means the preset
                                    "adamw (preset default: tiny 0.05, paper 1e-6)")
     optimizer: str = _f(None, "adam (L2 decay, the official code's) or adamw (preset default: "
                               "tiny adamw, paper adam)")
-    warmup_iters: int = _f(None, "linear LR warm-up steps, then cosine decay to 10%; 0 = constant LR "
+    warmup_iters: int = _f(None, "linear LR warm-up steps, then cosine decay to a tenth; 0 = constant LR "
                                  "as in the paper (preset default: tiny 30, paper 0)")
     grad_clip: float = _f(0.25, "clip the global gradient norm to this (0 = off); the paper's 0.25")
     grad_accum: int = _f(1, "micro-batches per step (memory knob; contrastive negatives then span "
@@ -128,9 +128,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
     every = cfg.eval_interval if cfg.eval_interval is not None else max(1, cfg.max_iters // 10)
     dtype = autocast_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
-    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW  # L2 vs decoupled decay
-    opt = kind(model.parameters(), lr=cfg.lr, betas=recipe["betas"], weight_decay=cfg.weight_decay,
-               fused=device.type == "cuda")
+    opt = make_optimizer(model.parameters(), cfg, fused=device.type == "cuda")
     keep = Selection(model, cfg, out / "best.pt", inputs, ckpt)
     step = restore(ckpt, opt, scaler, cfg) if ckpt is not None else 0
     log(f"train: {cfg.preset} preset ({cfg.method}), {model.num_params() / 1e6:.1f} M parameters, "
@@ -233,6 +231,14 @@ def build_model(cfg: TrainConfig, mcfg, ckpt, train_records, log) -> BrgSA:
     if cfg.vit_weights:
         log(pretrained.load_vit(model.visual, cfg.vit_weights, pretrained.parse_flip(cfg.vit_flip)).summary())
     return model
+
+
+def make_optimizer(params, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay (the official code's: wd * p joins the gradient before the
+    moments) or AdamW (wd * lr * p taken off the weights apart from them)."""
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, betas=TRAIN_PRESETS[cfg.preset]["betas"],
+                weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -477,8 +483,10 @@ def pick_device(name: str) -> torch.device:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: {torch.cuda.device_count()} CUDA GPU(s) here")
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     return dev
 
 
@@ -587,6 +595,10 @@ def check_config(cfg: TrainConfig):
     if not cfg.lr > 0 or not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"--lr must be > 0 and --val_fraction in [0, 1), got {cfg.lr} and "
                          f"{cfg.val_fraction}")
+    if cfg.summaries not in SUMMARY_BACKENDS and not Path(cfg.summaries).is_file():
+        raise ValueError(f"--summaries {cfg.summaries}: neither {' nor '.join(SUMMARY_BACKENDS)} nor "
+                         f"a summary cache file (python -m prepare.summarize ... --out FILE)")
+    pick_device(cfg.device)
     if set(cfg.vit_flip) - set("xyz"):
         raise ValueError(f"--vit_flip takes letters from 'xyz', got {cfg.vit_flip!r}")
     split = int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum

@@ -219,6 +219,11 @@ def auroc(scores, labels) -> float:
     return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["auc"][0])
 
 
+def auprc(scores, labels) -> float:
+    """Average precision of one class from the engine; nan without a positive."""
+    return float(ranked_metrics(scores, labels, np.ones((1, len(scores))))["auprc"][0])
+
+
 def roc_corner_threshold(scores, labels) -> float:
     """Threshold whose (FPR, TPR) lies closest to (0, 1); predictions are `score > threshold`.
 

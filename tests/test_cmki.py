@@ -161,8 +161,9 @@ def test_default_scale():
 
 @pytest.mark.parametrize("method", list(cmki.METHODS))
 def test_ablation_losses_equal_their_formulas(use_kernels, method):
-    """Each ablation's total against the float64 reference with its weights; a zero-weight term
-    is left out of the total (clip: exactly beta * L_INFO) and passes no gradient."""
+    """Each ablation's total against the float64 reference with its weights: L is written as the
+    paper's sum, so a zero-weight term adds exactly nothing (clip: bitwise beta * L_INFO) and
+    passes a zero gradient (model.BrgSA.loss keeps clip's bank out of training altogether)."""
     g = torch.Generator().manual_seed(13)
     N, K, d = 7, 19, 10
     v64, t64 = (torch.randn(N, d, generator=g, dtype=torch.float64) for _ in range(2))
@@ -177,13 +178,11 @@ def test_ablation_losses_equal_their_formulas(use_kernels, method):
     _close(out["total"].reshape(()), want, 1e-5, f"{method} total")
     if method == "clip":
         assert torch.equal(out["total"], beta * out["info"])  # bitwise: nothing else is added
-    for k, w in (("mse", alpha), ("info", beta), ("info_r", gamma)):
-        assert out[k].requires_grad == bool(w), f"{k}: weight {w}"
     out["total"].backward()
     want.backward()
     for got, ref, name in zip(leaves, refs, ("dv", "dt", "dD")):
         if method == "clip" and name == "dD":
-            assert got.grad is None  # the bank takes no part in plain contrastive alignment
+            assert not got.grad.any()  # the bank enters clip's loss with weight 0 only
             continue
         _close(got.grad, ref.grad, 1e-4, f"{method} {name}")
 

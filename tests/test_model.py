@@ -6,27 +6,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (PRESETS, BrgSA, ModelConfig, TextEncoder, ViT3D, interpolate_table, sincos_3d,
-                   sincos_table)
+from model import PRESETS, BrgSA, ModelConfig, TextEncoder, ViT3D, interpolate_table, sincos_table
 
 SMALL = dataclasses.replace(PRESETS["tiny"], vit_width=48, vit_depth=2, vit_heads=2, text_width=48,
                             text_depth=2, text_heads=2, text_mlp=96, embed_dim=24, bank_size=16,
                             vocab_size=100)
 
 
-def test_tiny_forward_returns_loss_dict_and_backprops():
+def test_forward_returns_embeddings_and_the_loss_backprops():
     torch.manual_seed(0)
     m = BrgSA(SMALL)
     vol = torch.randn(3, 1, *SMALL.crop_size)
     ids = torch.randint(5, 100, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[1, 6:] = 0
-    out = m(vol, ids, mask)
+    v, t = m(vol, ids, mask)
+    assert v.shape == t.shape == (3, SMALL.embed_dim)
+    out = m.loss(v, t)
     assert set(out) == {"total", "mse", "info", "info_r"}
     assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
     out["total"].backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
+    clip = BrgSA(dataclasses.replace(SMALL, method="clip"))  # plain contrastive: the bank is untrained
+    clip.loss(*clip(vol, ids, mask))["total"].backward()
+    assert clip.bank.weight.grad is None and clip.visual.head.weight.grad is not None
 
 
 def test_vit_accepts_crop_and_full_volume_grids():
@@ -119,10 +123,10 @@ def test_text_encoder_rejects_too_long_input():
 
 
 def test_sincos_table_is_fixed_and_distinct():
-    table = sincos_3d((3, 4, 5), 48)
+    table = sincos_table((3, 4, 5), 48)
     assert table.shape == (60, 48)
     assert torch.cdist(table, table).add(torch.eye(60) * 10).min() > 1e-3  # every position distinct
-    assert sincos_3d((2, 2, 2), 50)[:, 48:].abs().max() == 0  # leftover channels stay zero
+    assert sincos_table((2, 2, 2), 50)[:, 48:].abs().max() == 0  # leftover channels stay zero
     assert not any(isinstance(b, torch.nn.Parameter) for b in ViT3D(SMALL).buffers())
 
 
@@ -134,7 +138,7 @@ def test_grad_checkpoint_gives_same_gradients():
     vol, ids = torch.randn(2, 1, *SMALL.crop_size), torch.randint(5, 100, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     for m in (m1, m2):
-        m(vol, ids, mask)["total"].backward()
+        m.loss(*m(vol, ids, mask))["total"].backward()
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
 
@@ -171,15 +175,23 @@ def test_position_table_interpolation_is_trilinear():
     assert interpolate_table(table, base, base) is table
 
 
-def test_official_sincos_table_formula():
-    grid, C = (2, 3, 4), 24
-    t = sincos_table(grid, C).double().numpy()
-    assert t.shape == (1 + 24, C) and not t[0].any()
+@pytest.mark.parametrize("unit", [False, True])
+def test_sincos_table_formula(unit):
+    """One builder, two position conventions: integer patch indices (the CPU presets) and the
+    official code's 0..1 coordinates (np.linspace), against a float64 numpy write-out."""
+    grid, C = (2, 3, 4), 26  # 26: two leftover channels
+    t = sincos_table(grid, C, unit=unit).double().numpy()
     half = C // 6
     omega = 10000.0 ** (-np.arange(half) / half)
-    coords = np.meshgrid(*[np.linspace(0, 1, g) for g in grid], indexing="ij")
+    coords = np.meshgrid(*[np.linspace(0, 1, g) if unit else np.arange(g) for g in grid], indexing="ij")
     ref = np.concatenate([f(c.reshape(-1, 1) * omega) for c in coords for f in (np.sin, np.cos)], 1)
-    np.testing.assert_allclose(t[1:], ref, atol=1e-6)
+    assert t.shape == (24, C) and not t[:, 6 * half:].any()
+    np.testing.assert_allclose(t[:, :6 * half], ref, atol=1e-6)
+    if unit:  # the paper preset's table: this one with a zero CLS row first
+        cfg = dataclasses.replace(PRESETS["paper"], crop_size=(32, 48, 32), vit_width=C, vit_heads=2,
+                                  vit_depth=0)
+        table = ViT3D(cfg).pos_embed
+        assert not table[0].any() and torch.equal(table[1:], torch.from_numpy(t).float())
 
 
 def test_table_positions_feed_the_blocks_interpolated_to_the_input_grid():

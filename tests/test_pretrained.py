@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import data
 from prepare import pretrained
-from model import PRESETS, ViT3D, TextEncoder, interpolate_table, sincos_3d
+from model import PRESETS, TextEncoder, ViT3D, interpolate_table, sincos_table
 
 TOL = 1e-5
 
@@ -152,7 +152,7 @@ def test_inflated_2d_vit_matches_timm_blocks(tmp_path):
     emb = F.conv2d(slices, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=8)
     emb = emb.reshape(2, 2, 4, 48, 2, 3).mean(2)  # (B, gz, C, gx, gy), mean over a patch's slices
     x = emb.permute(0, 3, 4, 1, 2).reshape(2, 2 * 3 * 2, 48)  # tokens in (x, y, z) order
-    x = x + sincos_3d((2, 3, 2), 48)
+    x = x + sincos_table((2, 3, 2), 48)
     x = torch.cat([sd["cls_token"].expand(2, -1, -1), x], 1)
     with torch.no_grad():
         for b in blocks:

@@ -1,28 +1,33 @@
-"""train.py: a short run lowers the loss and writes eval.json; resume continues the same run exactly;
-the data-parallel step: 2 gloo processes give the gradients of 1 process on the same global batch
-(all-gathered negatives), with and without gradient accumulation."""
+"""train.py: a short run lowers the loss and writes eval.json; resume continues the same run exactly
+(dropout and warm-up included), after a kill, Ctrl-C or SIGTERM too; a full disk, a second run into
+the same folder and bad flags end with one line; 2 gloo ranks train like 1 process on the same
+global batch (all-gathered negatives)."""
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import cmki
+import data as data_lib
+import eval as eval_lib
 import train
-from model import PRESETS, BrgSA
+from analysis.files import read_score_csv
+from model import PRESETS
+from prepare import files
+from prepare.inputs import split_validation, summaries_of, training_inputs, with_reports
 
-SMALL = ["--synth_n=36", "--batch_size=6", "--log_interval=1", "--eval_interval=0", "--workers=0",
-         "--vocab_size=300"]
+SMALL = ["--synth_n=36", "--batch_size=6", "--log_interval=1", "--eval_interval=0", "--workers=0"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def test_optimizer_update_equals_the_formula(kind):
     for g in grads:
         p.grad = g.clone()
         opt.step()
-    lr, (b1, b2), wd, eps = cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, 1e-8
+    lr, (b1, b2), wd, eps = cfg.lr, train.TRAIN_PRESETS["paper"]["betas"], cfg.weight_decay, 1e-8
     ref, m, v = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
     for t, g in enumerate(grads, 1):
         if kind == "adam":
@@ -86,25 +91,50 @@ def test_short_run_lowers_loss_and_writes_eval(synth_dir, tmp_path, monkeypatch)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, f"loss did not go down: {losses}"
     saved = json.loads((out / "eval.json").read_text())
-    assert set(saved["auc"]) == set(train.data_lib.CTRATE_CLASSES)
-    assert 0.0 <= saved["macro_auc"] <= 1.0
+    assert set(saved["auc"]) == set(data_lib.CTRATE_CLASSES) and saved["trained_on"] == "synthetic"
+    # the reported macro AUROC is the reference AUROC of the scores it wrote, class by class
+    _, _, scores = read_score_csv(out / "scores.csv")
+    _, _, labels = read_score_csv(out / "labels.csv")
+    assert saved["macro_auc"] == pytest.approx(eval_lib.macro_auc(scores, labels), abs=1e-12)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 40 and tuple(ckpt["model_config"]["image_size"]) == (48, 48, 32)
+    # input centering: the stored mean is the training volumes' mean, not left at zero
+    kept = torch.load(out / "best.pt", weights_only=True)["model"]["visual.input_mean"]
+    cfg = train.parse_args(SMALL + [f"--synth_dir={synth_dir}", f"--out_dir={tmp_path / 'x'}"])
+    fit = training_inputs(cfg, PRESETS["tiny"], 4096, log=lambda *a: None).train
+    torch.testing.assert_close(kept[0], data_lib.mean_volume(fit))
+    assert kept.abs().max() > 0.1
 
 
-def test_resume_continues_the_same_run(synth_dir, tmp_path):
-    """Weights and the validation record continue as if never stopped."""
-    common = SMALL[:3] + SMALL[4:] + [f"--synth_dir={synth_dir}", "--ckpt_interval=3",
-                                      "--warmup_iters=0", "--eval_interval=2", "--val_fraction=0.2"]
-    straight = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'a'}"])
-    train.main(common + ["--max_iters=3", f"--out_dir={tmp_path / 'b'}"])
-    resumed = train.main(common + ["--max_iters=6", f"--out_dir={tmp_path / 'b'}", "--resume"])
+@pytest.fixture
+def dropout(monkeypatch):
+    """The tiny preset with dropout 0.1 in both encoders (the paper's text tower has it): a run that
+    draws randomness every step, which a resume must reproduce."""
+    monkeypatch.setitem(train.PRESETS, "tiny", replace(PRESETS["tiny"], dropout=0.1))
+
+
+def test_resume_continues_the_same_run(synth_dir, tmp_path, dropout, monkeypatch):
+    """A run resumed from its step-3 checkpoint continues as if never stopped: weights, losses and
+    the validation record, with dropout (which draws from torch's RNG, restored on resume) and a
+    warm-up + cosine schedule (which depends on the run's length, 6 steps in both)."""
+    common = SMALL[:3] + SMALL[4:] + [f"--synth_dir={synth_dir}", "--ckpt_interval=3", "--max_iters=6",
+                                      "--warmup_iters=2", "--eval_interval=2", "--val_fraction=0.2"]
+    save = train.save_checkpoint
+
+    def keep_step_3(path, model, opt, scaler, step, *rest):  # the checkpoint a stop at 3 leaves
+        save(path, model, opt, scaler, step, *rest)
+        if step == 3:  # the run's folder as it stood then: ckpt.pt and the best.pt of step 2
+            shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(".lock"))
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_step_3)
+    straight = train.main(common + [f"--out_dir={tmp_path / 'a'}"])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    resumed = train.main(common + [f"--out_dir={tmp_path / 'b'}", "--resume"])
     assert resumed["history"] == straight["history"][3:]
-    # the first run ended at step 3, so it also validated there; every other entry is the same
-    assert [h for h in resumed["val_history"] if h[0] != 3] == straight["val_history"]
-    assert [h[0] for h in straight["val_history"]] == [2, 4, 6]
+    assert resumed["val_history"] == straight["val_history"] and len(straight["val_history"]) == 3
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["model_config"]["dropout"] == 0.1 and a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
 
@@ -113,17 +143,18 @@ def test_validation_split_never_overlaps_the_held_out_split(synth_dir, tmp_path)
     """The validation reports come from the training split; a report's volumes stay together."""
     cfg = train.parse_args(SMALL + [f"--synth_dir={synth_dir}", f"--out_dir={tmp_path}",
                                     "--val_fraction=0.25"])
-    _, _, (fit, val, held_out), _, _ = train.prepare(cfg, True, torch.device("cpu"), 0, print)
+    inputs = training_inputs(cfg, PRESETS["tiny"], 4096)
+    fit, val, held_out = inputs.train, inputs.val, inputs.held_out
     names = [{r.name for r in part} for part in (fit, val, held_out)]
     assert names[1] and not names[0] & names[1] and not names[1] & names[2]
     assert not names[0] & names[2] and all(n.startswith("train") for n in names[1])
     assert not {r.report for r in fit} & {r.report for r in val}
     reports = {r.report for r in fit + val}
     assert len({r.report for r in val}) == round(0.25 * len(reports))
-    again = train.split_validation(fit + val, 0.25, cfg.seed)[1]
+    again = split_validation(fit + val, 0.25, cfg.seed)[1]
     assert {r.name for r in again} == names[1]  # a function of the seed
-    assert {r.name for r in train.split_validation(fit + val, 0.25, cfg.seed + 1)[1]} != names[1]
-    assert train.split_validation(fit, 0.0, 0) == (fit, [])
+    assert {r.name for r in split_validation(fit + val, 0.25, cfg.seed + 1)[1]} != names[1]
+    assert split_validation(fit, 0.0, 0) == (fit, [])
 
 
 def test_the_kept_model_is_the_best_on_validation(synth_dir, tmp_path, monkeypatch):
@@ -147,11 +178,11 @@ def test_resume_without_checkpoint_names_the_file(synth_dir, tmp_path):
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(synth_dir, tmp_path, monkeypatch):
-    """A run killed with SIGKILL mid-way and resumed (--auto_resume, as torchrun --max-restarts
+    """A run killed with SIGKILL mid-way and resumed (--resume=auto, as torchrun --max-restarts
     would rerun it) ends bitwise equal to an uninterrupted run, with a data-loader worker process."""
     monkeypatch.setattr(cmki, "USE_KERNELS", False)  # eager maths in both processes
-    common = SMALL[:-2] + ["--workers=1", "--vocab_size=300", f"--synth_dir={synth_dir}",
-                           "--warmup_iters=0", "--max_iters=5", "--ckpt_interval=1", "--auto_resume"]
+    common = SMALL[:-1] + ["--workers=1", f"--synth_dir={synth_dir}", "--warmup_iters=0",
+                           "--max_iters=5", "--ckpt_interval=1", "--resume=auto"]
     straight = train.main(common + [f"--out_dir={tmp_path / 'a'}"])
     env = dict(os.environ, TRITON_INTERPRET="0")
     cmd = [sys.executable, str(Path(train.__file__)), *common, f"--out_dir={tmp_path / 'b'}"]
@@ -176,59 +207,13 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(synth_dir, t
 
 # ----------------------------------------------------------------------------- DDP
 
-# A very small model in float64: the point is the gradient plumbing, not the encoders, and float64
-# makes "equal" mean equal up to summation order (1e-10), not up to float32 noise.
-CFG = replace(PRESETS["tiny"], input_centering=False, image_size=(16, 16, 8), crop_size=(16, 16, 8),
-              patch_size=(8, 8, 4), vit_width=32,
-              vit_depth=1, vit_heads=2, vocab_size=50, max_len=12, text_width=32, text_depth=1,
-              text_heads=2, text_mlp=64, embed_dim=24, bank_size=16)
-GLOBAL_BATCH = 8
-
-
-def global_batch():
-    g = torch.Generator().manual_seed(3)
-    volume = torch.randn(GLOBAL_BATCH, 1, *CFG.crop_size, generator=g, dtype=torch.float64)
-    ids = torch.randint(1, CFG.vocab_size, (GLOBAL_BATCH, CFG.max_len), generator=g)
-    mask = (torch.arange(CFG.max_len) < torch.randint(3, CFG.max_len + 1, (GLOBAL_BATCH, 1),
-                                                       generator=g)).long()
-    return volume, ids, mask
-
-
-def micro_batches(rank, world, accum):
-    """The slices rank `rank` sees, in train.rank_batches' order."""
-    volume, ids, mask = global_batch()
-    out, gen = [], train.rank_batches(GLOBAL_BATCH, GLOBAL_BATCH, 0, 0, rank, world, accum)
-    for _ in range(accum):
-        rows = [i for _, i in next(gen)]
-        out.append((volume[rows], ids[rows], mask[rows]))
-    return out
-
-
-def step_grads(model, wrapped, no_sync, rank, world, accum):
-    cfg = SimpleNamespace(grad_accum=accum)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = train.train_step(model, wrapped, iter(micro_batches(rank, world, accum)), cfg,
-                              torch.device("cpu"), torch.float32, scaler, no_sync)
-    return losses["total"].item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _worker(rank, world, port, path):
+def _rank(rank, world, port, args):
+    """One torchrun rank: the environment torchrun sets, then train.main as it runs there."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmki.USE_KERNELS = False  # eager maths in every rank: the comparison is about the plumbing
     torch.set_num_threads(1)
-    r, w, device = train.ddp_setup("cpu")  # exactly what train.main does under torchrun
-    assert (r, w, device.type) == (rank, world, "cpu") and torch.distributed.get_world_size() == world
-    torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's parameters
-    model = BrgSA(CFG).double()
-    wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    results = {}
-    for accum in (1, 2):
-        model.zero_grad(set_to_none=True)
-        results[accum] = step_grads(model, wrapped, wrapped.no_sync, rank, world, accum)
-    if rank == 0:
-        torch.save(dict(results=results, state=model.state_dict()), path)
-    train.ddp_teardown()
+    train.main(args)
 
 
 def free_port():
@@ -237,40 +222,35 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddp") / "rank0.pt"
-    ctx = mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=False)
-    deadline = time.time() + 120  # a rank stuck in a collective must fail the test, not hang it
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_train_like_one_process_on_the_global_batch(synth_dir, tmp_path, accum, monkeypatch):
+    """train.main under 2 gloo ranks (each half of every batch, embeddings all-gathered) and in one
+    process on the same global batches: the same losses and the same weights after 3 steps."""
+    monkeypatch.setattr(cmki, "USE_KERNELS", False)
+    common = SMALL[:1] + ["--batch_size=8", "--log_interval=1", "--eval_interval=0", "--workers=0",
+                          f"--synth_dir={synth_dir}", "--max_iters=3", "--warmup_iters=0",
+                          f"--grad_accum={accum}", "--val_fraction=0"]
+    train.main(common + ["--batch_size=8", f"--out_dir={tmp_path / 'one'}"])  # data set made once
+    ctx = mp.spawn(_rank, args=(2, free_port(), common + [f"--out_dir={tmp_path / 'two'}"]),
+                   nprocs=2, join=False)
+    deadline = time.time() + 180  # a rank stuck in a collective must fail the test, not hang it
     while not ctx.join(timeout=1):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the 2-rank run did not finish in 120 s")
-    return torch.load(path, weights_only=True)
-
-
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_match_one_process_on_the_global_batch(two_rank_results, accum, monkeypatch):
-    got_loss, got_grads = two_rank_results["results"][accum]
-    monkeypatch.setattr(cmki, "USE_KERNELS", False)
-    model = BrgSA(CFG).double()
-    model.load_state_dict(two_rank_results["state"])  # rank 0's init (no optimizer step taken)
-    loss, grads = step_grads(model, model, nullcontext, 0, 1, accum)
-    assert abs(loss - got_loss) <= 1e-12 * abs(loss), (loss, got_loss)
-    worst = max(((grads[n] - g).abs().max().item() / (grads[n].abs().max().item() + 1e-12), n)
-                for n, g in got_grads.items())
-    assert worst[0] <= 1e-10, f"largest relative gradient difference {worst[0]:.2e} in {worst[1]}"
-    # the gather really happened: rank 0's half batch alone has another loss
-    model.zero_grad()
-    half, _ = step_grads(model, model, nullcontext, 0, 2, accum)
-    assert abs(half - got_loss) > 1e-3
+            pytest.fail("the 2-rank run did not finish in 180 s")
+    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert one["step"] == two["step"] == 3
+    for k, w in one["model"].items():  # float32: equal up to the order of the gradient sums
+        torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-6, msg=k)
+    moved = max((one["model"][k] - w).abs().max().item() for k, w in
+                torch.load(tmp_path / "one" / "best.pt", weights_only=True)["model"].items())
+    assert moved == 0.0  # best.pt (no validation split) is the last step, the same weights
 
 
 def test_gather_is_identity_without_a_process_group():
     x = torch.randn(3, 4, requires_grad=True)
-    assert train.gather(x) is x and train.is_master()
-    assert train.broadcast({"a": 1}) == {"a": 1}
+    assert train.gather(x) is x and train.is_master() and not train.any_rank(None)
 
 
 def test_rank_batches_partition_each_step():
@@ -287,7 +267,8 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "--tokenizer" in out and help_lacks_defaults(out) == []
+    assert "--summaries" in out and help_lacks_defaults(out) == []
+    assert len(train.fields(train.TrainConfig)) <= 30  # the flags a learner has to read
 REPO = Path(train.__file__).parent
 
 
@@ -310,7 +291,7 @@ def run_cli(*args, timeout=120):
     ("--method=bank_only", "--method must be one of ['brgsa', 'clip', 'no_mse', 'no_info_r'], got 'bank_only'"),
     ("--lr=0", "--lr must be > 0, got 0.0"),
     ("--dtype=float64", "--dtype must be one of ['auto', 'bfloat16', 'float16', 'float32'], got 'float64'"),
-    ("--summary_backend=gpt", "--summary_backend must be one of ['rules', 'rules_report', 'llm'], got 'gpt'"),
+    ("--summaries=gpt", "--summaries gpt: neither rules nor rules_report nor a summary cache file"),
     ("--device=tpu", "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("--batch_size=6", "--batch_size=6 must be a multiple of world size 1 x --grad_accum=4"),
 ])
@@ -337,7 +318,7 @@ def test_new_run_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
     assert exit_.value.code == 2 and f"--out_dir {tmp_path} already holds a checkpoint" in err
     assert "--resume" in err and (tmp_path / "ckpt.pt").read_bytes() == b"a trained model"
     train.parse_args([f"--out_dir={tmp_path}", "--resume"])  # continuing it is allowed
-    train.parse_args([f"--out_dir={tmp_path}", "--auto_resume"])
+    train.parse_args([f"--out_dir={tmp_path}", "--resume=auto"])
 
 
 def test_cli_refusals_exit_nonzero_without_a_traceback(tmp_path):
@@ -348,7 +329,7 @@ def test_cli_refusals_exit_nonzero_without_a_traceback(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 torn")  # a zip header, then nothing
     res = run_cli(f"--out_dir={tmp_path}")
     assert res.returncode == 2 and "already holds a checkpoint" in res.stderr
-    res = run_cli(f"--out_dir={tmp_path}", "--auto_resume")
+    res = run_cli(f"--out_dir={tmp_path}", "--resume=auto")
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert f"cannot resume: {tmp_path / 'ckpt.pt'}: corrupt or truncated checkpoint" in res.stderr
     assert "weights_only=False" not in res.stderr and "move it away" in res.stderr
@@ -381,41 +362,132 @@ def test_training_needs_reports():
     from data import Record
     rec = [Record(f"v{i}", "x.npy", text, None) for i, text in enumerate(["", "  ", "nodule."])]
     said = []
-    assert [r.name for r in train.with_reports(rec, "D", said.append)] == ["v2"]
+    assert [r.name for r in with_reports(rec, "D", said.append)] == ["v2"]
     assert "2 training volumes have an empty report" in said[0]
     with pytest.raises(ValueError, match=r"D: none of the 2 training volumes has a report"):
-        train.with_reports(rec[:2], "D", said.append)
+        with_reports(rec[:2], "D", said.append)
 
 
-def _refused_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-
-
-def test_llm_summaries_reuse_a_cache_made_with_another_model(tmp_path):
-    """A cache written by `python -m prepare.summarize --model my-model` serves train.py with
-    --llm_model my-model: nothing is sent to the (here unreachable) server."""
+def test_summaries_come_from_a_finished_cache_or_stop_the_run(tmp_path):
+    """A cache written by `python -m prepare.summarize` (any backend, an LLM's too) serves the run
+    as it is; a report it lacks stops the run with the command that completes it."""
     from prepare import summarize
-    reports = ["Small nodule.", "Pleural fluid."]
+    reports = ["Small nodule.", "Pleural fluid.", "Emphysema."]
     cache = tmp_path / "made_by_summarize.jsonl"
     cache.write_text("".join(json.dumps(dict(key=summarize.report_key(r), source="llm:my-model",
-                                             summary=[f"S {r}"])) + "\n" for r in reports))
-    cfg = train.parse_args(["--summary_backend=llm", "--llm_model=my-model", f"--llm_url={_refused_url()}",
-                            f"--summary_cache={cache}", f"--out_dir={tmp_path / 'run'}"])
-    assert train.summaries_of(cfg, reports, None, tmp_path / "run") == {r: [f"S {r}"] for r in reports}
+                                             summary=[f"S {r}"])) + "\n" for r in reports[:2]))
+    assert summaries_of(str(cache), reports[:2], None, tmp_path) == {r: [f"S {r}"] for r in reports[:2]}
+    with pytest.raises(ValueError, match=r"1 of 3 reports have no summary in .*made_by_summarize\.jsonl; "
+                                         r"complete it with python -m prepare\.summarize"):
+        summaries_of(str(cache), reports, None, tmp_path)
+    assert summaries_of("rules", reports, None, tmp_path)[reports[2]] == ["Emphysema."]
 
 
-def test_llm_server_down_stops_training_unless_told_to_fall_back(tmp_path, capsys):
-    reports = ["Small nodule.", "Pleural fluid.", "Emphysema."]
-    args = ["--summary_backend=llm", f"--llm_url={_refused_url()}", f"--out_dir={tmp_path}"]
-    start = time.monotonic()
-    with pytest.raises(ValueError, match=r"3 of 3 reports have no summary in .*summaries_llm\.jsonl.*"
-                                         r"--summary_fallback"):
-        train.summaries_of(train.parse_args(args), reports, None, tmp_path)
-    assert "connection refused" in capsys.readouterr().err and time.monotonic() - start < 10
-    assert train.summaries_of(train.parse_args(args + ["--summary_fallback"]), reports, None, tmp_path) == {}
-    assert "3 of 3 reports have no summary; their raw text is used" in capsys.readouterr().out
-    many = [f"Report {i}." for i in range(30)]
-    with pytest.raises(ValueError, match=r"summarization \(llm, http://127.*stopped after 10 reports"):
-        train.summaries_of(train.parse_args(args), many, None, tmp_path)
+# ----------------------------------------------------------------------------- the schedule and clipping
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    cfg = replace(train.parse_args(["--lr=1e-3", "--warmup_iters=4", "--max_iters=24"]), max_iters=24)
+    lrs = [train.lr_at(s, cfg) for s in range(30)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    for step in (4, 10, 14, 20):  # cosine from lr down to its 10% floor over the remaining steps
+        want = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (step - 4) / 20))
+        assert lrs[step] == pytest.approx(want, rel=1e-12)
+    assert lrs[24:] == pytest.approx([1e-4] * 6)  # the floor, also past max_iters
+    assert train.lr_at(7, replace(cfg, warmup_iters=0)) == 1e-3  # the paper's constant LR
+
+
+def test_gradients_are_clipped_before_the_update(synth_dir, tmp_path, monkeypatch):
+    """Clipped to a global norm of 1e-12, the gradient is swamped by Adam's eps = 1e-8: each step
+    moves a weight by ~1e-4 of lr instead of ~lr, so two steps from the same start end far apart
+    from an unclipped run (and identical to it if clipping did nothing)."""
+    monkeypatch.setattr(cmki, "USE_KERNELS", False)
+    args = SMALL + [f"--synth_dir={synth_dir}", "--max_iters=2", "--warmup_iters=0", "--val_fraction=0"]
+    head = {}
+    for clip in ("1e-12", "0"):
+        train.main(args + [f"--grad_clip={clip}", f"--out_dir={tmp_path / clip}"])
+        head[clip] = torch.load(tmp_path / clip / "ckpt.pt", weights_only=True)["model"]["visual.head.weight"]
+    lr = train.TRAIN_PRESETS["tiny"]["lr"]
+    assert (head["1e-12"] - head["0"]).abs().max().item() > lr  # ~2 lr: two unclipped Adam steps
+
+
+# ----------------------------------------------------------------------------- stops, locks, full disks
+
+def popen_train(args, **kw):
+    """train.py in a subprocess with eager maths (no interpreter), as a user or a scheduler runs it."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def wait_for_step(proc, step: int, timeout: float = 120):
+    """Read the run's stdout until its progress line for `step` (or later) appears."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith("step") and "/" in line and int(line.split()[1].split("/")[0]) >= step:
+            return
+        assert time.time() < deadline, "no progress within the time limit"
+    pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes_the_same_run(synth_dir, tmp_path, sig,
+                                                                         code, monkeypatch):
+    """Stopped mid-run, train.py finishes its step, saves ckpt.pt, prints the resume command and
+    exits 128 + signal, without a traceback; resuming ends bitwise equal to an uninterrupted run."""
+    monkeypatch.setattr(cmki, "USE_KERNELS", False)
+    common = SMALL + [f"--synth_dir={synth_dir}", "--warmup_iters=0", "--max_iters=40",
+                      "--ckpt_interval=1000", "--val_fraction=0"]
+    proc = popen_train(common + [f"--out_dir={tmp_path / 'b'}"])
+    wait_for_step(proc, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert "Continue with: python train.py" in err and "--resume" in err
+    stopped = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 40
+    resumed = train.main(common + [f"--out_dir={tmp_path / 'b'}", "--resume"])
+    straight = train.main(common + [f"--out_dir={tmp_path / 'a'}"])
+    assert resumed["history"] == straight["history"][stopped:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    """While one run holds out_dir, another refuses at once naming it; a lock whose process is gone
+    (a crashed run) is recognised and taken over."""
+    with files.run_lock(tmp_path, "train.py"):
+        res = run_cli(f"--out_dir={tmp_path}", "--synth_n=36", "--max_iters=1")
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert f"{tmp_path} is in use by another train.py run (pid {os.getpid()}" in res.stderr
+    assert not (tmp_path / ".lock").exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / ".lock").write_text(json.dumps(dict(pid=int(dead), host=socket.gethostname(),
+                                                    started="then", command="train.py")))
+    with files.run_lock(tmp_path, "train.py") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def _fsize_limit(nbytes):
+    def limit():  # in the child: writes past nbytes fail with EFBIG instead of killing the process
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoint(synth_dir, tmp_path):
+    common = SMALL + [f"--synth_dir={synth_dir}", "--warmup_iters=0", "--val_fraction=0",
+                      f"--out_dir={tmp_path}"]
+    res = subprocess.run([sys.executable, "train.py", *common, "--max_iters=2"], cwd=REPO,
+                         env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    proc = popen_train(common + ["--max_iters=3", "--resume"],
+                       preexec_fn=_fsize_limit(len(before) // 2))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"{tmp_path / 'ckpt.pt'}: could not be written (file too large)" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before  # intact, and still loadable:
+    assert files.read_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no torn temp file left

@@ -1,7 +1,7 @@
 """CT data for BrgSA: NIfTI I/O, HU conversion, resampling, crop/pad, normalisation, the report
 tokenizer, and the datasets and loaders over preprocessed caches.
 
-Follows the paper's / official code's preprocessing (SPEC section 5): reorient to canonical RAS
+Follows the paper's / official code's preprocessing: reorient to canonical RAS
 (nibabel `as_closest_canonical`), HU = raw * slope + intercept where the volume is not already in HU
 (CT-RATE v1 vs v2 "fixed" volumes), trilinear resampling to 1.5 x 1.5 x 3.0 mm, centre crop/pad to
 256 x 256 x 128 (pad -1024 HU), clip to [-1000, 1000], and the official intensity normalisation
@@ -272,7 +272,7 @@ def normalize(hu):
 
 # ----------------------------------------------------------------------------- report tokenizer
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
+RESERVED_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as in BERT
 
 
 def _normalizer():
@@ -284,7 +284,7 @@ def _bert_pipeline(tok):
     """BERT-style normaliser, pre-tokenizer, [CLS] ... [SEP] post-processor and decoder."""
     tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
+    tok.add_special_tokens([t for t in RESERVED_TOKENS if tok.token_to_id(t) is not None])
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     if cls is None or sep is None:
         raise ValueError("tokenizer vocabulary lacks [CLS] or [SEP]")
@@ -307,7 +307,7 @@ def train_tokenizer(texts, vocab_size=4096, path=None):
     norm, pre = _normalizer(), pre_tokenizers.BertPreTokenizer()  # as the tokenizer will split
     counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
     chars = sorted({c for w in counts for c in w})
-    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    pieces = RESERVED_TOKENS + chars + ["##" + c for c in chars]
     if vocab_size < len(pieces):
         raise ValueError(f"vocab_size={vocab_size} is too small: the special tokens and the "
                          f"{len(chars)} characters of the texts need {len(pieces)}")
@@ -515,7 +515,7 @@ def load_volume(npy_path, crop_size=None, rng=None):
 
 
 class VolumeTextDataset(torch.utils.data.Dataset):
-    """(volume, text) pairs for training: one item per unique report (SPEC section 3).
+    """(volume, text) pairs for training: one item per unique report.
 
     A report with several volumes (reconstructions) picks one at random per draw (train) or the
     first (eval). Text: min(5, n) of the report's summary sentences in random order (train) or all

@@ -592,9 +592,10 @@ def check_config(cfg: TrainConfig):
     for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"--lr must be > 0 and --val_fraction in [0, 1), got {cfg.lr} and "
-                         f"{cfg.val_fraction}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.summaries not in SUMMARY_BACKENDS and not Path(cfg.summaries).is_file():
         raise ValueError(f"--summaries {cfg.summaries}: neither {' nor '.join(SUMMARY_BACKENDS)} nor "
                          f"a summary cache file (python -m prepare.summarize ... --out FILE)")

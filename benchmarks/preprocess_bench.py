@@ -1,4 +1,4 @@
-"""Preprocessing and loader benchmark for data.py (SPEC section 9).
+"""Preprocessing and loader benchmark for data.py: our pipeline against the official SimpleITK way.
 
 1. One 512x512x300 int16 chest CT (.nii.gz, 0.75 x 0.75 x 1.0 mm, LPS affine) is taken to
    256x256x128 at 1.5 x 1.5 x 3.0 mm by the project's pipeline (read + HU + resample + crop/pad +
@@ -8,9 +8,13 @@
    official code's reader and linear resampler, then crop and clip) is timed in the same rounds,
    interleaved with ours, as the reference; it is not a project dependency.
 2. Loader throughput from a preprocessed cache of paper-size 256x256x128 volumes with random
-   224x224x112 training crops (VolumeTextDataset + make_loader), with 1 and 2 worker processes.
+   224x224x112 training crops (VolumeTextDataset in a DataLoader), with 1 and 2 worker processes.
 
-    python benchmarks/preprocess_bench.py [--repeats 5] [--volumes 16] [--batches 12]
+    python benchmarks/preprocess_bench.py [--ct CT.nii.gz] [--repeats 5] [--volumes 16] [--batches 12]
+
+--ct takes a real chest CT to upsample into the test volume, e.g. pyradiomics' lung1 case
+(`data/lung1_image.nrrd` in the pyradiomics 3.1.0 source distribution on PyPI, saved as NIfTI);
+without it a drawn phantom chest is used.
 """
 import argparse
 import statistics
@@ -30,17 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from prepare.preprocess import save_npy_atomic  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_volumes"
 SHAPE, SPACING = (512, 512, 300), (0.75, 0.75, 1.0)
 PAPER = data.PREPROCESS["paper"]
 
 
-def make_ct(path, seed=0):
-    """A 512x512x300 int16 HU chest: the real lung1 CT upsampled when ../shared/data is there
-    (else a drawn phantom), plus scanner-like noise so that gzip sees realistic entropy."""
+def make_ct(path, real=None, seed=0):
+    """A 512x512x300 int16 HU chest: a real CT (`real`) upsampled when given, else a drawn
+    phantom, plus scanner-like noise so that gzip sees realistic entropy."""
     rng = np.random.default_rng(seed)
-    real = SHARED / "pyradiomics_lung1_ct_ds2.nii.gz"
-    if real.is_file():
+    if real is not None:
         hu, sp = data.load_nifti(real)
         x = torch.from_numpy(np.ascontiguousarray(hu))[None, None]
         hu = torch.nn.functional.interpolate(x, size=SHAPE, mode="trilinear")[0, 0].numpy()
@@ -101,12 +103,12 @@ def time_ours_zlib(src, out):
         data.INFLATE = fast
 
 
-def bench_preprocess(tmp, repeats):
+def bench_preprocess(tmp, repeats, real=None):
     """Time the pipelines interleaved (one run of each per round), so that load from other
     processes on the machine hits them alike; report per-stage medians and min/median totals."""
     torch.set_num_threads(1)
     src = tmp / "ct_512x512x300.nii.gz"
-    make_ct(src)
+    make_ct(src, real)
     pipes = {f"ours ({data.INFLATE.__name__} inflate)": time_ours}
     if data.INFLATE is not zlib:
         pipes["ours (zlib inflate, no isal)"] = time_ours_zlib
@@ -174,7 +176,8 @@ def bench_loader(tmp, n_volumes, n_batches, batch_size=2):
           f"224x224x112 crops, batch {batch_size}")
     print(f"{'workers':>8}{'volumes/s':>12}{'MB/s (float32 out)':>22}")
     for workers in (1, 2):
-        loader = data.make_loader(ds, batch_size, shuffle=True, workers=workers, seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers,
+                                             persistent_workers=True, drop_last=True)
         it = iter(loader)
         next(it)  # worker start-up is not throughput
         t0, n = time.perf_counter(), 0
@@ -193,6 +196,7 @@ def bench_loader(tmp, n_volumes, n_batches, batch_size=2):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ct", type=Path, help="a real chest CT (.nii.gz) to build the test volume from")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--volumes", type=int, default=16)
     p.add_argument("--batches", type=int, default=12)
@@ -200,7 +204,7 @@ def main():
     print(f"torch {torch.__version__}, numpy {np.__version__}, nibabel {nib.__version__}, "
           f"{torch.get_num_threads()} CPU threads available")
     with tempfile.TemporaryDirectory() as d:
-        bench_preprocess(Path(d), a.repeats)
+        bench_preprocess(Path(d), a.repeats, a.ct)
     with tempfile.TemporaryDirectory() as d:
         bench_loader(Path(d), a.volumes, a.batches)
 

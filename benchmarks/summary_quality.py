@@ -1,13 +1,14 @@
 """How well do report summaries keep the 18 CT-RATE findings? Measured on 400 real reports.
 
-The data is CT-CLIP's report-classifier set (../shared/data/ctclip_reports_18labels, CC BY-NC-SA,
-manual labels). For each label, a report counts as predicted positive when `summarize_rules.finding_classes`
+The data is a sample of CT-CLIP's report-classifier set (text_classifier/data/train.csv of the
+public github.com/ibrahimethemhamamci/CT-CLIP repository: report texts with 18 manual labels,
+CC BY-NC-SA 4.0), as a CSV with a report_text column and the 18 label columns. For each label, a report counts as predicted positive when `summarize_rules.finding_classes`
 finds the class in the text; recall and precision are computed against the manual labels twice:
 on the full report text (the ceiling a summary can reach with the same vocabulary) and on the summary.
 A summary should lose little recall relative to the full text (BrgSA wants every finding kept) and
 must not invent findings (precision).
 
-    python benchmarks/summary_quality.py [--backend rules|llm] [--cache summaries.jsonl] [--errors N]
+    python benchmarks/summary_quality.py REPORTS.csv [--backend rules|llm] [--cache summaries.jsonl] [--errors N]
 """
 import argparse
 import csv
@@ -17,9 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from prepare import summarize, summarize_llm, summarize_rules  # noqa: E402  (after the path set-up above)
-
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ctclip_reports_18labels" / "reports_shared.csv"
-
 
 def load_reports(path: Path) -> tuple[list[str], list[set[str]]]:
     with open(path, newline="", encoding="utf-8") as f:
@@ -47,7 +45,7 @@ def macro(s: dict[str, tuple[float, float]]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="reports CSV with the 18 label columns")
+    ap.add_argument("data", type=Path, help="reports CSV: report_text and the 18 label columns")
     ap.add_argument("--backend", default="rules", choices=["rules", "llm"], help="summary backend")
     ap.add_argument("--cache", type=Path, default=None, help="JSONL summary cache (needed for llm)")
     ap.add_argument("--url", default=summarize_llm.LLM_DEFAULTS["url"], help="llm: endpoint base URL")

@@ -50,9 +50,12 @@ def atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        reason = REASONS.get(e.errno, e.strerror or str(e))
+        cause = next((c for c in (e, e.__context__, e.__cause__) if isinstance(c, OSError)), None)
+        if cause is None and not isinstance(e, OSError) and "write" not in str(e).lower():
+            raise
+        reason = REASONS.get(getattr(cause, "errno", None), getattr(cause, "strerror", None) or str(e))
         raise WriteError(f"{path}: could not be written ({reason}); any earlier version of the "
                          f"file is unchanged") from None
     return path

@@ -1,4 +1,4 @@
-"""Synthetic chest CT + radiology report generator: the project's embedded default data set (SPEC §7).
+"""Synthetic chest CT + radiology report generator: the project's embedded default data set.
 
 Each scan is a procedural chest (body wall, ribs, spine, lungs, airways, heart, aorta, upper abdomen)
 drawn in millimetres, so one scene can be sampled on any grid (a second reconstruction is the same
@@ -15,7 +15,7 @@ in prepare/phantom_reports.py; this file draws the labels, writes the files and 
 
     python -m prepare.phantom --out data/phantom --n 1000 --seed 0
     python -m prepare.phantom --out data/grounding --n 120 --seed 12 --masks   # + per-finding masks
-    python -m prepare.phantom --out data/real_text --reports ../shared/data/ctclip_reports_18labels/reports_shared.csv
+    python -m prepare.phantom --out data/real_text --reports reports.csv   # real report texts + labels
 """
 import argparse
 import csv

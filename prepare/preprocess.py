@@ -1,6 +1,6 @@
 """The preprocessing cache: raw CT-RATE / RAD-ChestCT / NIfTI folders -> int16 .npy + index.csv.
 
-Each volume goes through data.py's pipeline (SPEC section 5: canonical RAS, HU, trilinear resampling
+Each volume goes through data.py's pipeline (canonical RAS, HU, trilinear resampling
 to the preset's spacing, centre crop/pad, clip) once, in a process pool, and is stored as a
 memory-mappable int16 .npy (exact: HU is clipped to [-1000, 1000]) so that training never decodes
 gzip or resamples. Runs are resumable (done.jsonl lists finished volumes; .npy files are written
@@ -53,7 +53,7 @@ def _read_source(job):
 
 
 CHEST_LUNG_MIN = 0.04  # lung_fraction below which a scan is flagged: 0.18-0.21 on the real chest CT
-                       # in ../shared/data (paper / tiny grid), 0.026-0.028 on its head CT, >= 0.053
+                       # of pyradiomics' lung1 case (paper / tiny grid), 0.026-0.028 on a real head CT, >= 0.053
                        # on 1118 synthetic chests (prepare/phantom.py, seed 0)
 
 
@@ -253,7 +253,7 @@ def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
     """Preprocess one CT-RATE split into cache_dir (one int16 .npy per volume + index.csv).
 
     Volumes come from ROOT/<split>/ on disk; spacing, rescaling, report and labels from the split's
-    CSVs (the metadata spacing replaces the header's, SPEC section 5). Already cached volumes are
+    CSVs (the metadata spacing replaces the header's, which CT-RATE does not keep right). Already cached volumes are
     skipped; bad volumes are logged and skipped. -> list[Record] of the volumes that are ready.
     """
     jobs, failed = ctrate_jobs(root, split)

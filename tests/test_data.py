@@ -313,6 +313,17 @@ def test_volume_text_dataset_sampling_crops_and_seeding(tmp_path):
         t = ds[by_report[reports[1]]]["text"]
         assert sorted(t.split(" ")) == ["A.", "B.", "C."]
     assert len(seen_texts) > 10
+    # each crop is the volume's own voxels at a random offset, and every offset gets drawn
+    single = next(i for i, g in enumerate(ds.groups) if len(g) == 1)
+    full = data.load_volume(ds.groups[single][0].npy_path)[0]
+    starts = set()
+    for _ in range(600):
+        crop = ds[single]["volume"][0]
+        hits = [(i, j, k) for i in range(5) for j in range(3) for k in range(3)
+                if torch.equal(full[i:i + 8, j:j + 10, k:k + 4], crop)]
+        assert hits, "a crop that is not a window of the volume"
+        starts.add(hits[0])
+    assert len(starts) == 5 * 3 * 3  # (12 - 8 + 1) x (12 - 10 + 1) x (6 - 4 + 1) offsets
     multi = ds.groups[[len(g) for g in ds.groups].index(2)]
     picks = {ds[ds.groups.index(multi)]["name"] for _ in range(20)}
     assert picks == {"train_0_a_1", "train_0_a_2"}
@@ -403,35 +414,17 @@ def test_tokenizer_training_is_repeatable(shared_data):
 
 # ----------------------------------------------------------------------------- labels, loaders
 
-def test_ctrate_lt_labels_by_name(shared_data, tmp_path):
-    path = shared_data / "brgsa_official" / "ctrate_lt_labels.csv"
-    lab = data.read_labels(path, data.CTRATE_LT_CLASSES)
-    assert len(data.CTRATE_LT_CLASSES) == 15 and len(lab) == 3039
-    rows = list(csv.DictReader(open(path)))
-    cols = ["VolumeName"] + list(data.CTRATE_LT_CLASSES)[::-1]  # the official file's order differs
-    write_csv(tmp_path / "shuffled.csv", [{c: r[c] for c in cols} for r in rows])
-    lab2 = data.read_labels(tmp_path / "shuffled.csv", data.CTRATE_LT_CLASSES)
-    assert all(np.array_equal(lab[k], lab2[k]) for k in lab)
-    assert lab["valid_2_a_1"][data.CTRATE_LT_CLASSES.index("Lung mass")] == 1
-    write_csv(tmp_path / "short.csv", [{c: r[c] for c in cols if c != "Empyema"} for r in rows[:3]])
-    with pytest.raises(ValueError, match=r"short\.csv.*missing class column.*Empyema"):
-        data.read_labels(tmp_path / "short.csv", data.CTRATE_LT_CLASSES)
-
-
-def test_make_loader_workers_seeded(tmp_path):
+def test_eval_loader_keeps_the_record_order_and_draws_no_global_randomness(tmp_path):
     make_ctrate(tmp_path / "ct", "train", n_patients=5)
     recs = preprocess.prepare_ctrate(tmp_path / "ct", "train", tmp_path / "c", T_SPACING, T_SHAPE, 1)
-    ds = data.VolumeTextDataset(recs, {}, crop_size=(8, 8, 4), train=True, seed=0)
-    names = []
-    for _ in range(2):
-        dl = data.make_loader(ds, batch_size=2, shuffle=True, workers=2, seed=11)
-        assert dl.persistent_workers and dl.prefetch_factor == 2 and dl.drop_last
-        batches = [b for b in dl]
-        assert len(batches) == len(ds) // 2 and batches[0]["volume"].shape == (2, 1, 8, 8, 4)
-        names.append([b["name"] for b in batches])
-    assert names[0] == names[1]
-    ev = data.make_loader(data.VolumeDataset(recs), batch_size=4, shuffle=False, workers=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    ev = data.eval_loader(recs, 4)
     assert [n for b in ev for n in b["name"]] == [r.name for r in recs]
+    assert torch.equal(torch.get_rng_state(), state)  # evaluating mid-training leaves dropout's RNG
+    mean = data.mean_volume(recs, limit=2)  # evenly spaced records, model-input units
+    want = torch.stack([data.load_volume(recs[k].npy_path) for k in (0, len(recs) // 2)]).mean(0)
+    torch.testing.assert_close(mean, want)
 
 
 def test_check_hu_cases():
@@ -461,14 +454,6 @@ def test_read_csv_refuses_an_unterminated_quote(tmp_path):
                     encoding="utf-8")
     with pytest.raises(ValueError, match=r"reports\.csv: .*(unterminated quote|header's 3 fields)"):
         data.read_csv(path, ("VolumeName",))
-
-
-def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
-    path = tmp_path / "labels.csv"
-    path.write_text("VolumeName,Cardiomegaly\na,1\nb,2\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"labels\.csv: line 3 \('b'\): label '2' for class "
-                                         r"'Cardiomegaly'; expected 0 or 1"):
-        data.read_labels(path, ("Cardiomegaly",))
 
 
 def test_nan_voxels_are_refused_even_with_allow_non_hu():

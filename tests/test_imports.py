@@ -1,5 +1,5 @@
-"""The layout contract (SPEC section 2): the top level holds only the reading path, and the project's
-imports, counting those inside functions, form no circle and run one way.
+"""The layout contract: the top level holds only the reading path, and the project's imports,
+counting those inside functions, form no circle and run one way.
 
 The import graph is read from the source with `ast`, so an import hidden in a function or under
 `if __name__ == "__main__"` counts like any other.
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 READING_PATH = {"cmki.py", "model.py", "data.py", "train.py", "eval.py"}
-PACKAGES = ("prepare", "kernels")
+PACKAGES = ("prepare", "kernels", "analysis")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -101,6 +101,12 @@ def test_data_flows_one_way():
         assert not bad, f"{m} imports {bad}"
     for op in ("kernels.bank_attention", "kernels.similarity"):
         assert not {"kernels.bench", "kernels.aot"} & graph[op], f"{op} imports its benchmark"
+    for m in [m for m in graph if m.startswith("analysis")] + [m for m in method]:
+        bad = sorted(n for n in graph[m] if n in ("train", "eval") or
+                     (m in method and n.startswith("analysis")))
+        assert not bad, f"{m} imports {bad}: the instruments serve eval.py, never the other way"
+    assert "eval" not in {n for m in graph if m.startswith("prepare") for n in graph[m]}
+    assert "train" not in graph["eval"], "eval.py reads checkpoints through prepare/files.py"
 
 
 def test_no_front_doors():

@@ -37,7 +37,7 @@ def _train(use_kernels: bool, monkeypatch) -> list[dict]:
         volume = torch.randn(B, 1, *cfg.crop_size, generator=g)  # (B, 1, X, Y, Z)
         ids = torch.randint(1, cfg.vocab_size, (B, L), generator=g)  # (B, L)
         mask = (torch.arange(L)[None] < torch.randint(3, L + 1, (B, 1), generator=g)).long()
-        out = net(volume, ids * mask, mask)
+        out = net.loss(*net(volume, ids * mask, mask))
         opt.zero_grad()
         out["total"].backward()
         opt.step()

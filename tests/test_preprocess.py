@@ -199,7 +199,7 @@ def write_radchest(root, names, rng, shape=(20, 24, 22)):
         row = {c: int(rng.random() < 0.08) for c in cols}
         rows.append(dict(NoteAcc_DEID=n, **row))
         truth[n] = np.array([any(row[f"{a}*{loc}"] for a in tables.RADCHEST_SOURCES[k]
-                                 for loc in ("lung", "heart")) for k in data.RADCHEST_CLASSES],
+                                 for loc in ("lung", "heart")) for k in tables.RADCHEST_CLASSES],
                             np.float32)
     write_csv(root / "imgtest_Abnormality_and_Location_Labels.csv", rows)
     return truth
@@ -208,7 +208,7 @@ def write_radchest(root, names, rng, shape=(20, 24, 22)):
 def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
     rng = np.random.default_rng(4)
     truth = write_radchest(tmp_path / "rad", [f"tst{i:05d}" for i in range(6)], rng)
-    hu, sp = data.read_radchest_npz(tmp_path / "rad" / "tst00000.npz")
+    hu, sp = tables.read_radchest_npz(tmp_path / "rad" / "tst00000.npz")
     assert hu.shape == (22, 24, 20) and hu.dtype == np.float32  # (X, Y, Z) <- (slices, rows, cols)
     np.testing.assert_allclose(sp, [0.8, 0.8, 0.8])
     assert tuple(np.argwhere(hu == 900)[0]) == (22 - 1 - 7, 24 - 1 - 5, 20 - 1 - 2)  # RAS
@@ -231,7 +231,7 @@ def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
                  "unknown volume name 'zzz'"):
         assert what in o.err
     recs = data.load_index(out)
-    assert len(recs) == 6 and recs[0].classes == data.RADCHEST_CLASSES
+    assert len(recs) == 6 and recs[0].classes == tables.RADCHEST_CLASSES
     for r in recs:
         np.testing.assert_array_equal(r.labels, truth[r.name])
         assert r.hu_rule == "already_hu" and r.spacing == (0.8, 0.8, 0.8)
@@ -248,7 +248,7 @@ def test_radchest_label_rules_and_score_mapping(tmp_path):
             dict(zip(cols, ["b", 0, 1, 0, 0, 1, 1]), **{o: 0 for o in others})]
     write_csv(tmp_path / "l.csv", rows)
     lab = tables.read_radchest_labels(tmp_path / "l.csv")
-    idx = {c: i for i, c in enumerate(data.RADCHEST_CLASSES)}
+    idx = {c: i for i, c in enumerate(tables.RADCHEST_CLASSES)}
     assert set(np.flatnonzero(lab["a"])) == {idx["Lung nodule"], idx["Calcification"]}
     assert set(np.flatnonzero(lab["b"])) == {
         idx["Medical material"], idx["Pulmonary fibrotic sequela"], idx["Hiatal hernia"]}
@@ -258,15 +258,15 @@ def test_radchest_label_rules_and_score_mapping(tmp_path):
     with pytest.raises(ValueError, match=r"m\.csv.*Pulmonary fibrotic sequela"):
         tables.read_radchest_labels(tmp_path / "m.csv")
     s = np.random.default_rng(0).normal(size=(5, 18)).astype(np.float32)
-    m = data.ctrate_to_radchest(s)
-    assert m.shape == (5, 16) and len(data.RADCHEST_CLASSES) == 16
+    m = tables.ctrate_to_radchest(s)
+    assert m.shape == (5, 16) and len(tables.RADCHEST_CLASSES) == 16
     c = data.CTRATE_CLASSES.index
     np.testing.assert_array_equal(m[:, idx["Calcification"]], np.maximum(
         s[:, c("Arterial wall calcification")], s[:, c("Coronary artery wall calcification")]))
-    for k in data.RADCHEST_CLASSES:
+    for k in tables.RADCHEST_CLASSES:
         if k != "Calcification":
             np.testing.assert_array_equal(m[:, idx[k]], s[:, c(k)])
-    torch.testing.assert_close(data.ctrate_to_radchest(torch.from_numpy(s)), torch.from_numpy(m))
+    torch.testing.assert_close(tables.ctrate_to_radchest(torch.from_numpy(s)), torch.from_numpy(m))
 
 
 def test_radchest_medical_material_official_11_devices(tmp_path):
@@ -283,7 +283,7 @@ def test_radchest_medical_material_official_11_devices(tmp_path):
                                                       for d in devices}),
             dict(NoteAcc_DEID="none", **base, **{f"{d}*heart": 0 for d in devices})]
     write_csv(tmp_path / "l.csv", rows)
-    mm = data.RADCHEST_CLASSES.index("Medical material")
+    mm = tables.RADCHEST_CLASSES.index("Medical material")
     official = tables.read_radchest_labels(tmp_path / "l.csv")
     every = tables.read_radchest_labels(tmp_path / "l.csv", devices="all")
     assert [official[n][mm] for n in ("sternotomy_only", "valve_only", "pacemaker", "none")] == [0, 0, 1, 0]
@@ -352,3 +352,26 @@ def test_volumes_not_in_hu_fail_by_name_unless_allowed(shared_data, tmp_path, ca
     assert preprocess.preprocess_main(args + ["--out", str(tmp_path / "o2"), "--allow_non_hu"]) == 0
     assert "done=4 skipped=0 failed=0" in capsys.readouterr().out
 
+
+
+def test_ctrate_lt_labels_by_name(shared_data, tmp_path):
+    path = shared_data / "brgsa_official" / "ctrate_lt_labels.csv"
+    lab = tables.read_labels(path, tables.CTRATE_LT_CLASSES)
+    assert len(tables.CTRATE_LT_CLASSES) == 15 and len(lab) == 3039
+    rows = list(csv.DictReader(open(path)))
+    cols = ["VolumeName"] + list(tables.CTRATE_LT_CLASSES)[::-1]  # the official file's order differs
+    write_csv(tmp_path / "shuffled.csv", [{c: r[c] for c in cols} for r in rows])
+    lab2 = tables.read_labels(tmp_path / "shuffled.csv", tables.CTRATE_LT_CLASSES)
+    assert all(np.array_equal(lab[k], lab2[k]) for k in lab)
+    assert lab["valid_2_a_1"][tables.CTRATE_LT_CLASSES.index("Lung mass")] == 1
+    write_csv(tmp_path / "short.csv", [{c: r[c] for c in cols if c != "Empyema"} for r in rows[:3]])
+    with pytest.raises(ValueError, match=r"short\.csv.*missing class column.*Empyema"):
+        tables.read_labels(tmp_path / "short.csv", tables.CTRATE_LT_CLASSES)
+
+
+def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("VolumeName,Cardiomegaly\na,1\nb,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels\.csv: line 3 \('b'\): label '2' for class "
+                                         r"'Cardiomegaly'; expected 0 or 1"):
+        tables.read_labels(path, ("Cardiomegaly",))

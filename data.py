@@ -13,8 +13,6 @@ decode gzip or resample. Those directories are written by prepare/preprocess.py:
     python -m prepare.preprocess --dataset ctrate --root CT-RATE --split train --out cache/train \
         --preset paper --workers 8
 """
-import csv
-import json
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -26,10 +24,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-PREPROCESS = {
-    "tiny": dict(target_spacing=(7.0, 7.0, 10.0), target_shape=(48, 48, 32)),
-    "paper": dict(target_spacing=(1.5, 1.5, 3.0), target_shape=(256, 256, 128)),
-}
 HU_MIN, HU_MAX, PAD_HU = -1000.0, 1000.0, -1024.0
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # official constants, applied after mapping HU to [-1, 1]
 
@@ -44,50 +38,62 @@ CTRATE_CLASSES = (
 )
 
 
-
-
-
-
 # ----------------------------------------------------------------------------- volumes
 
 def load_nifti(path, spacing=None):
     """Read a NIfTI CT -> (float32 (X, Y, Z) array in canonical RAS order, spacing (3,) mm).
 
-    The reorientation is nibabel's `as_closest_canonical` (io_orientation + apply_orientation),
-    done on views so the full-resolution volume is never copied through a transpose; the returned
-    array keeps the file's memory layout (typically Fortran order) and preprocess_volume resamples
-    it in that layout. Header scaling (scl_slope/scl_inter) is applied by nibabel. Spacing is the
-    header's pixdim permuted to RAS, or `spacing` (given in the file's own axis order) instead.
+    The reorientation is nibabel's `as_closest_canonical`, done on views (no transpose of the full
+    volume: the array keeps the file's memory layout, which preprocess_volume resamples in). Header
+    scaling (scl_slope/scl_inter) is applied. Spacing is the header's pixdim permuted to RAS, or
+    `spacing` (in the file's own axis order). A file that is not a whole 3-D NIfTI CT (truncated,
+    4-D, a degenerate affine, zero spacing, NaN voxels, a DICOM series) is refused by name.
     """
     path = Path(path)
+    if path.is_dir() or _is_dicom(path):
+        raise ValueError(f"{path}: a {'folder' if path.is_dir() else 'DICOM file'}, not a NIfTI file; "
+                         f"convert a DICOM series first, e.g. dcm2niix -z y -o OUT_DIR {path}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for "not an image"
-        raise ValueError(f"{path}: not a readable NIfTI file ({e})") from e
+        raise ValueError(f"{path}: not a readable NIfTI file ({e})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"{path}: expected a NIfTI image, got {type(img).__name__}")
-    shape = img.shape
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        raise ValueError(f"{path}: expected a 3-D volume (X, Y, Z), got shape {shape}")
+    if not (len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1)):
+        raise ValueError(f"{path}: expected a 3-D volume (X, Y, Z), got shape {img.shape} "
+                         f"({'a time series or several volumes' if len(img.shape) == 4 else 'not 3-D'})")
+    A = np.asarray(img.affine[:3, :3], np.float64)
+    if not np.isfinite(A).all() or abs(np.linalg.det(A)) < 1e-12:
+        raise ValueError(f"{path}: its affine is singular (voxel axes of zero length or in one plane), "
+                         f"so the scan has no orientation; fix the header (qform / sform)")
     ornt = nib.orientations.io_orientation(img.affine)  # row i: (RAS axis, flip) of file axis i
     # nibabel's header check silently turns a 0 mm voxel into 1 mm: read pixdim as written
     zooms = _raw_pixdim(path, img) if spacing is None else np.asarray(spacing, np.float64).ravel()
     if zooms.shape != (3,) or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise ValueError(f"{path}: voxel spacing must be three positive numbers, "
-                         f"got {zooms.tolist()}")
+        raise ValueError(f"{path}: voxel spacing must be three positive numbers, got {zooms.tolist()}")
     try:
         raw = _read_voxels(path, img)
     except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError ...
-        raise ValueError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from e
-    if raw.ndim == 4:
-        raw = raw[..., 0]
+        raise ValueError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from None
+    raw = raw[..., 0] if raw.ndim == 4 else raw
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise ValueError(f"{path}: volume contains NaN or inf voxels")
     arr = nib.orientations.apply_orientation(raw, ornt)  # a view: flips and a transpose
-    zooms = zooms[np.argsort(ornt[:, 0])]  # RAS axis ornt[i, 0] takes file axis i's spacing
-    return _float32_like(arr), zooms
+    return _float32_like(arr), zooms[np.argsort(ornt[:, 0])]  # RAS axis ornt[i, 0]: file axis i's
+
+
+def _is_dicom(path) -> bool:
+    """A DICOM file (the 'DICM' mark at byte 128), or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        return any(_is_dicom(p) for p in sorted(path.iterdir())[:20] if p.is_file())
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _float32_like(a):
@@ -102,12 +108,8 @@ def _float32_like(a):
 
 
 def _inflate_module():
-    """The gzip inflater: ISA-L's (package `isal`) when installed, else the standard library's.
-
-    Both expose zlib's decompressobj(wbits=31) and give the same bytes; ISA-L inflates a CT
-    .nii.gz ~1.8x faster on one core (benchmarks/preprocess_bench.py), and inflating is most of
-    the preprocessing time.
-    """
+    """ISA-L's gzip inflater (package `isal`) when installed, else zlib's: the same bytes, ~1.8x
+    faster on one core (benchmarks/preprocess_bench.py); inflating is most of preprocessing."""
     try:
         from isal import isal_zlib
     except ImportError:
@@ -229,45 +231,10 @@ def preprocess_volume(hu, spacing, target_spacing=(1.5, 1.5, 3.0), target_shape=
     return np.clip(y, HU_MIN, HU_MAX, out=y)
 
 
-# What a CT in Hounsfield units looks like: finite, above -3100 (scanners write -3024 outside the
-# field of view) and below int16's ceiling, with some air at about -1000 HU (outside the body, lungs,
-# bowel). Raw scanner values without their slope/intercept, or an all-zero volume, have no air.
-HU_PLAUSIBLE = (-3100.0, 32767.0)
-AIR_HU = (-1100.0, -900.0)
-MIN_AIR_FRACTION = 0.001
-
-
-def check_hu(hu, what, override="--allow_non_hu", allow=False):
-    """Raise ValueError unless `hu` looks like a CT in HU (see HU_PLAUSIBLE); `what` names the file
-    in the message, `override` the flag that sets `allow` for unusual data, which skips every test
-    but the one for NaN / inf (those never give a meaningful score)."""
-    hu = np.asarray(hu)
-    lo, hi = float(hu.min()), float(hu.max())  # NaN propagates, inf shows: no extra finite pass
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        bad = hu.size - np.count_nonzero(np.isfinite(hu))
-        raise ValueError(f"{what}: {bad} NaN or inf voxels; expected finite Hounsfield units")
-    if allow:
-        return
-    if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
-        raise ValueError(f"{what}: values from {lo:g} to {hi:g} are not Hounsfield units (expected "
-                         f"within [{HU_PLAUSIBLE[0]:g}, {HU_PLAUSIBLE[1]:g}]); {override} skips this check")
-    sub = hu[::2, ::2, ::2] if hu.ndim == 3 else hu  # a fraction needs no full pass
-    air = np.count_nonzero((sub >= AIR_HU[0]) & (sub <= AIR_HU[1])) / max(sub.size, 1)
-    if air < MIN_AIR_FRACTION:
-        raise ValueError(f"{what}: no air ({air:.2%} of voxels within [{AIR_HU[0]:g}, {AIR_HU[1]:g}] "
-                         f"HU, expected at least {MIN_AIR_FRACTION:.1%}; values {lo:g} to {hi:g}): "
-                         f"not a CT in HU (raw values without slope/intercept? an empty volume?); "
-                         f"{override} skips this check")
-
-
 def normalize(hu):
     """HU -> model input: (HU + 1000) / 1000 - 1, then (x - 0.4978) / 0.2449. numpy or torch."""
     x = (hu + 1000.0) / 1000.0 - 1.0
     return (x - NORM_MEAN) / NORM_STD
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- report tokenizer
@@ -364,28 +331,6 @@ def tokenize(tok, texts, max_len=97):
 
 # ----------------------------------------------------------------------------- tables and the preprocessed index
 
-def read_csv(path, required=()):
-    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
-            rows = list(reader)
-            fields = reader.fieldnames or []
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    except csv.Error as e:  # e.g. a quote left open swallowing the rows after it
-        raise ValueError(f"{path}: malformed CSV near line {reader.line_num} ({e}); "
-                         f"check for an unterminated quote") from None
-    missing = [c for c in required if c not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
-    torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)
-    if torn is not None:  # DictReader puts extra fields under None and fills missing ones with None
-        raise ValueError(f"{path}: data row {torn + 1} does not have the header's {len(fields)} "
-                         f"fields (an unterminated quote?)")
-    return rows
-
 
 def volume_key(name):
     """'train_1_a_1.nii.gz' -> 'train_1_a_1' (CSV names come with and without the extension)."""
@@ -394,10 +339,6 @@ def volume_key(name):
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
-
-
-
-
 
 
 @dataclass
@@ -412,82 +353,7 @@ class Record:
     classes: tuple = CTRATE_CLASSES
 
 
-
-INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
-
-
-def load_index(cache_dir):
-    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / "index.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
-    with open(path, newline="", encoding="utf-8") as f:
-        fields = csv.DictReader(f).fieldnames or []
-    rows = read_csv(path, INDEX_FIXED)
-    classes = tuple(c for c in fields if c not in INDEX_FIXED)
-    records = []
-    for r in rows:
-        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
-        labels = np.array([float(r[c]) for c in classes], np.float32)
-        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
-                              r["hu_rule"], classes))
-    return records
-
-
 # ----------------------------------------------------------------------------- data sets and loaders
-
-def preprocess_settings(preset, shape=None):
-    """A PREPROCESS name, an object with .spacing/.image_size (ModelConfig) or a spacing tuple."""
-    if isinstance(preset, str):
-        if preset not in PREPROCESS:
-            raise ValueError(f"unknown preset '{preset}', expected one of {sorted(PREPROCESS)}")
-        p = PREPROCESS[preset]
-        return preset, tuple(p["target_spacing"]), tuple(p["target_shape"])
-    if hasattr(preset, "spacing"):
-        preset, shape = preset.spacing, preset.image_size
-    spacing, shape = tuple(float(v) for v in preset), tuple(int(v) for v in shape)
-    for name, p in PREPROCESS.items():
-        if tuple(p["target_spacing"]) == spacing and tuple(p["target_shape"]) == shape:
-            return name, spacing, shape
-    tag = "x".join(f"{v:g}" for v in spacing) + "mm_" + "x".join(map(str, shape))
-    return tag, spacing, shape
-
-
-def find_index(path, split):
-    """The preprocessed dir of `split` under `path` (<path>/<split> or <path> itself), or None."""
-    for d in (Path(path) / split, Path(path)):
-        if (d / "index.csv").is_file():
-            return d
-    return None
-
-
-def load_dataset(path, split, preset=None, shape=None):
-    """Records of one split of a preprocessed dir (written by prepare/preprocess.py).
-
-    path: <path>/<split>/index.csv, or <path>/index.csv whose CT-RATE names are filtered by the
-    split prefix. preset: a PREPROCESS name, a ModelConfig (its .spacing and .image_size) or a
-    target spacing tuple together with `shape`; when given, it must match the dir's settings.json.
-    """
-    path = Path(path)
-    d = find_index(path, split)
-    if d is None:
-        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory); make one with "
-                                f"python -m prepare.preprocess --root {path} --out DIR")
-    if preset is not None and (d / "settings.json").is_file():
-        want = preprocess_settings(preset, shape)[1:]
-        have = json.loads((d / "settings.json").read_text())
-        have = tuple(have["target_spacing"]), tuple(have["target_shape"])
-        if have != want:
-            raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
-                             f"but {want[0]} mm -> {want[1]} was asked for")
-    records = load_index(d)
-    if d == path / split or not any(r.name.startswith(("train", "valid")) for r in records):
-        return records  # RAD-ChestCT / a plain folder: no split in the names
-    records = [r for r in records if r.name.startswith(split)]  # one index for several splits
-    if not records:
-        raise ValueError(f"{d / 'index.csv'}: no volume of split '{split}'")
-    return records
 
 
 def _draw_rng(seed, index):

@@ -34,7 +34,7 @@ from analysis import files, grounding, metrics, official, retrieval
 from model import BrgSA
 from prepare import summarize
 from prepare.files import checkpoint_config, read_checkpoint
-from prepare.preprocess import records_of
+from prepare.preprocess import check_hu, records_of
 from prepare.tables import CLASS_SETS, class_setup, select_labels
 
 CTCLIP_TEMPLATE = "{} is present.|{} is not present."
@@ -236,12 +236,12 @@ def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig 
     """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
 
     The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
-    allow_non_hu, a volume that does not look like a CT in HU is refused (data.check_hu)."""
+    allow_non_hu, a volume that does not look like a CT in HU is refused (prepare.preprocess.check_hu)."""
     cfg = cfg or EvalConfig()
     for w in check_findings(tokenizer, findings, cfg, model.cfg.max_len, model.cfg.prompt):
         print(f"warning: {w}", file=sys.stderr)
     x, _, hu = grounding.scan_input(path, model.cfg)
-    data_lib.check_hu(hu, path, allow=allow_non_hu)
+    check_hu(hu, path, allow=allow_non_hu)
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
         v = model.visual(x.to(device)).float()  # (1, d)
     scores = score_volumes(model, tokenizer, v, list(findings), cfg, device)[0]

@@ -114,7 +114,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
     mcfg = replace(PRESETS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint, method=cfg.method)
     if cfg.text_weights:  # its text sizes, and the paper's prompt
         mcfg = replace(mcfg, **pretrained.bert_text_config(cfg.text_weights))
-    ckpt = read_resume_checkpoint(ckpt_path, mcfg) if resuming(cfg) else None
+    resume = cfg.resume == "on" or (cfg.resume == "auto" and ckpt_path.is_file())
+    ckpt = files.read_checkpoint(ckpt_path, resume_with=mcfg) if resume else None
     with master_first():  # rank 0 generates / preprocesses / summarises once; the others read it
         inputs = training_inputs(cfg, mcfg, recipe["vocab_size"], ckpt and ckpt["tokenizer"], log)
     tokenizer = data_lib.tokenizer_from_string(inputs.tokenizer)
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
     micro = iter(make_loader(cfg, dataset, bs, step, rank, world, inputs.tokenizer, model.cfg.max_len, device))
     wrapped, no_sync = wrap(model, cfg, device, world)
     model.train()
-    history, flops, peak = [], flops_per_sample(model.cfg), peak_flops(device)
+    history, flops = [], flops_per_sample(model.cfg)
     t0 = t_log = time.time()
     seen = 0
     with files.stop_requests() as stop:  # Ctrl-C / SIGTERM end the run at a whole step
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 log(f"step {step:5d}/{cfg.max_iters} | loss {losses['total'].item():.4f} (info "
                     f"{losses['info'].item():.3f}, info_r {losses['info_r'].item():.3f}, mse "
-                    f"{losses['mse'].item():.4f}) | {speed(seen, time.time() - t_log, flops, peak, world)}",
+                    f"{losses['mse'].item():.4f}) | {speed(seen, time.time() - t_log, flops, device, world)}",
                     flush=True)
                 t_log, seen = time.time(), 0
             if inputs.val and every and (step % every == 0 or step == cfg.max_iters):
@@ -276,20 +277,14 @@ def global_batch_size(cfg: TrainConfig, n: int, world: int, log) -> int:
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-def peak_flops(device) -> float:
-    """Peak FLOP/s of one device, or 0 when unknown (CPUs, unlisted GPUs): MFU is then n/a."""
-    if device.type != "cuda":
-        return 0.0
-    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), 0.0)
-
-
-def speed(volumes: int, seconds: float, flops_per_volume: float, peak: float, world: int) -> str:
+def speed(volumes: int, seconds: float, flops_per_volume: float, device, world: int) -> str:
+    """Volumes/s; MFU against the GPU's bf16 peak (n/a on a CPU or an unlisted GPU); peak memory."""
     vps = volumes / max(seconds, 1e-9)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
     mfu = f"{100 * vps * flops_per_volume / (peak * world):.1f}%" if peak else "n/a"
-    line = f"{vps:.1f} vol/s | MFU {mfu}"
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        line += f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"  # this rank's GPU
-    return line
+    gib = f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if name else ""
+    return f"{vps:.1f} vol/s | MFU {mfu}{gib}"  # memory: this rank's GPU
 
 
 # ----------------------------------------------------------------------------- batches
@@ -403,35 +398,6 @@ def save_checkpoint(path: Path, model, opt, scaler, step, cfg, inputs, keep: Sel
 def rng_state() -> dict:
     return dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def resuming(cfg: TrainConfig) -> bool:
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume == "on" and not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return cfg.resume == "on" or (cfg.resume == "auto" and path.is_file())
-
-
-def read_resume_checkpoint(path: Path, mcfg) -> dict:
-    """The checkpoint to continue from, checked before any data is prepared: readable, holding
-    the training state, and made with this run's model config."""
-    try:
-        ckpt = files.read_checkpoint(path)
-    except ValueError as e:
-        raise ValueError(f"cannot resume: {e}; move it away to start a new run there") from None
-    missing = [k for k in ("optimizer", "scaler", "step", "rng") if k not in ckpt]
-    if missing:
-        raise ValueError(f"cannot resume: {path} holds no training state (missing {missing}); it "
-                         f"can be evaluated (eval.py --ckpt) but not resumed")
-    stored = files.checkpoint_config(ckpt)
-    differ = [f"{f.name} {getattr(stored, f.name)} (checkpoint) vs {getattr(mcfg, f.name)} (now)"
-              for f in fields(mcfg) if f.name not in ("vocab_size", "grad_checkpoint")
-              and getattr(stored, f.name) != getattr(mcfg, f.name)]
-    if differ:
-        raise ValueError(f"cannot resume: {path} was trained with another model config: "
-                         f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with "
-                         f"the same --preset and --text_weights, or pick another --out_dir")
-    return ckpt
 
 
 def restore(ckpt: dict, opt, scaler, cfg: TrainConfig) -> int:
@@ -585,13 +551,12 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig):
-    for name in ("synth_n", "epochs", "max_iters", "batch_size", "grad_accum", "log_interval",
-                 "ckpt_interval"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_interval", "warmup_iters", "workers", "grad_clip", "weight_decay"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    at_least = dict(synth_n=1, epochs=1, max_iters=1, batch_size=1, grad_accum=1, log_interval=1,
+                    ckpt_interval=1, eval_interval=0, warmup_iters=0, workers=0, grad_clip=0,
+                    weight_decay=0)
+    for name, low in at_least.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) < low:
+            raise ValueError(f"--{name} must be >= {low}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.val_fraction < 1:
@@ -599,9 +564,9 @@ def check_config(cfg: TrainConfig):
     if cfg.summaries not in SUMMARY_BACKENDS and not Path(cfg.summaries).is_file():
         raise ValueError(f"--summaries {cfg.summaries}: neither {' nor '.join(SUMMARY_BACKENDS)} nor "
                          f"a summary cache file (python -m prepare.summarize ... --out FILE)")
-    pick_device(cfg.device)
     if set(cfg.vit_flip) - set("xyz"):
         raise ValueError(f"--vit_flip takes letters from 'xyz', got {cfg.vit_flip!r}")
+    pick_device(cfg.device)
     split = int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum
     if cfg.batch_size % split:
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of world size "

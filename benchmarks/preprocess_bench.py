@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from model import PRESETS  # noqa: E402
 from prepare.preprocess import save_npy_atomic  # noqa: E402
 
 SHAPE, SPACING = (512, 512, 300), (0.75, 0.75, 1.0)
-PAPER = data.PREPROCESS["paper"]
+PAPER = dict(target_spacing=PRESETS["paper"].spacing, target_shape=PRESETS["paper"].image_size)
 
 
 def make_ct(path, real=None, seed=0):

@@ -175,13 +175,16 @@ def _handlers(handler, *signums):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path, resume_with: ModelConfig = None) -> dict:
     """A checkpoint file -> its dict, loaded with weights_only (nothing in it is executed).
 
     Every way a file can fail to be a BrgSA checkpoint (missing, truncated, corrupt, pickled objects
     that are not plain data, config fields this code does not know) becomes one ValueError or
     FileNotFoundError naming the file; torch's own message is kept out because it advises
-    weights_only=False, which would execute an untrusted file."""
+    weights_only=False, which would execute an untrusted file. resume_with: the model config of a
+    run that wants to continue this one: the checkpoint must hold the training state and match it."""
+    if resume_with is not None:
+        return _resumable(Path(path), resume_with)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -203,6 +206,26 @@ def read_checkpoint(path) -> dict:
     if unknown:
         raise ValueError(f"{path}: model_config has field(s) {unknown} that this code's ModelConfig "
                          f"does not know (written by another version?)")
+    return ckpt
+
+
+def _resumable(path: Path, mcfg: ModelConfig) -> dict:
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"cannot resume: {e}; move it away to start a new run there") from None
+    missing = [k for k in ("optimizer", "scaler", "step", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"cannot resume: {path} holds no training state (missing {missing}); it "
+                         f"can be evaluated (eval.py --ckpt) but not resumed")
+    stored = checkpoint_config(ckpt)
+    differ = [f"{f.name} {getattr(stored, f.name)} (checkpoint) vs {getattr(mcfg, f.name)} (now)"
+              for f in fields(mcfg) if f.name not in ("vocab_size", "grad_checkpoint")
+              and getattr(stored, f.name) != getattr(mcfg, f.name)]
+    if differ:
+        raise ValueError(f"cannot resume: {path} was trained with another model config: "
+                         f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with "
+                         f"the same --preset and --text_weights, or pick another --out_dir")
     return ckpt
 
 

@@ -15,7 +15,7 @@ import torch
 
 import data as data_lib
 from prepare import phantom, summarize
-from prepare.preprocess import ensure_cache
+from prepare.preprocess import ensure_cache, load_dataset
 from prepare.summarize_llm import SummaryError
 
 SUMMARY_BACKENDS = ("rules", "rules_report")  # computed here; an LLM's come as a cache file
@@ -40,7 +40,7 @@ def training_inputs(cfg, model_cfg, vocab_size: int, tokenizer: str = None, log=
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
         cache = ensure_cache(root, split, model_cfg, workers=2,
                              out_dir=out if cfg.data else None)  # the user's root: cache under out_dir
-        splits.append(data_lib.load_dataset(cache, split, model_cfg))
+        splits.append(load_dataset(cache, split, model_cfg))
     train, val = split_validation(with_reports(splits[0], root, log), cfg.val_fraction, cfg.seed)
     recs = [r for r in train + val + splits[1] if r.report.strip()]
     summaries = summaries_of(cfg.summaries, [r.report for r in recs], [r.name for r in recs], out, log)

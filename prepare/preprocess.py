@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (CTRATE_CLASSES, INDEX_FIXED, PREPROCESS, Record, check_hu, find_index, load_dataset,
-                  load_nifti, preprocess_settings, preprocess_volume, to_hu, volume_key)
+from data import CTRATE_CLASSES, Record, load_nifti, preprocess_volume, to_hu, volume_key
+from model import PRESETS
 from prepare.tables import (RADCHEST_CLASSES, RADCHEST_SPACING, CTRateTables, label_columns,
-                            read_labels, read_radchest_labels, read_radchest_npz)
+                            read_csv, read_labels, read_radchest_labels, read_radchest_npz)
 
 
 # ----------------------------------------------------------------------------- one volume
@@ -50,6 +50,37 @@ def _read_source(job):
         return raw, spacing, "header"
     hu, rule = to_hu(raw, job["slope"], job["intercept"], out=raw)
     return hu, spacing, rule
+
+
+# What a CT in Hounsfield units looks like: finite, above -3100 (scanners write -3024 outside the
+# field of view) and below int16's ceiling, with some air at about -1000 HU (outside the body, lungs,
+# bowel). Raw scanner values without their slope/intercept, or an all-zero volume, have no air.
+HU_PLAUSIBLE = (-3100.0, 32767.0)
+AIR_HU = (-1100.0, -900.0)
+MIN_AIR_FRACTION = 0.001
+
+
+def check_hu(hu, what, override="--allow_non_hu", allow=False):
+    """Raise ValueError unless `hu` looks like a CT in HU (see HU_PLAUSIBLE); `what` names the file
+    in the message, `override` the flag that sets `allow` for unusual data, which skips every test
+    but the one for NaN / inf (those never give a meaningful score)."""
+    hu = np.asarray(hu)
+    lo, hi = float(hu.min()), float(hu.max())  # NaN propagates, inf shows: no extra finite pass
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = hu.size - np.count_nonzero(np.isfinite(hu))
+        raise ValueError(f"{what}: {bad} NaN or inf voxels; expected finite Hounsfield units")
+    if allow:
+        return
+    if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
+        raise ValueError(f"{what}: values from {lo:g} to {hi:g} are not Hounsfield units (expected "
+                         f"within [{HU_PLAUSIBLE[0]:g}, {HU_PLAUSIBLE[1]:g}]); {override} skips this check")
+    sub = hu[::2, ::2, ::2] if hu.ndim == 3 else hu  # a fraction needs no full pass
+    air = np.count_nonzero((sub >= AIR_HU[0]) & (sub <= AIR_HU[1])) / max(sub.size, 1)
+    if air < MIN_AIR_FRACTION:
+        raise ValueError(f"{what}: no air ({air:.2%} of voxels within [{AIR_HU[0]:g}, {AIR_HU[1]:g}] "
+                         f"HU, expected at least {MIN_AIR_FRACTION:.1%}; values {lo:g} to {hi:g}): "
+                         f"not a CT in HU (raw values without slope/intercept? an empty volume?); "
+                         f"{override} skips this check")
 
 
 CHEST_LUNG_MIN = 0.04  # lung_fraction below which a scan is flagged: 0.18-0.21 on the real chest CT
@@ -157,7 +188,7 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
     labels). A volume whose .npy exists and is listed in done.jsonl is skipped; a bad volume is
     reported on stderr with its reason and listed in failed.txt, and the run goes on. `failed`
     holds (name, reason) pairs already known to be bad (e.g. a volume missing from a CSV). A volume
-    that does not look like a CT in HU fails (data.check_hu) unless allow_non_hu.
+    that does not look like a CT in HU fails (check_hu) unless allow_non_hu.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / "volumes").mkdir(parents=True, exist_ok=True)
@@ -200,7 +231,10 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
     return records, counts
 
 
-# ----------------------------------------------------------------------------- index.csv
+# ----------------------------------------------------------------------------- index.csv: written here, read by train.py and eval.py
+
+INDEX_FIXED = ("volume", "npy", "report", "spacing_x", "spacing_y", "spacing_z", "hu_rule")
+
 
 def write_index(cache_dir, records):
     """index.csv: volume, npy (relative to cache_dir), report, source spacing, HU rule, labels."""
@@ -215,6 +249,61 @@ def write_index(cache_dir, records):
             sp = [f"{v:.10g}" for v in r.spacing] if len(r.spacing) == 3 else ["", "", ""]
             w.writerow([r.name, npy, r.report, *sp, r.hu_rule] + [f"{v:g}" for v in r.labels])
     os.replace(tmp, cache_dir / "index.csv")
+
+
+def load_index(cache_dir):
+    """Read a preprocessed dir (its index.csv) back -> list[Record] with absolute npy paths."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
+    with open(path, newline="", encoding="utf-8") as f:
+        fields = csv.DictReader(f).fieldnames or []
+    rows = read_csv(path, INDEX_FIXED)
+    classes = tuple(c for c in fields if c not in INDEX_FIXED)
+    records = []
+    for r in rows:
+        sp = tuple(float(r[k]) for k in ("spacing_x", "spacing_y", "spacing_z") if r[k])
+        labels = np.array([float(r[c]) for c in classes], np.float32)
+        records.append(Record(r["volume"], str(cache_dir / r["npy"]), r["report"], labels, sp,
+                              r["hu_rule"], classes))
+    return records
+
+
+def find_index(path, split):
+    """The preprocessed dir of `split` under `path` (<path>/<split> or <path> itself), or None."""
+    for d in (Path(path) / split, Path(path)):
+        if (d / "index.csv").is_file():
+            return d
+    return None
+
+
+def load_dataset(path, split, model_cfg=None):
+    """Records of one split of a preprocessed dir (written by prepare/preprocess.py).
+
+    path: <path>/<split>/index.csv, or <path>/index.csv whose CT-RATE names are filtered by the
+    split prefix. model_cfg (its .spacing and .image_size), when given, must match the dir's
+    settings.json: a model never reads volumes made for another grid.
+    """
+    path = Path(path)
+    d = find_index(path, split)
+    if d is None:
+        raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory); make one with "
+                                f"python -m prepare.preprocess --root {path} --out DIR")
+    if model_cfg is not None and (d / "settings.json").is_file():
+        want = tuple(float(v) for v in model_cfg.spacing), tuple(int(v) for v in model_cfg.image_size)
+        have = json.loads((d / "settings.json").read_text())
+        have = tuple(have["target_spacing"]), tuple(have["target_shape"])
+        if have != want:
+            raise ValueError(f"{d}: preprocessed at {have[0]} mm -> {have[1]}, "
+                             f"but {want[0]} mm -> {want[1]} was asked for")
+    records = load_index(d)
+    if d == path / split or not any(r.name.startswith(("train", "valid")) for r in records):
+        return records  # RAD-ChestCT / a plain folder: no split in the names
+    records = [r for r in records if r.name.startswith(split)]  # one index for several splits
+    if not records:
+        raise ValueError(f"{d / 'index.csv'}: no volume of split '{split}'")
+    return records
 
 
 # ----------------------------------------------------------------------------- CT-RATE
@@ -262,6 +351,23 @@ def prepare_ctrate(root, split, cache_dir, target_spacing=(1.5, 1.5, 3.0),
     return records
 
 
+def preprocess_settings(preset, shape=None):
+    """-> (cache name, target spacing, target shape) of a model.PRESETS name, a ModelConfig (its
+    .spacing and .image_size) or a spacing tuple with `shape`; the name is the preset's when the
+    grid is one, else a tag of the grid."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}', expected one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    if hasattr(preset, "spacing"):
+        preset, shape = preset.spacing, preset.image_size
+    spacing, shape = tuple(float(v) for v in preset), tuple(int(v) for v in shape)
+    for name, cfg in PRESETS.items():
+        if (tuple(cfg.spacing), tuple(cfg.image_size)) == (spacing, shape):
+            return name, spacing, shape
+    return "x".join(f"{v:g}" for v in spacing) + "mm_" + "x".join(map(str, shape)), spacing, shape
+
+
 def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out_dir=None):
     """A preprocessed dir for `split` of `path` -> the dir data.load_dataset reads.
 
@@ -270,7 +376,7 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out
     (the synthetic set's, written by train.py) is reused; otherwise the cache goes under the
     user's out_dir as <out_dir>/cache_<preset>/<root's folder name>/<split>, never beside a possibly read-only data
     root (only when out_dir is None).
-    preset: a data.PREPROCESS name, a ModelConfig, or a target spacing together with `shape`.
+    preset: a model.PRESETS name, a ModelConfig, or a target spacing together with `shape`.
     """
     if find_index(path, split) is not None:
         return Path(path)
@@ -385,8 +491,9 @@ def preprocess_main(argv=None):
                    help="CT-RATE split (ctrate only; None means train)")
     p.add_argument("--out", required=True, help="output dir: volumes/*.npy, index.csv, logs")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    p.add_argument("--preset", choices=sorted(PREPROCESS), default="paper",
-                   help="; ".join(f"{k}: {v}" for k, v in PREPROCESS.items()))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="the model preset whose "
+                   "grid the volumes are made for: " + "; ".join(
+                       f"{k}: {c.image_size} voxels of {c.spacing} mm" for k, c in PRESETS.items()))
     p.add_argument("--labels", help="radchest: label CSV (None: found under --root); folder: "
                    "CSV of volume name + one 0/1 column per class, any class names")
     p.add_argument("--allow_non_hu", action="store_true", help="keep volumes that do not look like "
@@ -405,8 +512,8 @@ def preprocess_main(argv=None):
             (jobs, failed), classes = radchest_jobs(a.root, a.labels, a.radchest_devices), RADCHEST_CLASSES
         else:
             jobs, failed, classes = folder_jobs(a.root, a.labels)
-        t = PREPROCESS[a.preset]
-        records, counts = run_preprocess(jobs, a.out, t["target_spacing"], t["target_shape"],
+        _, spacing, shape = preprocess_settings(a.preset)
+        records, counts = run_preprocess(jobs, a.out, spacing, shape,
                                          a.workers, f"{a.dataset} {a.preset}", failed, classes,
                                          a.allow_non_hu)
     except (ValueError, FileNotFoundError) as e:  # a problem with the data set as a whole

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import CTRATE_CLASSES, read_csv, volume_key
+from data import CTRATE_CLASSES, volume_key
 
 # RAD-ChestCT's 16 classes: the two calcification classes merge, Mosaic drops out
 RADCHEST_CLASSES = (
@@ -41,6 +41,29 @@ CLASS_SETS = ("auto", "ctrate", "ctrate_lt", "radchest")
 
 
 # ----------------------------------------------------------------------------- CSV tables
+
+def read_csv(path, required=()):
+    """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:  # e.g. a quote left open swallowing the rows after it
+        raise ValueError(f"{path}: malformed CSV near line {reader.line_num} ({e}); "
+                         f"check for an unterminated quote") from None
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {fields}")
+    torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)
+    if torn is not None:  # DictReader puts extra fields under None and fills missing ones with None
+        raise ValueError(f"{path}: data row {torn + 1} does not have the header's {len(fields)} "
+                         f"fields (an unterminated quote?)")
+    return rows
+
 
 def find_split_csv(folder, split):
     """The one CSV in `folder` for `split` (train -> train*.csv, valid -> valid*/validation*)."""

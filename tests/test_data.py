@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from prepare import preprocess
+from prepare import preprocess, tables
 
 
 def write_nifti(path, arr, affine, slope=None, inter=None):
@@ -377,7 +377,7 @@ def test_tokenizer_on_real_reports(shared_data, tmp_path):
     texts = [r["report_text"] for r in rows]
     assert len(texts) == 400
     tok = data.train_tokenizer(texts, vocab_size=2000, path=tmp_path / "tok.json")
-    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert [tok.token_to_id(t) for t in data.RESERVED_TOKENS] == [0, 1, 2, 3, 4]
     ids, mask = data.tokenize(tok, ["There is Atelectasis", texts[0], "Mosaïc ATTENUATION"], 97)
     assert ids.shape == mask.shape == (3, 97) and ids.dtype == mask.dtype == torch.long
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -432,13 +432,13 @@ def test_check_hu_cases():
     rng = np.random.default_rng(0)
     ct = rng.uniform(-1000, 1000, (20, 20, 10)).astype(np.float32)
     ct[:4] = -1000.0  # air
-    data.check_hu(ct, "ct")
+    preprocess.check_hu(ct, "ct")
     with pytest.raises(ValueError, match=r"x\.nii: 1 NaN or inf voxels"):
-        data.check_hu(np.where(np.arange(ct.size).reshape(ct.shape) == 7, np.nan, ct), "x.nii")
+        preprocess.check_hu(np.where(np.arange(ct.size).reshape(ct.shape) == 7, np.nan, ct), "x.nii")
     with pytest.raises(ValueError, match="not Hounsfield units"):
-        data.check_hu(ct * 100, "x.nii", "--flag")
+        preprocess.check_hu(ct * 100, "x.nii", "--flag")
     with pytest.raises(ValueError, match=r"no air .*--flag skips"):
-        data.check_hu(ct + 1024, "x.nii", "--flag")
+        preprocess.check_hu(ct + 1024, "x.nii", "--flag")
 
 
 def test_read_csv_refuses_an_unterminated_quote(tmp_path):
@@ -449,16 +449,16 @@ def test_read_csv_refuses_an_unterminated_quote(tmp_path):
                     'b,"nodule",none\n'
                     'c,fine,none\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"reports\.csv: malformed CSV .*unterminated quote"):
-        data.read_csv(path, ("VolumeName",))
+        tables.read_csv(path, ("VolumeName",))
     path.write_text('VolumeName,Findings_EN,Impressions_EN\na,"open quote to the end\nb,x,y\n',
                     encoding="utf-8")
     with pytest.raises(ValueError, match=r"reports\.csv: .*(unterminated quote|header's 3 fields)"):
-        data.read_csv(path, ("VolumeName",))
+        tables.read_csv(path, ("VolumeName",))
 
 
 def test_nan_voxels_are_refused_even_with_allow_non_hu():
     hu = np.full((8, 8, 4), -1000.0, np.float32)
-    data.check_hu(hu + 1000.0, "x", allow=True)  # no air, allowed
+    preprocess.check_hu(hu + 1000.0, "x", allow=True)  # no air, allowed
     hu[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="x: 1 NaN or inf voxels"):
-        data.check_hu(hu, "x", allow=True)
+        preprocess.check_hu(hu, "x", allow=True)

@@ -233,7 +233,7 @@ def test_cli_model_mode_external_calibration_and_single_scan(tiny, tmp_path, cap
     preprocess.write_index(tmp_path / "cal" / "valid", cal)
     from prepare import summarize
     # a training-run cache that summarises every report alike: retrieval must embed these texts
-    reports = {r.report for r in D.load_index(tmp_path / "set" / "valid")}
+    reports = {r.report for r in preprocess.load_index(tmp_path / "set" / "valid")}
     lines = [json.dumps(dict(key=summarize.report_key(x), source="rules", summary=["Same summary."]))
              for x in reports]
     (tmp_path / "summaries.jsonl").write_text("\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+from model import PRESETS
 from prepare import preprocess, tables
 from test_data import T_SHAPE, T_SPACING, make_ctrate, write_csv
 
@@ -35,7 +36,7 @@ def test_prepare_ctrate_and_cache_reuse(tmp_path, style, capsys):
         assert got.dtype == np.int16 and got.shape == T_SHAPE
         err = np.abs(got - want)  # int16 storage rounds to the nearest HU
         assert err.max() <= 0.5 + 1e-3, f"max err {err.max()} HU, mean {err.mean()}"
-    back = {r.name: r for r in data.load_index(cache)}
+    back = {r.name: r for r in preprocess.load_index(cache)}
     assert set(back) == set(truth)
     for r in recs:
         np.testing.assert_array_equal(back[r.name].labels, r.labels)
@@ -99,13 +100,13 @@ def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):
     assert "'rescaled': 4" in out.out
     assert preprocess.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
     assert "done=5 skipped=0 failed=0" in capsys.readouterr().out
-    r1 = {r.name: r for r in data.load_index(tmp_path / "o1")}
-    r2 = {r.name: r for r in data.load_index(tmp_path / "o2")}
+    r1 = {r.name: r for r in preprocess.load_index(tmp_path / "o1")}
+    r2 = {r.name: r for r in preprocess.load_index(tmp_path / "o2")}
     assert set(r2) == set(truth) and set(r1) == set(truth) - {"train_3_a_1"}
     for name in r1:
         assert r1[name].hu_rule == "rescaled" and r2[name].hu_rule == "already_hu"
         a, b = np.load(r1[name].npy_path), np.load(r2[name].npy_path)
-        assert a.shape == data.PREPROCESS["tiny"]["target_shape"]
+        assert a.shape == PRESETS["tiny"].image_size
         np.testing.assert_array_equal(a, b)
         assert -1000 <= a.min() and a.max() <= 1000
         assert (a < -900).any() and (np.abs(a - 40) < 30).any()  # air and soft tissue
@@ -122,7 +123,7 @@ def test_preprocess_cli_v1_v2_bad_files_summary_and_resume(tmp_path, capsys):
     now = {p.name: p.stat().st_mtime_ns for p in vols.glob("*.npy")}
     assert set(now) == set(keep) | {"train_2_a_1.npy"}
     assert [n for n in keep if now[n] != keep[n]] == ["train_0_a_2.npy"]
-    assert len(data.load_index(tmp_path / "o2")) == 5
+    assert len(preprocess.load_index(tmp_path / "o2")) == 5
     assert preprocess.preprocess_main(args + ["--root", f"{tmp_path}/v2", "--out", f"{tmp_path}/o2"]) == 0
     assert "done=0 skipped=5 failed=0" in capsys.readouterr().out  # the torn log line was ended
 
@@ -143,29 +144,29 @@ def test_ensure_cache_and_load_dataset(tmp_path):
     truth = make_ctrate(tmp_path / "set" / "dataset", "train", n_patients=2)
     cache = preprocess.ensure_cache(tmp_path / "set" / "dataset", "train", "tiny", workers=1)
     assert cache == (tmp_path / "set" / "cache_tiny" / "train").resolve()
-    recs = data.load_dataset(cache, "train", "tiny")
+    recs = preprocess.load_dataset(cache, "train", PRESETS["tiny"])
     assert sorted(r.name for r in recs) == sorted(truth)
 
     class Cfg:  # stands in for model.ModelConfig
         spacing, image_size = (7.0, 7.0, 10.0), (48, 48, 32)
 
     again = preprocess.ensure_cache(tmp_path / "set" / "dataset", "train", Cfg())  # same cache
-    assert [r.npy_path for r in data.load_dataset(again, "train", Cfg())] == [r.npy_path for r in recs]
+    assert [r.npy_path for r in preprocess.load_dataset(again, "train", Cfg())] == [r.npy_path for r in recs]
     assert preprocess.ensure_cache(cache, "train", "paper") == cache  # already preprocessed
     custom = preprocess.ensure_cache(tmp_path / "set" / "dataset", "train", (5.0, 5.0, 8.0), (8, 8, 4), 1)
     assert custom.name == "train" and custom.parent.name == "cache_5x5x8mm_8x8x4"
-    assert np.load(data.load_dataset(custom, "train")[0].npy_path).shape == (8, 8, 4)
-    assert len(data.load_dataset(tmp_path / "set" / "cache_tiny", "train")) == len(truth)
+    assert np.load(preprocess.load_dataset(custom, "train")[0].npy_path).shape == (8, 8, 4)
+    assert len(preprocess.load_dataset(tmp_path / "set" / "cache_tiny", "train")) == len(truth)
     with pytest.raises(ValueError, match="no volume of split 'valid'"):
-        data.load_dataset(cache, "valid")
+        preprocess.load_dataset(cache, "valid")
     with pytest.raises(ValueError, match="unknown preset"):
         preprocess.ensure_cache(tmp_path / "set" / "dataset", "train", "huge")
     with pytest.raises(ValueError, match="needs a preset"):
         preprocess.ensure_cache(tmp_path / "set" / "dataset", "train", None)
     with pytest.raises(FileNotFoundError, match="python -m prepare.preprocess"):
-        data.load_dataset(tmp_path / "set" / "dataset", "train")
+        preprocess.load_dataset(tmp_path / "set" / "dataset", "train")
     with pytest.raises(ValueError, match=r"preprocessed at \(7.0, 7.0, 10.0\)"):
-        data.load_dataset(tmp_path / "set" / "cache_tiny", "train", "paper")  # tiny cache
+        preprocess.load_dataset(tmp_path / "set" / "cache_tiny", "train", PRESETS["paper"])  # tiny cache
 
 
 def test_ensure_cache_goes_under_out_dir_not_beside_the_data(tmp_path):
@@ -174,7 +175,7 @@ def test_ensure_cache_goes_under_out_dir_not_beside_the_data(tmp_path):
     cache = preprocess.ensure_cache(root, "valid", "tiny", workers=1, out_dir=tmp_path / "run")
     assert cache == tmp_path / "run" / "cache_tiny" / "dataset" / "valid"
     assert not (tmp_path / "ro" / "cache_tiny").exists()
-    assert sorted(r.name for r in data.load_dataset(cache, "valid", "tiny")) == sorted(truth)
+    assert sorted(r.name for r in preprocess.load_dataset(cache, "valid", PRESETS["tiny"])) == sorted(truth)
     beside = preprocess.ensure_cache(root, "valid", "tiny", workers=1)  # no out_dir: beside
     assert beside == (tmp_path / "ro" / "cache_tiny" / "valid").resolve()
     # an existing cache beside the data (train.py's synthetic set) is reused, not rebuilt
@@ -230,7 +231,7 @@ def test_radchest_orientation_labels_and_bad_files(tmp_path, capsys):
     for what in ("no array 'ct'", "not a readable .npz", "3-D 'ct' array",
                  "unknown volume name 'zzz'"):
         assert what in o.err
-    recs = data.load_index(out)
+    recs = preprocess.load_index(out)
     assert len(recs) == 6 and recs[0].classes == tables.RADCHEST_CLASSES
     for r in recs:
         np.testing.assert_array_equal(r.labels, truth[r.name])
@@ -309,7 +310,7 @@ def test_folder_dataset_real_volumes(shared_data, tmp_path, capsys):
     # the head CT is kept but flagged; the chest CT is not
     assert "[warning] sub__invesalius_cranium_ct0051_ct_ds2:" in o.err and "not a chest CT?" in o.err
     assert "[warning] sub__pyradiomics" not in o.err
-    recs = {r.name: r for r in data.load_index(tmp_path / "o")}
+    recs = {r.name: r for r in preprocess.load_index(tmp_path / "o")}
     assert set(recs) == {"sub__pyradiomics_lung1_ct_ds2", "sub__invesalius_cranium_ct0051_ct_ds2"}
     lung = recs["sub__pyradiomics_lung1_ct_ds2"]
     head = recs["sub__invesalius_cranium_ct0051_ct_ds2"]
@@ -348,7 +349,7 @@ def test_volumes_not_in_hu_fail_by_name_unless_allowed(shared_data, tmp_path, ca
     for name in ("mask.nii.gz", "raw.nii.gz", "zero.nii.gz"):
         line = next(l for l in o.err.splitlines() if l.startswith("[failed]") and name in l)
         assert "no air" in line and "--allow_non_hu" in line, line
-    assert [r.name for r in data.load_index(tmp_path / "o")] == ["ct"]
+    assert [r.name for r in preprocess.load_index(tmp_path / "o")] == ["ct"]
     assert preprocess.preprocess_main(args + ["--out", str(tmp_path / "o2"), "--allow_non_hu"]) == 0
     assert "done=4 skipped=0 failed=0" in capsys.readouterr().out
 

@@ -371,14 +371,14 @@ def test_resume_checks_the_checkpoint_before_any_data_work(tmp_path):
     fake_checkpoint(path, asdict(PRESETS["tiny"]))
     with pytest.raises(ValueError, match=r"trained with another model config: image_size "
                                          r"\(48, 48, 32\) \(checkpoint\) vs \(256, 256, 128\) \(now\)"):
-        train.read_resume_checkpoint(path, PRESETS["paper"])
-    assert train.read_resume_checkpoint(path, PRESETS["tiny"])["step"] == 1
+        files.read_checkpoint(path, resume_with=PRESETS["paper"])
+    assert files.read_checkpoint(path, resume_with=PRESETS["tiny"])["step"] == 1
     fake_checkpoint(path, dict(asdict(PRESETS["tiny"]), moe_experts=8))
     with pytest.raises(ValueError, match=r"model_config has field\(s\) \['moe_experts'\]"):
-        train.read_resume_checkpoint(path, PRESETS["tiny"])
+        files.read_checkpoint(path, resume_with=PRESETS["tiny"])
     torch.save(dict(model={}, model_config=asdict(PRESETS["tiny"]), tokenizer=""), path)
     with pytest.raises(ValueError, match="holds no training state"):
-        train.read_resume_checkpoint(path, PRESETS["tiny"])
+        files.read_checkpoint(path, resume_with=PRESETS["tiny"])
 
 
 def test_training_needs_reports():

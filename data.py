@@ -16,6 +16,7 @@ decode gzip or resample. Those directories are written by prepare/preprocess.py:
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -454,3 +455,63 @@ def eval_loader(records, batch_size, workers=0):
     return torch.utils.data.DataLoader(VolumeDataset(records), batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------- the training loader
+# A resumed run (or another worker count, or another rank split) must see exactly the batches and
+# items the uninterrupted one would: the batches are a function of (seed, step), the items of
+# (seed, step, index), and making the loader draws nothing from torch's global RNG.
+
+class StepSeeded(torch.utils.data.Dataset):
+    """Makes every training item a pure function of (seed, step, index).
+
+    VolumeTextDataset draws an item's crop, summary sentences and reconstruction from a salt taken
+    from torch's global RNG; in a DataLoader worker that state depends on the worker's seed and on
+    how many items it served before. Reseeding torch's RNG from (seed, step, index) just before
+    delegating pins the salt whichever process runs the item; fork_rng restores the caller's RNG.
+    """
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        step, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
+            return self.base[i]
+
+
+def rank_batches(n, batch_size, seed, start_step, rank=0, world=1, accum=1):
+    """This rank's micro-batches of (step, index) pairs from start_step on: each epoch a fresh
+    seeded permutation; each step's batch cut into accum * world chunks, rank r's micro-batch m
+    being chunk m * world + r, so micro-batch m gathered over the ranks is one process's slice."""
+    per_epoch, b, step = n // batch_size, batch_size // (world * accum), start_step
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        idx = perm[k * batch_size:(k + 1) * batch_size].tolist()
+        for m in range(accum):
+            c = m * world + rank
+            yield [(step, i) for i in idx[c * b:(c + 1) * b]]
+        step += 1
+
+
+def collate(items, tokenizer, max_len: int):
+    volume = torch.stack([it["volume"] for it in items])  # (B, 1, X, Y, Z)
+    ids, mask = tokenize(tokenizer, [it["text"] for it in items], max_len)
+    width = int(mask.sum(1).max())  # padding past the longest text changes nothing: trim it
+    return volume, ids[:, :width], mask[:, :width]
+
+
+def train_loader(dataset, tokenizer_json: str, max_len: int, batch_size: int, seed: int,
+                 start_step: int = 0, rank: int = 0, world: int = 1, accum: int = 1,
+                 workers: int = 0, pin: bool = False):
+    """(volume, ids, mask) micro-batches of a VolumeTextDataset for steps start_step, ..."""
+    return torch.utils.data.DataLoader(
+        StepSeeded(dataset, seed), num_workers=workers, pin_memory=pin,
+        batch_sampler=rank_batches(len(dataset), batch_size, seed, start_step, rank, world, accum),
+        collate_fn=partial(collate, tokenizer=tokenizer_from_string(tokenizer_json), max_len=max_len),
+        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)

@@ -17,15 +17,16 @@ each batch and embeddings are all-gathered with gradient, so the contrastive neg
 global batch (the DDP section below).
 """
 import argparse
+import inspect
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,58 +41,41 @@ from prepare import files, pretrained
 from prepare.inputs import SUMMARY_BACKENDS, training_inputs
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class TrainConfig:  # every field is a flag: --name=value; None means the preset's value
-    preset: str = _f("auto", "model and recipe: auto (tiny on a CPU, small on a CUDA GPU), tiny, small or paper")
-    data: str = _f("", "data set: a CT-RATE-layout root or a preprocessed dir (default: the synthetic set)")
-    synth_dir: str = _f("data_synth", "where the synthetic set is generated when --data is empty")
-    synth_n: int = _f(None, "scans in the synthetic set (preset default: tiny 1000, paper 24)")
-    summaries: str = _f("rules", "report summaries: rules (offline, findings named by class), "
-                                 "rules_report (offline, the report's wording), or a JSONL cache of "
-                                 "python -m prepare.summarize (e.g. an LLM's)")
-    val_fraction: float = _f(None, "share of the training reports held back to pick best.pt "
-                                   "(0 = keep the last step; preset default: tiny 0.1, paper 0)")
-    out_dir: str = _f("out", "ckpt.pt, best.pt, eval.json, tokenizer and summaries go here")
-    epochs: int = _f(None, "passes over the training reports (preset default: tiny 32, paper 39)")
-    max_iters: int = _f(None, "optimizer steps, overriding --epochs")
-    batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, paper 64)")
-    lr: float = _f(None, "learning rate (preset default: tiny 5e-4, paper 5e-5)")
-    weight_decay: float = _f(None, "L2 added to the gradient with --optimizer=adam, decoupled with "
-                                   "adamw (preset default: tiny 0.05, paper 1e-6)")
-    optimizer: str = _f(None, "adam (L2 decay, the official code's) or adamw (preset default: "
-                              "tiny adamw, paper adam)")
-    warmup_iters: int = _f(None, "linear LR warm-up steps, then cosine decay to a tenth; 0 = constant LR "
-                                 "as in the paper (preset default: tiny 30, paper 0)")
-    grad_clip: float = _f(0.25, "clip the global gradient norm to this (0 = off); the paper's 0.25")
-    grad_accum: int = _f(1, "micro-batches per step (memory knob; contrastive negatives then span "
-                            "one micro-batch only)")
-    method: str = _f("brgsa", "brgsa, or an ablation: clip (beta L_INFO only, no bank), no_mse "
-                              "(alpha = 0), no_info_r (gamma = 0)")
-    text_weights: str = _f("", "Hugging Face BERT folder (e.g. CXR-BERT) for the text encoder; its "
-                               "vocab.txt replaces the tokenizer")
-    vit_weights: str = _f("", "timm-style ViT weights: a 2-D ViT is inflated, a 3-D one (the "
-                              "official M3AE ViT-B) loads as is")
-    vit_flip: str = _f("", "axes (letters of xyz) where the --vit_weights' voxel order is reversed "
-                           "from ours (RAS); README: starting from the official weights")
-    grad_checkpoint: bool = _f(False, "recompute block activations in backward (~1/3 more compute)")
-    compile: bool = _f(False, "torch.compile the encoders (slow first steps while it compiles)")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = _f("auto", "autocast: auto (bf16 on GPUs that have it, else fp16 + GradScaler; "
-                            "fp32 on a CPU), bfloat16, float16 or float32")
-    workers: int = _f(None, "data-loader processes (default: 0 on a CPU, 4 on a GPU)")
-    seed: int = _f(0, "seed of the synthetic set, init, data order, crops and validation split")
-    resume: str = _f("off", "on (bare --resume): continue from out_dir/ckpt.pt; auto: resume when "
-                            "it exists, else start (for torchrun --max-restarts); off")
-    eval_interval: int = _f(None, "validation every N steps (0 = none; default: a tenth of the run)")
-    log_interval: int = _f(20, "print a progress line every N steps")
-    ckpt_interval: int = _f(200, "write out_dir/ckpt.pt every N steps (and at the end)")
+class TrainConfig:  # every field is a flag, --name=value; None: the preset's value (TRAIN_PRESETS)
+    preset: str = "auto"      # model and recipe: auto (tiny on a CPU, small on a CUDA GPU), tiny, small, paper
+    data: str = ""            # a CT-RATE-layout root or a preprocessed dir; empty: the synthetic set
+    synth_dir: str = "data_synth"  # where the synthetic set is generated (--data empty)
+    synth_n: int = None       # scans in the synthetic set
+    summaries: str = "rules"  # rules, rules_report (offline) or a JSONL cache of prepare.summarize
+    val_fraction: float = None  # training reports held back to pick best.pt (0: keep the last step)
+    out_dir: str = "out"      # ckpt.pt, best.pt, eval.json, tokenizer and summaries go here
+    epochs: int = None        # passes over the training reports
+    max_iters: int = None     # optimizer steps, overriding --epochs
+    batch_size: int = None    # volume-report pairs per step, over all ranks
+    lr: float = None          # peak learning rate
+    weight_decay: float = None  # L2 in the gradient (adam) or decoupled (adamw)
+    optimizer: str = None     # adam (the official code's, L2 decay) or adamw
+    warmup_iters: int = None  # linear warm-up, then cosine decay to a tenth; 0: constant LR (paper)
+    grad_clip: float = 0.25   # clip the global gradient norm (0: off); the paper's 0.25
+    grad_accum: int = 1       # micro-batches per step (memory; negatives then span one micro-batch)
+    method: str = "brgsa"     # or an ablation: clip (L_INFO only, no bank), no_mse, no_info_r
+    text_weights: str = ""    # a Hugging Face BERT folder (e.g. CXR-BERT); its vocab.txt is the tokenizer
+    vit_weights: str = ""     # timm-style ViT weights: 2-D ones are inflated, 3-D (M3AE ViT-B) load as is
+    vit_flip: str = ""        # axes (of xyz) the --vit_weights' voxel order reverses from RAS (README)
+    grad_checkpoint: bool = False  # recompute block activations in backward (~1/3 more compute)
+    compile: bool = False     # torch.compile the encoders
+    device: str = "auto"      # cpu, cuda, cuda:N or auto (cuda when there is one)
+    dtype: str = "auto"       # autocast: auto (bf16/fp16 on a GPU, fp32 on a CPU), bfloat16, float16, float32
+    workers: int = None       # data-loader processes (None: 0 on a CPU, 4 on a GPU)
+    seed: int = 0             # of the synthetic set, init, data order, crops, validation split
+    resume: str = "off"       # on (a bare --resume): continue out_dir/ckpt.pt; auto: if it exists
+    eval_interval: int = None  # validation every N steps (0: none; None: a tenth of the run)
+    log_interval: int = 20    # a progress line every N steps
+    ckpt_interval: int = 200  # write out_dir/ckpt.pt every N steps (and at the end)
 
 
-# The recipe of each preset: the flags' defaults above, plus what is not a flag.
+# Each preset's recipe: the values of the flags left at None, and what is not a flag.
 TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, weight_decay=0.05,
                  optimizer="adamw", warmup_iters=30, val_fraction=0.1,
@@ -124,21 +108,27 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
 
     dataset = data_lib.VolumeTextDataset(inputs.train, inputs.summaries, model.cfg.crop_size,
                                          train=True, seed=cfg.seed, sentences=recipe["text_sampling"])
-    bs = global_batch_size(cfg, len(dataset), world, log)
+    bs = min(cfg.batch_size, len(dataset)) // (world * cfg.grad_accum) * world * cfg.grad_accum
+    if bs < cfg.batch_size:  # each rank holds bs / (world * grad_accum) pairs at a time
+        log(f"train: {len(dataset)} training reports: batch size {bs} instead of {cfg.batch_size}")
     cfg = replace(cfg, max_iters=cfg.max_iters or max(1, cfg.epochs * (len(dataset) // bs)))
     every = cfg.eval_interval if cfg.eval_interval is not None else max(1, cfg.max_iters // 10)
-    dtype = autocast_dtype(cfg.dtype, device)
+    gpu = device.type == "cuda"  # auto: bf16 on a GPU that has it, else fp16 (+ GradScaler); CPU fp32
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.float32 if not gpu else \
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
-    opt = make_optimizer(model.parameters(), cfg, fused=device.type == "cuda")
+    opt = make_optimizer(model.parameters(), cfg, fused=gpu)
     keep = Selection(model, cfg, out / "best.pt", inputs, ckpt)
     step = restore(ckpt, opt, scaler, cfg) if ckpt is not None else 0
     log(f"train: {cfg.preset} preset ({cfg.method}), {model.num_params() / 1e6:.1f} M parameters, "
         f"{len(dataset)} training reports, {len({r.report for r in inputs.val})} validation reports, "
         f"{len(inputs.held_out)} held-out volumes, batch {bs} ({world} rank(s) x {cfg.grad_accum} "
-        f"micro-batch(es)), {cfg.max_iters} steps on {device} ({str(dtype).split('.')[-1]})"
+        f"micro-batch(es)), {cfg.max_iters} steps on {device} ({str(dtype)[6:]})"
         + (f", resumed at step {step}" if ckpt is not None else ""), flush=True)
 
-    micro = iter(make_loader(cfg, dataset, bs, step, rank, world, inputs.tokenizer, model.cfg.max_len, device))
+    workers = cfg.workers if cfg.workers is not None else (4 if gpu else 0)
+    micro = iter(data_lib.train_loader(dataset, inputs.tokenizer, model.cfg.max_len, bs, cfg.seed, step,
+                                       rank, world, cfg.grad_accum, workers, pin=gpu))
     wrapped, no_sync = wrap(model, cfg, device, world)
     model.train()
     history, flops = [], flops_per_sample(model.cfg)
@@ -194,21 +184,18 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device=torch.device("
 
 
 def finish(cfg, keep, tokenizer, inputs, device, bs, step, history, t0) -> dict:
-    """The kept model (best on validation, else the last step) scored once on the held-out split."""
+    """The kept model (best on validation, else the last step) scored once on the held-out split:
+    the paper's protocol in full (eval.json), CT-CLIP's macro AUROC on the same embeddings."""
     keep.load_best(step)
-    model = keep.model.eval()
-    loader = data_lib.eval_loader(inputs.held_out, bs)
-    result = eval_lib.zero_shot(model, tokenizer, loader, data_lib.CTRATE_CLASSES, device)
-    a = result["arrays"]  # the CT-CLIP protocol on the same volume embeddings
-    ctclip = eval_lib.score_volumes(model, tokenizer, a["v"], data_lib.CTRATE_CLASSES,
+    model, classes = keep.model.eval(), data_lib.CTRATE_CLASSES
+    result = eval_lib.zero_shot(model, tokenizer, data_lib.eval_loader(inputs.held_out, bs), classes, device)
+    ctclip = eval_lib.score_volumes(model, tokenizer, result["arrays"]["v"], classes,
                                     eval_lib.EvalConfig(protocol="ctclip"), device)
     result.update(step=step, history=history, selected_step=keep.best_step, val_history=keep.history,
-                  val_macro_auc=None if keep.best == -math.inf else keep.best,
-                  macro_auc_ctclip_protocol=eval_lib.macro_auc(ctclip, a["labels"]),
-                  trained_on=inputs.trained_on)
+                  val_macro_auc=None if keep.best == -math.inf else keep.best, trained_on=inputs.trained_on,
+                  macro_auc_ctclip_protocol=eval_lib.macro_auc(ctclip, result["arrays"]["labels"]))
     path = eval_lib.report(result, cfg.out_dir, plots=False)
-    chosen = (f"best validation macro AUROC {keep.best:.4f}" if result["val_macro_auc"] is not None
-              else "the last")
+    chosen = "the last" if result["val_macro_auc"] is None else f"best validation macro AUROC {keep.best:.4f}"
     print(f"held-out zero-shot macro AUROC {result['macro_auc']:.4f} over {len(result['auc'])} "
           f"abnormalities, {result['n_volumes']} volumes, model of step {keep.best_step} ({chosen}; "
           f"{time.time() - t0:.0f} s of training); {path}, {keep.path}")
@@ -252,122 +239,38 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def autocast_dtype(name: str, device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); fp32 on the CPU."""
-    cuda = device.type == "cuda"
-    return {"auto": (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported()
-                     else torch.float16 if cuda else torch.float32),
-            "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def global_batch_size(cfg: TrainConfig, n: int, world: int, log) -> int:
-    """--batch_size, lowered to the data set size if needed, as a multiple of world x grad_accum."""
-    split = world * cfg.grad_accum
-    bs = min(cfg.batch_size, n) // split * split
-    if cfg.batch_size % split or bs == 0:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a positive multiple of world size "
-                         f"{world} x --grad_accum={cfg.grad_accum} (and at most {n} reports)")
-    if bs < cfg.batch_size:
-        log(f"train: only {n} training reports, batch size lowered to {bs}")
-    return bs
-
-
-# Dense bf16 tensor-core peak FLOP/s of one GPU by name substring (vendor data sheets; first match
-# wins, so "H100 PCIe" precedes "H100"). MFU is always quoted against this bf16 peak.
+# Dense bf16 tensor-core peak FLOP/s by GPU name (vendor data sheets; first match wins): MFU's base.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 def speed(volumes: int, seconds: float, flops_per_volume: float, device, world: int) -> str:
-    """Volumes/s; MFU against the GPU's bf16 peak (n/a on a CPU or an unlisted GPU); peak memory."""
-    vps = volumes / max(seconds, 1e-9)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    """Volumes/s; MFU against the GPU's peak (n/a on a CPU or an unlisted GPU); this GPU's peak memory."""
+    vps, name = volumes / max(seconds, 1e-9), torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
     mfu = f"{100 * vps * flops_per_volume / (peak * world):.1f}%" if peak else "n/a"
-    gib = f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if name else ""
-    return f"{vps:.1f} vol/s | MFU {mfu}{gib}"  # memory: this rank's GPU
-
-
-# ----------------------------------------------------------------------------- batches
-
-class StepSeeded(torch.utils.data.Dataset):
-    """Makes every training item a pure function of (seed, step, index).
-
-    data.VolumeTextDataset draws an item's crop, summary sentences and reconstruction from a salt
-    taken from torch's global RNG; in a DataLoader worker that state depends on the worker's seed and
-    on how many items it served before. Reseeding torch's RNG from (seed, step, index) just before
-    delegating pins the salt whichever process runs the item, so a resumed run, another worker
-    count or another rank split sees the same items; fork_rng restores the caller's RNG afterwards.
-    """
-
-    def __init__(self, base, seed: int):
-        self.base, self.seed = base, seed
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        step, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
-            return self.base[i]
-
-
-def rank_batches(n, batch_size, seed, start_step, rank=0, world=1, accum=1):
-    """This rank's micro-batches of (step, index) pairs, from start_step on. Each epoch is a fresh
-    seeded permutation, so a resumed run sees exactly the batches the uninterrupted one would; each
-    step's batch is cut into accum * world chunks and rank r's micro-batch m is chunk m * world + r,
-    so micro-batch m gathered over the ranks is the slice one process would use."""
-    per_epoch, b, step = n // batch_size, batch_size // (world * accum), start_step
-    while True:
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        idx = perm[k * batch_size:(k + 1) * batch_size].tolist()
-        for m in range(accum):
-            c = m * world + rank
-            yield [(step, i) for i in idx[c * b:(c + 1) * b]]
-        step += 1
-
-
-def collate(items, tokenizer, max_len: int):
-    volume = torch.stack([it["volume"] for it in items])  # (B, 1, X, Y, Z)
-    ids, mask = data_lib.tokenize(tokenizer, [it["text"] for it in items], max_len)
-    width = int(mask.sum(1).max())  # padding past the longest text changes nothing: trim it
-    return volume, ids[:, :width], mask[:, :width]
-
-
-def make_loader(cfg, dataset, bs, step, rank, world, tokenizer_json, max_len, device):
-    """The training batches from `step` on. The loader's own generator seeds its workers, so that
-    making it draws nothing from torch's global RNG (which dropout uses, and a resume restores)."""
-    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
-    tokenizer = data_lib.tokenizer_from_string(tokenizer_json)
-    return torch.utils.data.DataLoader(
-        StepSeeded(dataset, cfg.seed), num_workers=workers, pin_memory=device.type == "cuda",
-        batch_sampler=rank_batches(len(dataset), bs, cfg.seed, step, rank, world, cfg.grad_accum),
-        collate_fn=partial(collate, tokenizer=tokenizer, max_len=max_len),
-        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=workers > 0)
+    return f"{vps:.1f} vol/s | MFU {mfu}" + (
+        f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if name else "")
 
 
 # ----------------------------------------------------------------------------- the kept model and checkpoints
 
 class Selection:
-    """The best weights on the validation split, kept in out_dir/best.pt (the last step's when
-    there is no validation split), and the record of validation scores."""
+    """The weights that score best on the validation split, kept in out_dir/best.pt (the last
+    step's when there is none), and the record of validation scores."""
 
     def __init__(self, model, cfg: TrainConfig, path: Path, inputs, ckpt=None):
         self.model, self.cfg, self.path, self.inputs = model, cfg, path, inputs
-        self.best, self.best_step, self.history = -math.inf, None, []
-        if ckpt is not None:  # resuming: the validation record comes back too
-            self.best, self.best_step = ckpt.get("best_val", self.best), ckpt.get("best_step")
-            self.history = [tuple(x) for x in ckpt.get("val_history", [])]
+        ckpt = ckpt or {}  # resuming: the record comes back too
+        self.best, self.best_step = ckpt.get("best_val", -math.inf), ckpt.get("best_step")
+        self.history = [tuple(x) for x in ckpt.get("val_history", [])]
 
     def offer(self, score: float, step: int) -> bool:
         """Keep the weights in best.pt when score beats the best so far (NaN never does)."""
         self.history.append((step, score))
-        if not score > self.best:
-            return False
-        self.best, self.best_step = score, step
-        self.save(step, score)
-        return True
+        if score > self.best:
+            self.best, self.best_step = score, step
+            self.save(step, score)
+        return self.best_step == step
 
     def save(self, step: int, val_auc):
         """best.pt: what eval.py needs (weights, model config, tokenizer) and where it came from."""
@@ -387,22 +290,18 @@ class Selection:
 def save_checkpoint(path: Path, model, opt, scaler, step, cfg, inputs, keep: Selection):
     """ckpt.pt: everything --resume needs to continue the same run, written atomically at the end
     of a step (the RNG states are where the next step starts)."""
-    files.save_torch(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                          scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=rng_state(),
+    rng = dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    files.save_torch(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, rng=rng,
+                          scaler=scaler.state_dict() if scaler.is_enabled() else {},
                           model_config=asdict(model.cfg), train_config=asdict(cfg),
                           tokenizer=inputs.tokenizer, trained_on=inputs.trained_on,
                           best_val=keep.best, best_step=keep.best_step, val_history=keep.history),
                      path)
 
 
-def rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
 def restore(ckpt: dict, opt, scaler, cfg: TrainConfig) -> int:
-    """Optimizer, scaler and RNG states from a checkpoint -> its step. The data order needs nothing
-    more: it is a function of (seed, step) (rank_batches, StepSeeded)."""
+    """Optimizer, scaler and RNG states -> the step; the data order is a function of (seed, step)."""
     opt.load_state_dict(ckpt["optimizer"])
     for group in opt.param_groups:  # the saved groups carry the kind of decay they were made with
         group["decoupled_weight_decay"] = cfg.optimizer == "adamw"
@@ -416,11 +315,9 @@ def restore(ckpt: dict, opt, scaler, cfg: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- DDP (torchrun)
-# torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process; without
-# them train.py is one plain process and every helper here is a no-op. NCCL on GPUs, gloo on CPU.
-
-# PyTorch 2.13 marks torch.distributed.nn.functional.all_gather deprecated in favour of a private
-# API; the public one still works (gloo and NCCL, with gradient): keep it, without a warning per step.
+# torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; without them train.py is one
+# plain process and these helpers do nothing. NCCL on GPUs, gloo on CPUs. torch 2.13 calls the
+# public all_gather (with gradient) deprecated; it works: no warning per step.
 warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
 
 
@@ -442,25 +339,20 @@ def ddp_setup(device: str) -> tuple:
 def pick_device(name: str) -> torch.device:
     """--device (auto, cpu, cuda, cuda:N; auto:N under torchrun) -> torch.device, or a clear error."""
     if name.startswith("auto"):
-        name = ("cuda" + name[4:]) if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+        name = "cuda" + name[4:] if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-    return dev
+    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: " + (f"only {torch.cuda.device_count()} GPU(s) here" if
+                         torch.cuda.is_available() else "no CUDA GPU is available here (use cpu or auto)"))
+    return torch.device(name)
 
 
 def any_rank(signum) -> bool:
-    """Whether any rank was asked to stop (so that all ranks leave the loop at the same step)."""
+    """Whether any rank was asked to stop, so that all ranks leave the loop at the same step."""
     if not dist.is_initialized():
         return bool(signum)
-    flag = torch.tensor([1.0 if signum else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    flag = torch.tensor([float(bool(signum))], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -477,21 +369,16 @@ def barrier():
 @contextmanager
 def master_first():
     """Rank 0 runs the block first (it writes the shared caches); the others wait, then read them."""
-    if not is_master():
-        barrier()
+    barrier() if not is_master() else None
     yield
-    if is_master():
-        barrier()
+    barrier() if is_master() else None
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """(b, d) on each rank -> (world * b, d) in rank order, differentiable (as open_clip does).
-
-    Why the gradient is exact: every rank computes the same global loss L on the gathered batch;
-    all_gather's backward sums every rank's gradient for this rank's slice (world * dL/dx), and DDP
-    averages parameter gradients over the ranks, dividing the world factor out again. The bank D,
-    used only in the loss, gets dL/dD on every rank, which the average leaves unchanged.
-    """
+    The gradient is exact: every rank computes the same global loss L; all_gather's backward sums
+    the ranks' gradients for this rank's slice (world * dL/dx) and DDP's average divides world out
+    again. The bank D, used only in the loss, gets dL/dD on every rank, which the average keeps."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
@@ -513,37 +400,51 @@ CHOICES = dict(preset=("auto", *PRESETS), dtype=("auto", "bfloat16", "float16", 
                resume=("off", "on", "auto"))
 
 
+def flag_help() -> dict:
+    """{flag: its comment in TrainConfig, with the preset defaults where it has none}: one place
+    says what a flag does, for a reader of the code and for --help alike."""
+    helps, name = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
+        m = re.match(r"\s+(\w+): \w+ = [^#]*#(.*)|\s+#(.*)", line)
+        if m:
+            name = m.group(1) or name
+            helps[name] = (helps.get(name, "") + " " + (m.group(2) or m.group(3)).strip()).strip()
+    for f in fields(TrainConfig):
+        per = ", ".join(f"{p} {r[f.name]}" for p, r in TRAIN_PRESETS.items() if f.name in r)
+        helps[f.name] += f" (preset default: {per})" if f.default is None and per else \
+            f" (default: {f.default!r})"
+    return helps
+
+
 def parse_args(argv=None) -> TrainConfig:
     """Flags -> TrainConfig with the preset's values filled in ('auto' resolved) and every value
     checked before minutes of data preparation; a new run never overwrites a checkpoint."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = flag_help()
     for f in fields(TrainConfig):
-        text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default!r})")
+        text = helps[f.name].replace("%", "%%")
         if f.type is bool:
             p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, help=text,
                            type=lambda s: s.lower() in ("1", "true", "yes", "on"))
         elif f.name == "resume":
             p.add_argument("--resume", nargs="?", const="on", default="off", help=text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=text)
+            p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=text)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     try:
-        if cfg.preset not in CHOICES["preset"]:
-            raise ValueError(f"--preset must be one of {list(CHOICES['preset'])}, got {cfg.preset!r}")
         if cfg.preset == "auto":  # tiny on a CPU, small on a CUDA GPU
             gpu = pick_device(cfg.device).type == "cuda"
             cfg.preset = "small" if gpu else "tiny"
             if int(os.environ.get("RANK", 0)) == 0:
-                print(f"train: --preset auto picked {cfg.preset}: "
-                      + ("a CUDA GPU is used" if gpu else "no CUDA GPU is used (sized for 2 CPU cores)")
-                      + "; --preset tiny|small|paper chooses one")
-        for k, v in TRAIN_PRESETS[cfg.preset].items():
-            if hasattr(cfg, k) and getattr(cfg, k) is None:
-                setattr(cfg, k, v)
+                print(f"train: --preset auto picked {cfg.preset}: " + ("a CUDA GPU is used" if gpu else
+                      "no CUDA GPU is used (sized for 2 CPU cores)") + "; --preset tiny|small|paper chooses")
         for name, allowed in CHOICES.items():
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+            if name == "preset":  # the flags left at None take the preset's values
+                for f in fields(cfg):
+                    if getattr(cfg, f.name) is None and f.name in TRAIN_PRESETS[cfg.preset]:
+                        setattr(cfg, f.name, TRAIN_PRESETS[cfg.preset][f.name])
         check_config(cfg)
     except ValueError as e:
         p.error(str(e))
@@ -581,18 +482,13 @@ def check_config(cfg: TrainConfig):
 def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = ddp_setup(cfg.device)
-    lock = files.run_lock(cfg.out_dir, "train.py") if rank == 0 else nullcontext()
-    try:
-        with lock, files.sigterm_as_interrupt():
-            result = train(cfg, rank, world, device)
-    except BaseException:
-        if dist.is_initialized():  # torchrun stops the other ranks; no barrier they cannot reach
+    try:  # one run per out_dir (rank 0 holds the lock); SIGTERM stops as Ctrl-C does
+        with files.run_lock(cfg.out_dir, "train.py") if rank == 0 else nullcontext(), \
+                files.sigterm_as_interrupt():
+            return train(cfg, rank, world, device)
+    finally:
+        if dist.is_initialized():  # after an error torchrun stops the other ranks: no barrier
             dist.destroy_process_group()
-        raise
-    if dist.is_initialized():
-        barrier()
-        dist.destroy_process_group()
-    return result
 
 
 if __name__ == "__main__":

@@ -278,8 +278,8 @@ def test_gather_is_identity_without_a_process_group():
 
 def test_rank_batches_partition_each_step():
     """Every rank and micro-batch together cover each step's global batch once, in order."""
-    one = train.rank_batches(40, 8, 5, 3)
-    ranks = [train.rank_batches(40, 8, 5, 3, r, 2, 2) for r in range(2)]
+    one = data_lib.rank_batches(40, 8, 5, 3)
+    ranks = [data_lib.rank_batches(40, 8, 5, 3, r, 2, 2) for r in range(2)]
     for _ in range(7):  # crosses an epoch boundary (5 steps per epoch)
         want = next(one)
         got = [next(ranks[r]) for r in range(2)] + [next(ranks[r]) for r in range(2)]

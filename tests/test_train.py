@@ -43,23 +43,24 @@ def test_help_explains_every_flag(capsys):
         assert f"--{f.name}" in text, f"--{f.name} missing from --help"
 
 
-def test_bad_preset_is_rejected():
+def test_bad_preset_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
-        train.parse_args(["--preset=huge"])
+        train.parse_args(["--preset=huge", f"--out_dir={tmp_path}"])
 
 
-def test_paper_preset_uses_adam_with_l2_and_tiny_adamw():
-    assert train.parse_args(["--preset=paper"]).optimizer == "adam"
-    assert train.parse_args([]).optimizer == "adamw"
+def test_paper_preset_uses_adam_with_l2_and_tiny_adamw(tmp_path):
+    out = f"--out_dir={tmp_path}"  # tests never read or write the working tree's out/
+    assert train.parse_args(["--preset=paper", out]).optimizer == "adam"
+    assert train.parse_args([out]).optimizer == "adamw"
     with pytest.raises(SystemExit):
-        train.parse_args(["--optimizer=sgd"])
+        train.parse_args(["--optimizer=sgd", out])
 
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
-def test_optimizer_update_equals_the_formula(kind):
+def test_optimizer_update_equals_the_formula(kind, tmp_path):
     """Two steps in float64 against Adam's update written out: L2 (adam) puts wd * p into the
     gradient before the moments; decoupled (adamw) shrinks p by lr * wd outside them."""
-    cfg = train.parse_args(["--preset=paper", f"--optimizer={kind}", "--weight_decay=0.1",
+    cfg = train.parse_args(["--preset=paper", f"--optimizer={kind}", "--weight_decay=0.1", f"--out_dir={tmp_path}",
                             "--lr=0.01"])
     torch.manual_seed(0)
     p0 = torch.randn(7, dtype=torch.float64)
@@ -345,7 +346,7 @@ def test_new_run_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
 
 
 def test_cli_refusals_exit_nonzero_without_a_traceback(tmp_path):
-    """As a user sees them: a bad flag, an overwrite, a corrupt checkpoint under --auto_resume."""
+    """As a user sees them: a bad flag, an overwrite, a corrupt checkpoint under --resume=auto."""
     res = run_cli("--max_iters=-1", f"--out_dir={tmp_path / 'a'}")
     assert res.returncode == 2 and "--max_iters must be >= 1" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()
@@ -408,8 +409,8 @@ def test_summaries_come_from_a_finished_cache_or_stop_the_run(tmp_path):
 
 # ----------------------------------------------------------------------------- the schedule and clipping
 
-def test_lr_warms_up_then_decays_to_a_tenth():
-    cfg = replace(train.parse_args(["--lr=1e-3", "--warmup_iters=4", "--max_iters=24"]), max_iters=24)
+def test_lr_warms_up_then_decays_to_a_tenth(tmp_path):
+    cfg = train.parse_args(["--lr=1e-3", "--warmup_iters=4", "--max_iters=24", f"--out_dir={tmp_path}"])
     lrs = [train.lr_at(s, cfg) for s in range(30)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
     for step in (4, 10, 14, 20):  # cosine from lr down to its 10% floor over the remaining steps

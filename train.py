@@ -483,7 +483,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = ddp_setup(cfg.device)
     try:  # one run per out_dir (rank 0 holds the lock); SIGTERM stops as Ctrl-C does
-        with files.run_lock(cfg.out_dir, "train.py") if rank == 0 else nullcontext(), \
+        with files.run_lock(Path(cfg.out_dir) / ".lock", "train.py") if rank == 0 else nullcontext(), \
                 files.sigterm_as_interrupt():
             return train(cfg, rank, world, device)
     finally:

@@ -33,7 +33,7 @@ def read_score_csv(path) -> tuple:
     """CSV with the volume name first and one column per class -> (names, classes, (N, C) array)."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None

@@ -82,14 +82,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def run_lock(folder, what: str):
-    """Hold folder/.lock while the block runs: a second holder refuses with a message naming the
-    first (its pid, host, start and command). A lock is stale when it was written on this host by a
-    process that no longer exists (a crashed or killed run): it is taken over, with a note. A lock
-    from another host is never taken over (its process cannot be checked from here)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
+def run_lock(lock, what: str):
+    """Hold the lock file `lock` (e.g. OUT_DIR/.lock, CACHE.jsonl.lock) while the block runs: a
+    second holder refuses at once with a message naming the first (its pid, host, start and
+    command). A lock is stale when it was written on this host by a process that no longer exists
+    (a crashed or killed run): it is taken over, with a note. A lock from another host is never
+    taken over (its process cannot be checked from here)."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
               command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:200])
     while True:
@@ -106,10 +106,10 @@ def run_lock(folder, what: str):
                       f"{other.get('started')}) no longer exists", file=sys.stderr)
                 lock.unlink(missing_ok=True)
                 continue
-            raise ValueError(f"{folder} is in use by another {what} run (pid {other.get('pid', '?')} "
+            raise ValueError(f"{lock.parent} is in use by another {what} run (pid {other.get('pid', '?')} "
                              f"on {other.get('host', '?')}, started {other.get('started', '?')}: "
                              f"{other.get('command', '?')}); wait for it to finish or pick another "
-                             f"folder. If no such run exists, delete {lock}") from None
+                             f"output. If no such run exists, delete {lock}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(me, f)
         break
@@ -119,15 +119,24 @@ def run_lock(folder, what: str):
         lock.unlink(missing_ok=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be."""
+
+
 @contextmanager
 def sigterm_as_interrupt():
-    """Inside the block SIGTERM raises KeyboardInterrupt, so a scheduler's stop runs the same
-    clean-up as Ctrl-C (only in the main thread, where signal handlers can be set)."""
+    """Inside the block SIGTERM raises Terminated (a KeyboardInterrupt), so a scheduler's stop runs
+    the same clean-up as Ctrl-C (only in the main thread, where signal handlers can be set)."""
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     with _handlers(handler, signal.SIGTERM):
         yield
+
+
+def exit_code(interrupt: BaseException) -> int:
+    """The shell's 128 + signal of an interrupted command: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
 class StopRequest:

@@ -154,7 +154,7 @@ def read_reports_csv(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reports CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ["report_text"] + CLASSES if c not in (reader.fieldnames or [])]
         if missing:

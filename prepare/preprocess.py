@@ -17,6 +17,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from data import CTRATE_CLASSES, Record, load_nifti, preprocess_volume, to_hu, volume_key
 from model import PRESETS
+from prepare.files import WriteError, atomic_write, exit_code, run_lock, sigterm_as_interrupt
 from prepare.tables import (RADCHEST_CLASSES, RADCHEST_SPACING, CTRateTables, label_columns,
                             read_csv, read_labels, read_radchest_labels, read_radchest_npz)
 
@@ -33,12 +35,9 @@ from prepare.tables import (RADCHEST_CLASSES, RADCHEST_SPACING, CTRateTables, la
 # ----------------------------------------------------------------------------- one volume
 
 def save_npy_atomic(path, arr):
-    """np.save through a temp file + os.replace, so a crash never leaves a half-written .npy."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    """np.save through a temp file + os.replace (prepare.files.atomic_write): a crash never
+    leaves a half-written .npy, and a full disk is a WriteError naming the file."""
+    return atomic_write(path, lambda f: np.save(f, arr))
 
 
 def _read_source(job):
@@ -106,6 +105,8 @@ def _prepare_one(job):
         save_npy_atomic(job["out"], np.rint(vol).astype(np.int16))  # exact: HU clipped to ±1000
         return dict(name=job["name"], status="done", spacing=[float(v) for v in spacing],
                     hu_rule=rule, lung_fraction=round(lung_fraction(vol), 4))
+    except WriteError as e:  # a full disk fails every volume after it: the run must stop
+        return dict(name=job["name"], status="fatal", reason=str(e))
     except Exception as e:  # the pool must survive any bad file; the reason goes to the log
         reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
         return dict(name=job["name"], status="failed", reason=reason)
@@ -113,6 +114,7 @@ def _prepare_one(job):
 
 def _worker_init():
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 # ----------------------------------------------------------------------------- resumable runs
@@ -192,6 +194,12 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
     """
     cache_dir = Path(cache_dir)
     (cache_dir / "volumes").mkdir(parents=True, exist_ok=True)
+    with run_lock(cache_dir / ".lock", "preprocess"):  # one writer per cache
+        return _run(jobs, cache_dir, target_spacing, target_shape, workers, label, failed, classes,
+                    allow_non_hu)
+
+
+def _run(jobs, cache_dir, target_spacing, target_shape, workers, label, failed, classes, allow_non_hu):
     _check_settings(cache_dir, dict(target_spacing=[float(v) for v in target_spacing],
                                     target_shape=[int(v) for v in target_shape], dtype="int16"))
     done = _read_done(cache_dir / "done.jsonl")
@@ -212,6 +220,8 @@ def run_preprocess(jobs, cache_dir, target_spacing, target_shape, workers=2, lab
         for name, reason in failed:
             _log_failure(bad, name, reason, counts)
         for res in _map(_prepare_one, todo, workers):
+            if res["status"] == "fatal":
+                raise WriteError(res["reason"])
             if res["status"] == "done":
                 done[res["name"]], counts["done"] = res, counts["done"] + 1
                 if res["lung_fraction"] < CHEST_LUNG_MIN:
@@ -257,7 +267,7 @@ def load_index(cache_dir):
     path = cache_dir / "index.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index.csv (not a preprocessed directory)")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         fields = csv.DictReader(f).fieldnames or []
     rows = read_csv(path, INDEX_FIXED)
     classes = tuple(c for c in fields if c not in INDEX_FIXED)
@@ -380,6 +390,11 @@ def ensure_cache(path, split, preset, shape=None, workers=2, cache_dir=None, out
     """
     if find_index(path, split) is not None:
         return Path(path)
+    if not (_ctrate_root(path) / "metadata").is_dir():
+        what = "no such folder" if not Path(path).is_dir() else "empty" if not any(Path(path).iterdir()) \
+            else "neither a preprocessed dir (index.csv) nor a CT-RATE layout (metadata/, reports, labels)"
+        raise FileNotFoundError(f"{path}: not a data set ({what}); give a CT-RATE root, a cache of "
+                                f"python -m prepare.preprocess, or a set of python -m prepare.phantom")
     if preset is None:
         raise ValueError(f"{path}: a raw data set needs a preset (or spacing and shape) to "
                          f"preprocess it; found no index.csv")
@@ -506,19 +521,15 @@ def preprocess_main(argv=None):
         p.error(f"--split is for CT-RATE only: a {a.dataset} dataset has no splits (every volume "
                 f"under --root is preprocessed); leave --split out")
     try:
-        if a.dataset == "ctrate":
-            (jobs, failed), classes = ctrate_jobs(a.root, a.split or "train"), CTRATE_CLASSES
-        elif a.dataset == "radchest":
-            (jobs, failed), classes = radchest_jobs(a.root, a.labels, a.radchest_devices), RADCHEST_CLASSES
-        else:
-            jobs, failed, classes = folder_jobs(a.root, a.labels)
-        _, spacing, shape = preprocess_settings(a.preset)
-        records, counts = run_preprocess(jobs, a.out, spacing, shape,
-                                         a.workers, f"{a.dataset} {a.preset}", failed, classes,
-                                         a.allow_non_hu)
+        with sigterm_as_interrupt():
+            records, counts = _preprocess(a)
     except (ValueError, FileNotFoundError) as e:  # a problem with the data set as a whole
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: every finished volume is whole and kept
+        print(f"\ninterrupted: the finished volumes are kept in {a.out} (done.jsonl); rerun the same "
+              f"command to do the rest", file=sys.stderr)
+        return exit_code(e)
     rules = {}
     for r in records:
         rules[r.hu_rule] = rules.get(r.hu_rule, 0) + 1
@@ -531,6 +542,18 @@ def preprocess_main(argv=None):
               file=sys.stderr)
         return 1
     return 0
+
+
+def _preprocess(a):
+    if a.dataset == "ctrate":
+        (jobs, failed), classes = ctrate_jobs(a.root, a.split or "train"), CTRATE_CLASSES
+    elif a.dataset == "radchest":
+        (jobs, failed), classes = radchest_jobs(a.root, a.labels, a.radchest_devices), RADCHEST_CLASSES
+    else:
+        jobs, failed, classes = folder_jobs(a.root, a.labels)
+    _, spacing, shape = preprocess_settings(a.preset)
+    return run_preprocess(jobs, a.out, spacing, shape, a.workers, f"{a.dataset} {a.preset}", failed,
+                          classes, a.allow_non_hu)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ dispatcher, the cache, batch runs and the command line.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import json
@@ -31,6 +32,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from prepare.files import REASONS, WriteError, exit_code, run_lock, sigterm_as_interrupt
 from prepare.summarize_llm import LLM_DEFAULTS, LLMClient, SummaryError
 from prepare.summarize_rules import check_text, summarize_rules
 
@@ -106,9 +108,13 @@ class _CacheWriter:
 
     def write(self, record: dict) -> None:
         with self.lock:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            try:
+                self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:  # a full disk: every summary before this one is kept, whole
+                raise WriteError(f"{self.file.name}: could not be written "
+                                 f"({REASONS.get(e.errno, e.strerror)})") from None
 
     def close(self) -> None:
         self.file.close()
@@ -147,6 +153,9 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
     summaries = {t: cached[report_key(t)] for t in unique if report_key(t) in cached}
     todo = [t for t in unique if t not in summaries]
     errors: dict[str, str] = {}
+    stack = contextlib.ExitStack()
+    if cache_path and todo:  # one writer per cache: a second run refuses (prepare/files.py)
+        stack.enter_context(run_lock(cache_path.with_name(cache_path.name + ".lock"), "summarize"))
     writer = _CacheWriter(cache_path) if cache_path and todo else None
     work = (LLMClient(**llm_options).summarize if backend == "llm"
             else partial(summarize_rules, wording=RULE_WORDING[backend]))
@@ -186,6 +195,7 @@ def run_batch(texts: list[str], cache_path=None, backend: str = "rules", workers
         meter.close()
         if writer:
             writer.close()
+        stack.close()
     counts = {"done": len(todo) - len(errors), "cached": len(unique) - len(todo), "failed": len(errors)}
     return summaries, errors, counts
 
@@ -256,7 +266,7 @@ def read_reports(path: Path, text_column: str | None = None) -> tuple[list[str],
     """(row names, report texts) from a CSV with `text_column`, `report_text`, or CT-RATE's
     Findings_EN + Impressions_EN (joined with a space, as CT-RATE's report is Findings + Impressions)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
             rows, columns = list(reader), list(reader.fieldnames or [])
     except csv.Error as e:  # a quote left open would swallow the rows after it into one report
@@ -314,15 +324,16 @@ def main(argv: list[str] | None = None) -> int:
         url=args.url, model=args.model, api_key_env=args.api_key_env, timeout=args.timeout,
         retries=args.retries)
     try:
-        summaries, errors, counts = run_batch(texts, args.out, args.backend, args.workers,
-                                              not args.quiet, names, args.max_failures, **options)
-    except BatchStopped as e:
+        with sigterm_as_interrupt():
+            summaries, errors, counts = run_batch(texts, args.out, args.backend, args.workers,
+                                                  not args.quiet, names, args.max_failures, **options)
+    except (BatchStopped, ValueError) as e:  # the server gave up, a second run, a full disk
         print(f"\nsummarize: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
         print(f"\ninterrupted: every finished report is saved in {args.out}; rerun to resume",
               file=sys.stderr)
-        return 130
+        return exit_code(e)
     name_of = {t: n for n, t in zip(names, texts)}
     for text, error in list(errors.items())[:10]:
         print(f"failed: {name_of.get(text, '?')}: {error}", file=sys.stderr)

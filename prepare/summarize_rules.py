@@ -393,5 +393,7 @@ def summarize_rules(text: str, wording: str = "class") -> list[str]:
                 other = _other_finding(clause)
                 if other and not any(_similar(other, o) for o in others):
                     others.append(other)
-    ordered = [best[c] for c in CLASSES if c in best]
+    # one clause can name two classes ("plaques in the aorta and coronary arteries"): in the
+    # report's wording both render as that clause, and a sentence is said once
+    ordered = list(dict.fromkeys(best[c] for c in CLASSES if c in best))
     return ordered + others or [NO_FINDING]

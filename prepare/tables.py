@@ -46,7 +46,7 @@ def read_csv(path, required=()):
     """Rows of a UTF-8 CSV as dicts; a clear error names the file and any missing column."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error
             rows = list(reader)
             fields = reader.fieldnames or []
@@ -179,7 +179,7 @@ def label_columns(path):
     """(volume-name column, class columns) of a labels CSV: the name column is VolumeName when
     present, else the first column; every other column is a class (any name)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e

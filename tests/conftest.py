@@ -48,3 +48,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def _write_csv_as_a_spreadsheet(path, rows) -> Path:
+    """Rows as a spreadsheet saves them: a UTF-8 byte-order mark, CRLF line ends, every field
+    quoted (so commas, quotes and newlines inside fields are written as such)."""
+    import csv
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\r\n").writerows(rows)
+    return Path(path)
+
+
+@pytest.fixture
+def spreadsheet_csv():
+    """The writer of CSVs as spreadsheets save them (see _write_csv_as_a_spreadsheet)."""
+    return _write_csv_as_a_spreadsheet

@@ -352,11 +352,11 @@ def test_own_folder_labels_errors_and_split_refused(tmp_path, capsys):
         preprocess.preprocess_main(args + ["--split", "valid"])
     assert "--split is for CT-RATE only" in capsys.readouterr().err
     (tmp_path / "bad.csv").write_text("scan,Glowing spleen\nscan1.nii.gz,maybe\n")
-    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "bad.csv")]) == 2
+    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "bad.csv")]) == 1
     err = capsys.readouterr().err
     assert "bad.csv: line 2 ('scan1.nii.gz'): label 'maybe' for class 'Glowing spleen'; expected 0 or 1" in err
     (tmp_path / "one.csv").write_text("scan\nscan1.nii.gz\n")
-    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "one.csv")]) == 2
+    assert preprocess.preprocess_main(args + ["--labels", str(tmp_path / "one.csv")]) == 1
     assert "at least one class column" in capsys.readouterr().err
 
 
@@ -760,3 +760,73 @@ def test_heatmap_png_written_or_skipped_with_a_message(tiny, tmp_path, monkeypat
     pytest.importorskip("matplotlib")
     E.main(args + ["--heatmap", str(tmp_path / "with")])
     assert (tmp_path / "with" / "scan_pleural_effusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spreadsheet_score_and_label_files_read_as_the_plain_ones(tmp_path, spreadsheet_csv):
+    """Score and label CSVs saved by a spreadsheet (byte-order mark, CRLF, every field quoted,
+    volume names holding commas and quotes) give exactly the plain files' result."""
+    rng = np.random.default_rng(8)
+    names = [f'scan {i}, "series" {i % 3}' for i in range(30)]
+    labels = rng.integers(0, 2, (30, 2))
+    scores = labels + rng.normal(0, 0.8, (30, 2))
+    head = ["VolumeName", "Lung nodule", "Pleural effusion"]
+    srows = [head] + [[n, *(repr(float(x)) for x in r)] for n, r in zip(names, scores)]
+    lrows = [head] + [[n, *map(str, r)] for n, r in zip(names, labels)]
+    _write(tmp_path / "s.csv", srows[0], srows[1:])
+    _write(tmp_path / "l.csv", lrows[0], lrows[1:])
+    plain = AF.evaluate_score_files(tmp_path / "s.csv", tmp_path / "l.csv", n_boot=50)
+    sheet = AF.evaluate_score_files(spreadsheet_csv(tmp_path / "s2.csv", srows),
+                                    spreadsheet_csv(tmp_path / "l2.csv", lrows), n_boot=50)
+    assert (tmp_path / "s2.csv").read_bytes()[:3] == b"\xef\xbb\xbf" and b"\r\n" in (tmp_path / "l2.csv").read_bytes()
+    assert sheet["classes"] == plain["classes"] == head[1:]
+    assert sheet["arrays"]["names"] == names and np.array_equal(sheet["arrays"]["scores"], scores)
+    assert flat(sheet["per_class"]) == flat(plain["per_class"])
+
+
+def _damaged_scans(folder) -> dict:
+    """{file: what eval.py must say about it}: the ways a scan arrives broken or in another form."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = np.random.default_rng(1).integers(-1000, 1000, (40, 36, 20)).astype(np.int16)
+    good = nib.Nifti1Image(ct, np.diag([5.0, 5.0, 10.0, 1.0]))
+    nib.save(good, folder / "whole.nii.gz")
+    (folder / "truncated.nii.gz").write_bytes((folder / "whole.nii.gz").read_bytes()[:3000])
+    nib.save(nib.Nifti1Image(np.stack([ct, ct], -1), np.diag([5.0, 5.0, 10.0, 1.0])), folder / "4d.nii.gz")
+    singular = np.diag([5.0, 5.0, 10.0, 1.0])
+    singular[:3, 2] = singular[:3, 0]  # the third voxel axis along the first: no volume
+    nib.save(nib.Nifti1Image(ct, singular), folder / "singular.nii.gz")
+    zero = nib.Nifti1Image(ct, np.diag([5.0, 5.0, 10.0, 1.0]))
+    zero.header["pixdim"][3] = 0.0
+    nib.save(zero, folder / "zero_spacing.nii")
+    dicom = folder / "series"
+    dicom.mkdir(exist_ok=True)
+    for i in range(3):  # a DICOM series folder: the 'DICM' mark at byte 128 of each slice
+        (dicom / f"{i}.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    return {"truncated.nii.gz": "cannot read the voxel data", "4d.nii.gz": "expected a 3-D volume",
+            "singular.nii.gz": "affine is singular", "zero_spacing.nii": "voxel spacing must be three positive",
+            "series": "convert a DICOM series first, e.g. dcm2niix", "series/0.dcm": "a DICOM file"}
+
+
+def test_damaged_or_unusual_scans_each_get_one_line(tiny, tmp_path):
+    """eval.py --volume on each damaged scan, and --data on an empty or a wrong folder: exit 1 with
+    one line naming the file and the problem, no traceback; prepare.preprocess lists each damaged
+    scan of a folder with its reason and goes on."""
+    model, tok = tiny
+    ckpt = str(_checkpoint(model, tok, tmp_path / "ckpt.pt"))
+    cases = _damaged_scans(tmp_path / "scans")
+    for name, message in cases.items():
+        res = run_eval("--ckpt", ckpt, "--volume", str(tmp_path / "scans" / name), "--findings", "mass")
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert err[-1].startswith("eval.py: error:") and name.split("/")[-1] in err[-1] and message in err[-1], err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a data set")
+    for folder in ("empty", "notes"):
+        res = run_eval("--ckpt", ckpt, "--data", str(tmp_path / folder), "--out_dir", str(tmp_path / "o"))
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert folder in res.stderr.strip().splitlines()[-1]
+    code = preprocess.preprocess_main(["--dataset", "folder", "--root", str(tmp_path / "scans"), "--out",
+                                       str(tmp_path / "c"), "--preset", "tiny", "--workers", "1"])
+    failed = (tmp_path / "c" / "failed.txt").read_text()
+    assert code == 1 and all(n in failed for n in ("truncated", "4d", "singular", "zero_spacing"))
+    assert [r.name for r in preprocess.load_index(tmp_path / "c")] == ["whole"]

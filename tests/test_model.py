@@ -1,5 +1,6 @@
 """model.py: shapes for both presets, the paper preset's size, the official text pooling, patch grids."""
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -287,3 +288,41 @@ def test_position_pooling_starts_as_mean_pooling_and_reads_out_per_position():
         pos.patch_embeddings(tokens[:, :-1])
     with pytest.raises(ValueError, match="position pooling needs whole volumes"):
         ViT3D(dataclasses.replace(cfg, crop_size=(32, 32, 24)))
+
+
+def test_bert_layer_is_post_norm_as_written_out():
+    """model.PostNormBlock against BERT's layer written out in float64 from its own weights:
+    h = LN(x + MHSA(x)), y = LN(h + W2 gelu(W1 h)) with a padding mask; a pre-norm block (LN
+    before each sublayer) gives other numbers, so the loaded BERT weights would be misread."""
+    from model import PostNormBlock
+    torch.manual_seed(0)
+    B, T, C, H = 2, 7, 24, 3
+    blk = PostNormBlock(C, H, 48, 0.0).double().eval()
+    for p in blk.parameters():  # LayerNorm affine away from (1, 0), so that it counts
+        p.data.normal_(0, 0.3)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 4:] = False
+
+    def ln(z, norm):
+        mu, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+        return (z - mu) / torch.sqrt(var + 1e-12) * norm.weight + norm.bias
+
+    def mhsa(z):
+        q, k, v = (z @ w.T + b for w, b in zip(blk.attn.qkv.weight.chunk(3), blk.attn.qkv.bias.chunk(3)))
+        split = lambda a: a.view(B, T, H, C // H).transpose(1, 2)  # noqa: E731
+        s = split(q) @ split(k).transpose(-1, -2) / math.sqrt(C // H)
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        y = (torch.softmax(s, -1) @ split(v)).transpose(1, 2).reshape(B, T, C)
+        return y @ blk.attn.proj.weight.T + blk.attn.proj.bias
+
+    def mlp(z):
+        h = F.gelu(z @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
+        return h @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+
+    h = ln(x + mhsa(x), blk.norm1)
+    want = ln(h + mlp(h), blk.norm2)
+    got = blk(x, keep[:, None, None, :])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    pre_h = x + mhsa(ln(x, blk.norm1))
+    assert (pre_h + mlp(ln(pre_h, blk.norm2)) - got).abs().max() > 0.1

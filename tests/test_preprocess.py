@@ -5,6 +5,7 @@ Real volumes come from ../shared/data (skipped when absent); everything else is 
     Run: python -m pytest tests/test_preprocess.py -q
 """
 import csv
+import os
 import subprocess
 import sys
 
@@ -137,7 +138,7 @@ def test_preprocess_cli_runs_as_a_script_and_reports_bad_roots(tmp_path):
     assert res.returncode == 0 and "done=3 skipped=0 failed=0" in res.stdout, res.stderr
     res = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere")] + cmd[5:], cwd=repo,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "error:" in res.stderr and "nowhere" in res.stderr
+    assert res.returncode == 1 and "error:" in res.stderr and "nowhere" in res.stderr
 
 
 def test_ensure_cache_and_load_dataset(tmp_path):
@@ -376,3 +377,65 @@ def test_read_labels_refuses_values_other_than_0_and_1(tmp_path):
     with pytest.raises(ValueError, match=r"labels\.csv: line 3 \('b'\): label '2' for class "
                                          r"'Cardiomegaly'; expected 0 or 1"):
         tables.read_labels(path, ("Cardiomegaly",))
+
+
+def test_spreadsheet_label_csv_reads_as_the_plain_one(tmp_path, spreadsheet_csv):
+    """A labels CSV saved by a spreadsheet (byte-order mark before the first column's name, CRLF,
+    quoted class names with commas) is read exactly as the plain one."""
+    rows = [["scan", "Lung nodule", 'Effusion, "pleural"'], ["a.nii.gz", "1", "0"], ["b.nii.gz", "0", "1"]]
+    write_csv(tmp_path / "plain.csv", [dict(zip(rows[0], r)) for r in rows[1:]])
+    sheet = spreadsheet_csv(tmp_path / "sheet.csv", rows)
+    assert tables.label_columns(sheet) == tables.label_columns(tmp_path / "plain.csv") == \
+        ("scan", ("Lung nodule", 'Effusion, "pleural"'))
+    a = tables.read_labels(tmp_path / "plain.csv", rows[0][1:], "scan")
+    b = tables.read_labels(sheet, rows[0][1:], "scan")
+    assert a.keys() == b.keys() == {"a", "b"} and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+SLOW_PREPROCESS = """
+import sys, time
+from prepare import preprocess
+one = preprocess._prepare_one
+def slow(job):  # a stand-in for full-size volumes: each takes a moment
+    time.sleep(0.3)
+    return one(job)
+preprocess._prepare_one = slow
+sys.exit(preprocess.preprocess_main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_preprocessing_keeps_whole_volumes_and_a_rerun_completes(tmp_path):
+    import json
+    import signal
+    import time
+    make_ctrate(tmp_path / "ct", "train", n_patients=12)
+    args = ["--root", str(tmp_path / "ct"), "--split", "train", "--out", str(tmp_path / "c"),
+            "--preset", "tiny", "--workers", "1"]
+    repo = data.Path(data.__file__).parent
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPROCESS, *args], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done, deadline = tmp_path / "c" / "done.jsonl", time.time() + 60
+    while not (done.is_file() and done.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err and "rerun the same command" in err
+    finished = [json.loads(line)["name"] for line in done.read_text().splitlines()]
+    assert 2 <= len(finished) < 13
+    for name in finished:  # every volume it lists is whole
+        assert np.load(tmp_path / "c" / "volumes" / f"{name}.npy").shape == PRESETS["tiny"].image_size
+    assert not list((tmp_path / "c" / "volumes").glob(".*.tmp"))
+    assert preprocess.preprocess_main(args) == 0
+    names = [r.name for r in preprocess.load_index(tmp_path / "c")]
+    assert len(names) == len(set(names)) == 13  # 12 patients, one with two reconstructions
+
+
+def test_a_second_preprocess_into_one_cache_is_refused(tmp_path, capsys):
+    from prepare import files
+    make_ctrate(tmp_path / "ct", "train", n_patients=2)
+    args = ["--root", str(tmp_path / "ct"), "--split", "train", "--out", str(tmp_path / "c"),
+            "--preset", "tiny", "--workers", "1"]
+    with files.run_lock(tmp_path / "c" / ".lock", "preprocess"):
+        assert preprocess.preprocess_main(args) == 1
+    assert f"is in use by another preprocess run (pid {os.getpid()}" in capsys.readouterr().err
+    assert preprocess.preprocess_main(args) == 0

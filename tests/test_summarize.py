@@ -632,3 +632,66 @@ def test_bad_report_text_does_not_trip_the_breaker(tmp_path):
     _, errors, counts = summarize.run_batch(["", " ", "  ", "Emphysema."], tmp_path / "s.jsonl",
                                             progress=False, max_failures=2)
     assert counts == {"done": 1, "cached": 0, "failed": 3} and len(errors) == 3
+
+
+def test_spreadsheet_reports_csv_reads_as_the_plain_one(tmp_path, spreadsheet_csv):
+    """Reports as a spreadsheet saves them (byte-order mark, CRLF, quoted multi-line texts with
+    commas and quotes) give the same texts and the same summaries as the plain CSV."""
+    import csv
+    texts = ['Small nodule, right upper lobe.\nNo "pleural" effusion.', "Emphysema.\r\nCardiomegaly."]
+    rows = [["VolumeName", "report_text"], ["v1", texts[0]], ["v2", texts[1]]]
+    with open(tmp_path / "plain.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    plain = summarize.read_reports(tmp_path / "plain.csv")
+    sheet = summarize.read_reports(spreadsheet_csv(tmp_path / "sheet.csv", rows))
+    assert sheet == plain and sheet[0] == ["v1", "v2"]
+    assert [summarize.summarize(t) for t in sheet[1]] == [summarize.summarize(t) for t in plain[1]]
+
+
+def test_sigterm_stops_cleanly_with_whole_lines_and_a_rerun_adds_no_duplicates(llm_server, tmp_path):
+    """A scheduler's SIGTERM mid-batch: exit 143 with the resume message, every cache line whole;
+    the rerun does only the missing reports, so each report has one summary line."""
+    llm_server.delay = 0.1
+    texts = [f"Report number {i}." for i in range(20)]
+    reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
+    _write_csv(reports, texts)
+    cmd = [sys.executable, "-m", "prepare.summarize", str(reports), "--out", str(cache), "--backend",
+           "llm", "--url", llm_server.url, "--model", "test-model", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while (not cache.exists() or cache.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "Traceback" not in err and "rerun to resume" in err
+    assert all(_parses(line) for line in cache.read_text().splitlines())
+    assert not (tmp_path / "s.jsonl.lock").exists()  # released on the way out
+    llm_server.delay = 0.0
+    assert summarize.main([str(reports), "--out", str(cache), "--backend", "llm", "--url", llm_server.url,
+                           "--model", "test-model", "--quiet"]) == 0
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+    assert sorted(keys) == sorted(summarize.report_key(t) for t in texts)  # each report once
+
+
+def test_a_second_run_on_one_cache_is_refused(tmp_path, capsys):
+    from prepare import files
+    reports, cache = tmp_path / "r.csv", tmp_path / "s.jsonl"
+    _write_csv(reports, ["Emphysema.", "Cardiomegaly."])
+    with files.run_lock(tmp_path / "s.jsonl.lock", "summarize"):
+        assert summarize.main([str(reports), "--out", str(cache), "--quiet"]) == 1
+    assert f"is in use by another summarize run (pid {os.getpid()}" in capsys.readouterr().err
+    assert not cache.exists()  # nothing written beside the running one
+    assert summarize.main([str(reports), "--out", str(cache), "--quiet"]) == 0
+
+
+def test_report_wording_says_a_sentence_once(shared_data):
+    """One clause naming two classes renders, in the report's wording, as that clause for both:
+    the summary says it once (on the 400 real reports too, no summary repeats a sentence)."""
+    text = "Calcified atherosclerotic plaques are observed in the aorta and coronary arteries. Mild emphysema."
+    assert summarize.summarize(text, "rules_report") == [
+        "Calcified atherosclerotic plaques in the aorta and coronary arteries.", "Mild emphysema."]
+    assert len(summarize.summarize(text, "rules")) == 3  # the class wording names each class
+    with open(shared_data / "ctclip_reports_18labels" / "reports_shared.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            s = summarize.summarize(row["report_text"], "rules_report")
+            assert len(s) == len(set(s)), s

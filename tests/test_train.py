@@ -479,7 +479,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes_the_same_run(synth_di
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     """While one run holds out_dir, another refuses at once naming it; a lock whose process is gone
     (a crashed run) is recognised and taken over."""
-    with files.run_lock(tmp_path, "train.py"):
+    with files.run_lock(tmp_path / ".lock", "train.py"):
         res = run_cli(f"--out_dir={tmp_path}", "--synth_n=36", "--max_iters=1")
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert f"{tmp_path} is in use by another train.py run (pid {os.getpid()}" in res.stderr
@@ -488,7 +488,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
                           text=True).stdout.strip()
     (tmp_path / ".lock").write_text(json.dumps(dict(pid=int(dead), host=socket.gethostname(),
                                                     started="then", command="train.py")))
-    with files.run_lock(tmp_path, "train.py") as lock:
+    with files.run_lock(tmp_path / ".lock", "train.py") as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 

@@ -830,3 +830,23 @@ def test_damaged_or_unusual_scans_each_get_one_line(tiny, tmp_path):
     failed = (tmp_path / "c" / "failed.txt").read_text()
     assert code == 1 and all(n in failed for n in ("truncated", "4d", "singular", "zero_spacing"))
     assert [r.name for r in preprocess.load_index(tmp_path / "c")] == ["whole"]
+
+
+def test_evaluation_is_fp32_by_default_as_the_official_inference(tiny, tmp_path):
+    """The volumes are embedded in fp32 unless --dtype bfloat16 asks for autocast: the scores of a
+    fixed model equal an fp32 reference computed here to 1e-6; bf16 moves them by far more."""
+    model, tok = tiny
+    recs = make_records(tmp_path / "v", 5)
+    loader = D.eval_loader(recs, 4)
+    with torch.no_grad():
+        v_ref = torch.cat([model.visual(b["volume"].float()) for b in loader]).double()
+        t = torch.stack([model.text(*[x[0:1] for x in D.tokenize(tok, [f"{c}."])])[0] for c in CLASSES]).double()
+        D_ = model.bank.weight.double()
+        cos = lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T  # noqa: E731
+        ref = 0.5 * (cos(v_ref, t) + cos(torch.softmax(v_ref @ D_.T, -1) @ D_, t))
+    r = E.zero_shot(model, tok, loader, CLASSES, torch.device("cpu"), E.EvalConfig(n_boot=0))
+    assert r["protocol"]["dtype"] == "float32"
+    np.testing.assert_allclose(r["arrays"]["scores"], ref.numpy(), rtol=0, atol=1e-6)
+    bf16 = E.zero_shot(model, tok, loader, CLASSES, torch.device("cpu"),
+                       E.EvalConfig(n_boot=0, dtype="bfloat16"))
+    assert np.abs(bf16["arrays"]["scores"] - ref.numpy()).max() > 1e-4

@@ -143,36 +143,38 @@ def write_heatmap(heat, geom: Geometry, path) -> Path:
     return atomic_write(path, lambda f: f.write(gzip.compress(data, compresslevel=1, mtime=0)))
 
 
-def peak_mm(heat, geom: Geometry) -> tuple:
-    """(voxel index, scanner coordinates in mm) of a map's maximum inside the model's field of view."""
+def peak_mm(heat, geom: Geometry, hu_ras=None) -> tuple:
+    """(voxel index, world coordinates in mm) of a map's maximum inside the model's field of view
+    (and inside the body, given the scan in RAS: _outside_air)."""
     heat = np.asarray(heat).reshape(geom.inside.shape)
-    ijk = np.unravel_index(np.argmax(np.where(geom.inside, heat, -np.inf)), heat.shape)
+    keep = geom.inside
+    if hu_ras is not None:  # the air mask is found in RAS, then put back in the file's axis order
+        ornt = nib.orientations.io_orientation(geom.affine)
+        back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+        keep = keep & ~nib.orientations.apply_orientation(_outside_air(np.asarray(hu_ras)), back)
+    ijk = np.unravel_index(np.argmax(np.where(keep, heat, -np.inf)), heat.shape)
     return tuple(int(i) for i in ijk), tuple(float(v) for v in (geom.affine @ [*ijk, 1.0])[:3])
 
 
-def _outside_air(img2d: np.ndarray) -> np.ndarray:
-    """Air connected to the slice's border (outside the body), grown inward from the border through
-    voxels darker than -500 HU (or the slice's 1st percentile + 500 when it is not in HU)."""
-    lo = np.percentile(img2d, 1)
-    air = img2d < (-500.0 if lo < -500 else lo + 500.0)
-    out = np.zeros_like(air)
-    out[[0, -1], :], out[:, [0, -1]] = air[[0, -1], :], air[:, [0, -1]]
-    while True:
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        grown &= air
-        if (grown == out).all():
-            return out
-        out = grown
+def _outside_air(hu_ras: np.ndarray) -> np.ndarray:
+    """Air outside the body in a RAS volume: in each axial slice, the air before the first and after
+    the last body voxel (darker than -500 HU, or the scan's 1st percentile + 500 when it is not in
+    HU) along x or along y. Lungs and airways are enclosed by the body, so they stay in."""
+    lo = np.percentile(hu_ras[::2, ::2, ::2], 1)
+    body = hu_ras >= (-500.0 if lo < -500 else lo + 500.0)
+    out = np.zeros(body.shape, bool)
+    for axis in (0, 1):
+        before = np.cumsum(body, axis) == 0
+        after = np.flip(np.cumsum(np.flip(body, axis), axis), axis) == 0
+        out |= before | after
+    return out
 
 
-def write_heatmap_png(heat, hu_ras, geom: Geometry, path, title: str) -> bool:
+def write_heatmap_png(heat, hu_ras, geom: Geometry, peak, path, title: str) -> bool:
     """Axial, coronal and sagittal slices through the map's maximum, in RAS with their aspect in
-    mm, the map over the scan with the air outside the body left uncoloured; False without
-    matplotlib. heat: on the input's own grid (file axes); hu_ras: the scan reoriented to RAS."""
+    mm (radiological view: the patient's right on the left, anterior on the left in the sagittal
+    plane), the map over the scan with the air outside the body left uncoloured; False without
+    matplotlib. heat and peak (a voxel index): on the input's own grid; hu_ras: the scan in RAS."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -181,27 +183,30 @@ def write_heatmap_png(heat, hu_ras, geom: Geometry, path, title: str) -> bool:
         return False
     ornt = nib.orientations.io_orientation(geom.affine)  # as data.load_nifti reorients
     heat = nib.orientations.apply_orientation(np.asarray(heat).reshape(geom.inside.shape), ornt)
-    inside = nib.orientations.apply_orientation(geom.inside, ornt)
+    peak = [peak[list(ornt[:, 0]).index(a)] for a in range(3)]  # the file index in RAS order ...
+    peak = [n - 1 - p if ornt[list(ornt[:, 0]).index(a), 1] < 0 else p
+            for a, (p, n) in enumerate(zip(peak, heat.shape))]  # ... counted from R, A, S
     mm = np.sqrt((geom.affine[:3, :3] ** 2).sum(0))[np.argsort(ornt[:, 0])]  # voxel size per RAS axis
     hu = np.asarray(hu_ras).reshape(heat.shape)
-    peak = np.unravel_index(np.argmax(np.where(inside, heat, -np.inf)), heat.shape)
+    heat = np.ma.masked_where(_outside_air(hu), heat)
     lo, hi = np.percentile(hu[::2, ::2, ::2], [1, 99])
-    planes = (("axial", 2, (0, 1), "R", "L", "P", "A"), ("coronal", 1, (0, 2), "R", "L", "I", "S"),
-              ("sagittal", 0, (1, 2), "P", "A", "I", "S"))
+    # (name, the axis cut, (horizontal, vertical) axes, flip the horizontal, edge letters L R B T)
+    planes = (("axial", 2, (0, 1), True, "RLPA"), ("coronal", 1, (0, 2), True, "RLIS"),
+              ("sagittal", 0, (1, 2), True, "APIS"))
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
-    for ax, (name, a, (h, v), left, right, bottom, top) in zip(axes, planes):
+    for ax, (name, a, (h, v), flip, letters) in zip(axes, planes):
         cut = [slice(None)] * 3
         cut[a] = peak[a]
-        img, m = hu[tuple(cut)], np.ma.masked_where(_outside_air(hu[tuple(cut)]), heat[tuple(cut)])
-        # image rows run along the vertical axis; radiological view: the patient's right on the left
+        img, m = hu[tuple(cut)].T, heat[tuple(cut)].T  # rows along the vertical axis
+        img, m = (img[:, ::-1], m[:, ::-1]) if flip else (img, m)
         kw = dict(origin="lower", aspect=mm[v] / mm[h], interpolation="nearest")
-        ax.imshow(img.T[:, ::-1] if left == "R" else img.T, cmap="gray", vmin=lo, vmax=hi, **kw)
-        shown = ax.imshow(m.T[:, ::-1] if left == "R" else m.T, cmap="jet", alpha=0.45, **kw)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, **kw)
+        shown = ax.imshow(m, cmap="jet", alpha=0.45, **kw)
         ax.set_title(f"{name} (slice {peak[a]})", fontsize=8)
-        for x, y, text in ((0.01, 0.5, left), (0.99, 0.5, right), (0.5, 0.01, bottom), (0.5, 0.99, top)):
-            ax.text(x, y, text, color="yellow", fontsize=8, transform=ax.transAxes,
-                    ha="left" if x < 0.5 else "right" if x > 0.5 else "center",
-                    va="bottom" if y < 0.5 else "top" if y > 0.5 else "center")
+        for (x, y, ha, va), text in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
+                                         (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")),
+                                        letters):
+            ax.text(x, y, text, color="yellow", fontsize=8, transform=ax.transAxes, ha=ha, va=va)
         ax.axis("off")
     fig.colorbar(shown, ax=list(axes), shrink=0.8, label="cosine score (not a probability)")
     fig.suptitle(f"{title}; air outside the body left uncoloured", fontsize=9)
@@ -238,11 +243,11 @@ def write_scan_heatmaps(maps, geom: Geometry, hu_ras, name: str, findings, out_d
         heat = to_input_grid(m, geom)
         base = Path(out_dir) / f"{name}_{_slug(f)}"
         path = write_heatmap(heat, geom, base.with_name(base.name + ".nii.gz"))
-        png = png and write_heatmap_png(heat, hu_ras, geom, base.with_name(base.name + ".png"),
+        ijk, xyz = peak_mm(heat, geom, hu_ras)
+        png = png and write_heatmap_png(heat, hu_ras, geom, ijk, base.with_name(base.name + ".png"),
                                         f"{name}: {f} ({kind} map)")
-        ijk, xyz = peak_mm(heat, geom)
-        print(f"eval: {f}: map maximum at voxel {ijk}, ({xyz[0]:.1f}, {xyz[1]:.1f}, {xyz[2]:.1f}) "
-              f"mm in the scan's world coordinates (NIfTI: RAS) -> {path.name}")
+        print(f"eval: {f}: the map's maximum in the body at voxel {ijk} = ({xyz[0]:.1f}, {xyz[1]:.1f}, "
+              f"{xyz[2]:.1f}) mm in the scan's world coordinates (NIfTI: RAS) -> {path.name}")
         written.append((path, f, ijk, xyz))
     if not png:
         print("eval: matplotlib is not installed, heat map PNGs skipped (the NIfTI maps are written)")

@@ -235,18 +235,19 @@ def _loss_forward(a, b, tau):
     """a, b (N, d) contiguous, one dtype -> loss (0-dim), and what backward needs."""
     N, d = a.shape
     (block_d, nc), acc = chunking(d), constexprs(a)["ACC"]
+    configs = candidates("sim.logits", block_d, nc, a.element_size())
+    rows = min(c.BLOCK_M for c in configs)  # the most row blocks, the largest column statistics
+    check_int32("contrastive_loss", a=a, column_statistics=(triton.cdiv(N, rows), N))
     na, nb = _norms(a), _norms(b)
     lse_r, diag, lse_c = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(3))
 
     def launch(cfg):
         blocks = triton.cdiv(N, cfg.BLOCK_M)
         lse_cp = torch.empty(blocks, N, device=a.device, dtype=na.dtype)  # column lse of each row block
-        check_int32("contrastive_loss", a=a, column_statistics=lse_cp)
         _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0), lse_cp.stride(0),
                                1.0 / tau, **meta(cfg, block_d, nc, a))
         _col_lse_kernel[(triton.cdiv(N, 128),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0), BLOCK=128, ACC=acc,
                                                 num_warps=4)
-    configs = candidates("sim.logits", block_d, nc, a.element_size())
     launch(choose("sim.lse", a, (d, shape_class(N)), configs, launch))
     loss = ((lse_r - diag).sum() + (lse_c - diag).sum()) / N
     return loss, (na, nb, lse_r, lse_c)
@@ -333,7 +334,7 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ----------------------------------------------------------------------------- check + benchmark
+# ----------------------------------------------------------------------------- self-check
 
 def _case(shape, dtype, dev):
     """Fused and float64 (loss, da, db, cosine scores) at one shape: N pairs and C prompts of width d."""

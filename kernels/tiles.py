@@ -9,6 +9,7 @@ plumbing: the accumulator dtype, the SM count, a 32-bit offset guard, and two fi
 CPU interpreter compute as a GPU does (bf16 rounding, TF32 products).
 """
 import functools
+import math
 import os
 
 import torch
@@ -109,11 +110,13 @@ def prepare_inputs(name: str, a: torch.Tensor, b: torch.Tensor, want: str, same_
     return a.to(dtype).contiguous(), b.to(dtype).contiguous()
 
 
-def check_int32(name: str, **tensors: torch.Tensor) -> None:
-    """The kernels index with int32 offsets: refuse (clearly) any array of 2^31 or more elements."""
-    for what, t in tensors.items():
-        if t.numel() > INT32_MAX:
-            raise ValueError(f"{name}: {what} {tuple(t.shape)} has {t.numel():,} elements; the kernels "
+def check_int32(name: str, **arrays) -> None:
+    """The kernels index with int32 offsets: refuse (clearly) any array (a tensor, or the shape of one
+    about to be allocated) of 2^31 or more elements."""
+    for what, t in arrays.items():
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+        if math.prod(shape) > INT32_MAX:
+            raise ValueError(f"{name}: {what} {shape} has {math.prod(shape):,} elements; the kernels "
                              f"use 32-bit offsets (at most {INT32_MAX:,}): split the batch")
 
 

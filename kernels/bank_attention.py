@@ -107,7 +107,7 @@ def _fwd_kernel(X, D, O, ML,                   # x (N, d), D (K, d) -> x_hat (N,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     xs = chunks(X, rows, N, d, stride_x, BLOCK_D, NC, UPCAST)  # x[rows], held for the whole walk
     acc, m_i, l_i = _walk(xs, D, 0, K, K, d, stride_d, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, NC, UPCAST, ACC)
-    store_chunks(O, acc, 1.0 / l_i, rows, N, d, stride_x, BLOCK_D, NC)  # x_hat = acc / l
+    store_chunks(O, acc, 1.0 / l_i, rows, N, d, d, BLOCK_D, NC)  # x_hat = acc / l (N, d), contiguous
     tl.store(ML + rows, m_i.to(ML.dtype.element_ty), mask=rows < N)
     tl.store(ML + N + rows, l_i.to(ML.dtype.element_ty), mask=rows < N)
 

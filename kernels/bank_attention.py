@@ -45,8 +45,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import (acc_dtype, check_int32, chunking, chunks, constexprs, prepare_inputs, sm_count, store_chunks,
-                           tile, zeros)
+from kernels.tiles import (acc_dtype, cdiv, check_int32, chunking, chunks, constexprs, prepare_inputs, sm_count,
+                           store_chunks, tile, zeros)
 from kernels.tuning import candidates, choose, meta, shape_class, split_plan
 
 LOG2E = 1.4426950408889634
@@ -154,14 +154,14 @@ def _bwd_kernel(X, D, O, DO, ML, W,             # rows r0 .. r0 + n_rows -> W: P
 def _forward(x: torch.Tensor, D: torch.Tensor, scale: float):
     """x (N, d), D (K, d), both contiguous and of one dtype -> x_hat (N, d), row max | sum (2, N)."""
     (N, d), K = x.shape, D.shape[0]
-    if triton.cdiv(N, 64) < sm_count(x.device):  # too few row blocks to fill the GPU: see the last section
+    if cdiv(N, 64) < sm_count(x.device):  # too few row blocks to fill the GPU: see the last section
         return _forward_split(x, D, scale)
     (block_d, nc), out = chunking(d), torch.empty_like(x)
     ml = torch.empty(2, N, device=x.device, dtype=acc_dtype(x))  # row max m (base 2) | sum l
     check_int32("bank_attention", x=x, bank=D)
 
     def launch(cfg):
-        _fwd_kernel[(triton.cdiv(N, cfg.BLOCK_M),)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0),
+        _fwd_kernel[(cdiv(N, cfg.BLOCK_M),)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0),
                                                     scale * LOG2E, **meta(cfg, block_d, nc, x))
     configs = candidates("bank.fwd", block_d, nc, x.element_size())
     launch(choose("bank.fwd", x, (d, K, shape_class(N)), configs, launch))
@@ -173,7 +173,7 @@ def _backward(x, D, out, ml, dout, scale):
     (N, d), K = x.shape, D.shape[0]
     (block_d, nc), e = chunking(d), x.element_size()
     chunk = max(64, BUFFER_BYTES // (2 * K * e) // 64 * 64)
-    chunk = min(chunk, triton.cdiv(N, 64) * 64)
+    chunk = min(chunk, cdiv(N, 64) * 64)
     buf = torch.empty(2 * chunk * K, device=x.device, dtype=x.dtype)  # P | s dS of one chunk
     check_int32("bank_attention", x=x, bank=D, buffer=buf)
     configs = candidates("bank.bwd", block_d, nc, e)
@@ -183,8 +183,8 @@ def _backward(x, D, out, ml, dout, scale):
         W = buf[: 2 * n * K].view(2 * n, K)  # rows [0, n): P, rows [n, 2n): s dS
 
         def launch(cfg, r0=r0, n=n, W=W):  # small N: split the bank, each program its own columns of W
-            blocks = triton.cdiv(n, cfg.BLOCK_M)
-            plan = split_plan(triton.cdiv(K, cfg.BLOCK_N), blocks, sm_count(x.device), cfg.BLOCK_N * d * e,
+            blocks = cdiv(n, cfg.BLOCK_M)
+            plan = split_plan(cdiv(K, cfg.BLOCK_N), blocks, sm_count(x.device), cfg.BLOCK_N * d * e,
                               4 * cfg.BLOCK_M * d * e)
             _bwd_kernel[(blocks, plan.splits)](x, D, out, dout, ml, W, N, K, d, r0, n, plan.per, x.stride(0),
                                                D.stride(0), W.stride(0), scale * LOG2E, scale,
@@ -275,8 +275,8 @@ def _forward_split(x, D, scale):
     out, ml = torch.empty_like(x), torch.empty(2, N, device=x.device, dtype=acc_dtype(x))
 
     def launch(cfg):
-        blocks = triton.cdiv(N, cfg.BLOCK_M)  # a program moves its rows in and an fp32 partial out
-        plan = split_plan(triton.cdiv(K, cfg.BLOCK_N), blocks, sms, cfg.BLOCK_N * d * e,
+        blocks = cdiv(N, cfg.BLOCK_M)  # a program moves its rows in and an fp32 partial out
+        plan = split_plan(cdiv(K, cfg.BLOCK_N), blocks, sms, cfg.BLOCK_N * d * e,
                           cfg.BLOCK_M * d * (e + 4), 16 * 64 * 4)
         if plan.splits == 1:  # enough row blocks after all: the single pass
             _fwd_kernel[(blocks,)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0), scale * LOG2E,
@@ -288,7 +288,7 @@ def _forward_split(x, D, scale):
         _fwd_split_kernel[(blocks, plan.splits)](x, D, part, ml_part, N, K, d, plan.per, x.stride(0), D.stride(0),
                                                  part.stride(0), ml_part.stride(0), scale * LOG2E,
                                                  **meta(cfg, block_d, nc, x))
-        _combine_kernel[(triton.cdiv(N, 16), triton.cdiv(d, 64))](
+        _combine_kernel[(cdiv(N, 16), cdiv(d, 64))](
             part, ml_part, out, ml, N, d, plan.splits, part.stride(0), ml_part.stride(0),
             BLOCK_M=16, BLOCK_D=64, ACC=constexprs(x)["ACC"], num_warps=2)
     configs = candidates("bank.split", block_d, nc, e)

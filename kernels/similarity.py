@@ -45,7 +45,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import acc_dtype, check_int32, chunking, chunks, constexprs, prepare_inputs, sm_count, tile
+from kernels.tiles import acc_dtype, cdiv, check_int32, chunking, chunks, constexprs, prepare_inputs, sm_count, tile
 from kernels.tuning import candidates, choose, meta, shape_class
 
 EPS = 1e-12  # F.normalize's clamp of the norm
@@ -221,7 +221,7 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
 
 def _rowwise(kernel, x, *args):
     """Launch a row kernel over x (N, d): 64 rows a program, 64-column chunks."""
-    kernel[(triton.cdiv(x.shape[0], 64),)](x, *args, BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
+    kernel[(cdiv(x.shape[0], 64),)](x, *args, BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -237,16 +237,16 @@ def _loss_forward(a, b, tau):
     (block_d, nc), acc = chunking(d), constexprs(a)["ACC"]
     configs = candidates("sim.logits", block_d, nc, a.element_size())
     rows = min(c.BLOCK_M for c in configs)  # the most row blocks, the largest column statistics
-    check_int32("contrastive_loss", a=a, column_statistics=(triton.cdiv(N, rows), N))
+    check_int32("contrastive_loss", a=a, column_statistics=(cdiv(N, rows), N))
     na, nb = _norms(a), _norms(b)
     lse_r, diag, lse_c = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(3))
 
     def launch(cfg):
-        blocks = triton.cdiv(N, cfg.BLOCK_M)
+        blocks = cdiv(N, cfg.BLOCK_M)
         lse_cp = torch.empty(blocks, N, device=a.device, dtype=na.dtype)  # column lse of each row block
         _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0), lse_cp.stride(0),
                                1.0 / tau, **meta(cfg, block_d, nc, a))
-        _col_lse_kernel[(triton.cdiv(N, 128),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0), BLOCK=128, ACC=acc,
+        _col_lse_kernel[(cdiv(N, 128),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0), BLOCK=128, ACC=acc,
                                                 num_warps=4)
     launch(choose("sim.lse", a, (d, shape_class(N)), configs, launch))
     loss = ((lse_r - diag).sum() + (lse_c - diag).sum()) / N
@@ -273,7 +273,7 @@ def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
     N, d = a.shape
     (block_d, nc), sms = chunking(d), sm_count(a.device)
     chunk = max(128, BUFFER_BYTES // (N * a.element_size()) // 128 * 128)  # whole row blocks of any candidate
-    chunk = min(chunk, triton.cdiv(N, 128) * 128)
+    chunk = min(chunk, cdiv(N, 128) * 128)
     buf = torch.empty(chunk * N, device=a.device, dtype=a.dtype)
     check_int32("contrastive_loss", buffer=buf)
     a_hat, b_hat = _normalize(a, na), _normalize(b, nb)
@@ -284,8 +284,8 @@ def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
         H = buf[: n * N].view(n, N)
 
         def launch(cfg, r0=r0, n=n, H=H):  # below a wave of row blocks, the columns are split too
-            blocks = triton.cdiv(n, cfg.BLOCK_M)
-            col_split = max(1, min(triton.cdiv(N, cfg.BLOCK_N), sms // blocks))
+            blocks = cdiv(n, cfg.BLOCK_M)
+            col_split = max(1, min(cdiv(N, cfg.BLOCK_N), sms // blocks))
             _h_kernel[(blocks, col_split)](a, b, na, nb, lse_r, lse_c, H, N, d, r0, n, a.stride(0), b.stride(0),
                                            H.stride(0), 1.0 / tau, **meta(cfg, block_d, nc, a))
         launch(choose("sim.h", a, (d, shape_class(N), shape_class(n)), configs, launch))
@@ -328,7 +328,7 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (N, d), C = a.shape, b.shape[0]
     out = torch.empty(N, C, device=a.device, dtype=a.dtype)
     check_int32("cosine_scores", a=a, b=b, scores=out)
-    _cosine_kernel[(triton.cdiv(N, 64), triton.cdiv(C, 64))](
+    _cosine_kernel[(cdiv(N, 64), cdiv(C, 64))](
         a, b, _norms(a), _norms(b), out, N, C, d, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **constexprs(a), num_warps=4, num_stages=2)
     return out

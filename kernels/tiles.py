@@ -59,11 +59,18 @@ def store_chunks(ptr, acc, f, rows, n_rows, d, stride, BLOCK_D: tl.constexpr, NC
                  mask=mask)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: plain integers (triton.cdiv is a constexpr function, and a host
+    call of it costs microseconds, which launchers at small N cannot spare)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
 def chunking(d: int) -> tuple[int, int]:
     """(BLOCK_D, NC) for width d: chunks of up to 256 columns (d = 768 is 3 x 256), at least 16 wide
     (the smallest tl.dot on a GPU)."""
-    block = min(256, max(16, triton.next_power_of_2(d)))
-    return block, triton.cdiv(d, block)
+    block = min(256, max(16, 1 << (d - 1).bit_length()))
+    return block, cdiv(d, block)
 
 
 def sm_count(device: torch.device) -> int:

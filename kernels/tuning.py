@@ -25,7 +25,6 @@ import time
 from typing import Callable, NamedTuple
 
 import torch
-import triton
 
 from kernels.tiles import constexprs
 
@@ -168,4 +167,4 @@ def meta(cfg: Config, block_d: int, nc: int, x: torch.Tensor, n_name: str = "BLO
 
 def shape_class(n: int) -> int:
     """Rows rounded up to a power of two: one timing serves every batch size in [n/2, n)."""
-    return triton.next_power_of_2(max(1, n))
+    return 1 << (max(1, n) - 1).bit_length()

@@ -51,12 +51,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels import bank_attention, similarity, tuning
 
 # (op, N, K or C, d): the benchmark's sizes (kernels/bench.py), and the default run's, the tiny preset
-# of model.py (batch 32, K = 256, d = 192; scoring an odd last batch against 18 prompts in fp32).
-# tests/test_kernels_aot.py adds every preset of model.PRESETS with --shape.
+# of model.py (batch 32, K = 256, d = 192; scoring an odd last batch against 18 prompts in fp32; and
+# 16384 rows, enough for the single pass at that width). tests/test_kernels_aot.py adds every preset
+# of model.PRESETS with --shape.
 SHAPES = [("bank_attention", 64, 2048, 768), ("bank_attention", 4096, 2048, 768), ("bank_attention", 65536, 2048, 768),
           ("contrastive_loss", 64, 0, 768), ("contrastive_loss", 32768, 0, 768), ("cosine_scores", 37, 18, 768),
-          ("bank_attention", 32, 256, 192), ("bank_attention", 37, 256, 192), ("contrastive_loss", 32, 0, 192),
-          ("cosine_scores", 37, 18, 192)]
+          ("bank_attention", 32, 256, 192), ("bank_attention", 37, 256, 192), ("bank_attention", 16384, 256, 192),
+          ("contrastive_loss", 32, 0, 192), ("cosine_scores", 37, 18, 192)]
 MODULES = dict(bank_attention=bank_attention, contrastive_loss=similarity, cosine_scores=similarity)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}

@@ -61,15 +61,19 @@ def bank_attention_reference(x: torch.Tensor, bank: torch.Tensor, scale: float =
     return p @ bank  # (N, d)
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------- forward: each program walks the whole bank for its rows
 
 @triton.jit
-def _logits(xs, Ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr):
-    """x D^T for a row block and a bank tile, summed over the d-chunks: (BLOCK_M, BLOCK_N)."""
-    s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for c in tl.static_range(NC):
-        s += tl.dot(xs[c], tl.trans(Ds[c]), out_dtype=ACC)
-    return s
+def _fwd_kernel(X, D, O, ML,                   # x (N, d), D (K, d) -> x_hat (N, d), row max | sum (2, N)
+                N, K, d, stride_x, stride_d, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
+                UPCAST: tl.constexpr, ACC: tl.constexpr):  # interpreter-only (see the docstring)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    xs = chunks(X, rows, N, d, stride_x, BLOCK_D, NC, UPCAST)  # x[rows], NC x (BLOCK_M, BLOCK_D), held
+    acc, m_i, l_i = _walk(xs, D, 0, K, K, d, stride_d, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, NC, UPCAST, ACC)
+    store_chunks(O, acc, 1.0 / l_i, rows, N, d, d, BLOCK_D, NC)  # x_hat = acc / l (N, d), contiguous
+    tl.store(ML + rows, m_i.to(ML.dtype.element_ty), mask=rows < N)
+    tl.store(ML + N + rows, l_i.to(ML.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
@@ -100,16 +104,12 @@ def _walk(xs, D, k_lo, k_hi, K, d, stride_d, qk_scale,
 
 
 @triton.jit
-def _fwd_kernel(X, D, O, ML,                   # x (N, d), D (K, d) -> x_hat (N, d), row max | sum (2, N)
-                N, K, d, stride_x, stride_d, qk_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
-                UPCAST: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    xs = chunks(X, rows, N, d, stride_x, BLOCK_D, NC, UPCAST)  # x[rows], held for the whole walk
-    acc, m_i, l_i = _walk(xs, D, 0, K, K, d, stride_d, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, NC, UPCAST, ACC)
-    store_chunks(O, acc, 1.0 / l_i, rows, N, d, d, BLOCK_D, NC)  # x_hat = acc / l (N, d), contiguous
-    tl.store(ML + rows, m_i.to(ML.dtype.element_ty), mask=rows < N)
-    tl.store(ML + N + rows, l_i.to(ML.dtype.element_ty), mask=rows < N)
+def _logits(xs, Ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr):
+    """x D^T for a row block and a bank tile, summed over the d-chunks: (BLOCK_M, BLOCK_N)."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for c in tl.static_range(NC):
+        s += tl.dot(xs[c], tl.trans(Ds[c]), out_dtype=ACC)
+    return s
 
 
 # ----------------------------------------------------------------------------- backward
@@ -119,7 +119,7 @@ def _bwd_kernel(X, D, O, DO, ML, W,             # rows r0 .. r0 + n_rows -> W: P
                 N, K, d, r0, n_rows, tiles_per_split,
                 stride_x, stride_d, stride_w, qk_scale, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
-                UPCAST: tl.constexpr, ACC: tl.constexpr):
+                UPCAST: tl.constexpr, ACC: tl.constexpr):  # interpreter-only
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the chunk
     rows, row_ok, n_hi = r0 + local, local < n_rows, r0 + n_rows
     xs = chunks(X, rows, n_hi, d, stride_x, BLOCK_D, NC, UPCAST)  # held for the whole walk

@@ -4,7 +4,8 @@
     bash benchmarks/gpu_check.sh --dry-run    # the same script on a CPU at small sizes, in under 4 minutes
 
 Steps, in order of value; each runs in its own process with its own time limit, inside one deadline
-(--deadline, 520 s) that ends the whole check whatever happens:
+(--deadline, 520 s) that ends the whole check whatever happens (and, beside them from the start,
+python -m kernels.aot compiles every variant on spare cores: its report, and a warm Triton cache):
   preflight     torch / triton against the pins (requirements.txt) and the supported range, a CUDA
                 device, the imports train.py needs (a missing pure-Python one is unpacked from a
                 wheel in --wheels, offline), free space in /tmp and /dev/shm (too little shared memory:
@@ -53,7 +54,8 @@ class Check:
         self.args, self.out, self.work = args, Path(args.out), Path(args.work)
         self.deadline = time.time() + args.deadline
         self.results, self.env = {}, dict(os.environ, PYTHONUNBUFFERED="1")
-        self.workers, self.small_disk = None, False  # set by preflight
+        self.workers, self.small_disk, self.has_pytest = None, False, True  # set by preflight
+        self.aot = None  # the background compile
         self.env["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -126,12 +128,12 @@ def _version(text: str) -> tuple:
 PREFLIGHT = r"""
 import importlib, json, os, shutil, sys
 info = dict(python=sys.version.split()[0])
-for m in ("torch", "triton", "numpy", "tokenizers", "nibabel"):
+for m in ("torch", "triton", "numpy", "tokenizers", "nibabel", "pytest"):  # pytest: kernel_tests only
     try:
         info[m] = getattr(importlib.import_module(m), "__version__", "?")
-    except ImportError as e:
+    except ImportError as e:  # the module, or one it imports
         info[m] = None
-        info.setdefault("missing", []).append(getattr(e, "name", None) or m)
+        info.setdefault("missing", {})[m] = getattr(e, "name", None) or m
 import torch
 info["cuda"] = torch.cuda.is_available()
 if info["cuda"]:
@@ -151,27 +153,34 @@ def _unpack_wheel(check: Check, module: str) -> bool:
     site = check.work / "site"
     with zipfile.ZipFile(wheels[-1]) as z:
         z.extractall(site)
-    check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), check.env.get("PYTHONPATH")]))
+    paths = check.env.get("PYTHONPATH", "").split(os.pathsep)
+    if str(site) not in paths:
+        check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), *paths]))
     return True
 
 
 def preflight(check: Check) -> bool:
     t0 = time.time()
     notes, info = [], {}
-    for _ in range(6):  # a missing module, then perhaps what it imports in turn, from the wheels
+    for _ in range(6):  # missing modules, then perhaps what they import in turn, from the wheels
         rc, text, _ = check.run([sys.executable, "-c", PREFLIGHT], 60, "kernels.log")
         line = next((s for s in text.splitlines() if s.startswith("PREFLIGHT ")), None)
         if line is None:
             return _fail(check, "preflight", t0, "python -c 'import torch' failed: " + text.strip()[-200:])
         info = json.loads(line[len("PREFLIGHT "):])
-        missing = info.get("missing", [])
-        if not missing or missing[0] in ("torch", "triton") or not _unpack_wheel(check, missing[0]):
+        unpacked = [m for m in set(info.get("missing", {}).values()) if m not in ("torch", "triton")
+                    and _unpack_wheel(check, m)]
+        if not unpacked:
             break
-        notes.append(f"{missing[0]} from {check.args.wheels}")
-    if info.get("missing"):
-        return _fail(check, "preflight", t0, f"cannot import {info['missing'][0]} (and no wheel of it in "
-                                             f"{check.args.wheels}/: pip download {info['missing'][0]} --no-deps -d "
-                                             f"{check.args.wheels})")
+        notes.append(f"{', '.join(unpacked)} from {check.args.wheels}")
+    missing = info.get("missing", {})
+    check.has_pytest = "pytest" not in missing
+    if not check.has_pytest:
+        notes.append(f"pytest cannot import {missing.pop('pytest')}: kernel_tests is skipped")
+    if missing:
+        top, needed = next(iter(missing.items()))
+        return _fail(check, "preflight", t0, f"cannot import {top} ({needed} is missing, and no wheel of it in "
+                                             f"{check.args.wheels}/: pip download {needed} --no-deps -d {check.args.wheels})")
     pins = dict(re.findall(r"^(torch|triton)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
     lo, (tlo, thi) = SUPPORTED["torch"], SUPPORTED["triton"]
     if _version(info["torch"]) < lo:
@@ -180,6 +189,9 @@ def preflight(check: Check) -> bool:
         return _fail(check, "preflight", t0, f"triton {info['triton']} is outside {tlo[0]}.{tlo[1]}-{thi[0]}.{thi[1]}")
     if not check.args.dry_run and not info.get("cuda"):
         return _fail(check, "preflight", t0, "torch sees no CUDA device")
+    if check.args.dry_run and _version(info["triton"]) < (3, 7) and _version(info["numpy"]) >= (2, 4):
+        return _fail(check, "preflight", t0, f"Triton {info['triton']}'s interpreter fails with numpy {info['numpy']} "
+                                             "(int() of a 1-element array): pip install 'numpy<2.4'")
     tmp_gb = shutil.disk_usage(check.work).free / 1e9
     if tmp_gb < 3:
         return _fail(check, "preflight", t0, f"only {tmp_gb:.1f} GB free in {check.work}")
@@ -196,6 +208,38 @@ def preflight(check: Check) -> bool:
                  **({"gpu_gib": info["gpu_gib"], "sm": info["sm"], "sms": info["sms"]} if info.get("cuda") else {}),
                  tmp_free_gb=round(tmp_gb, 1), shm_free_gib=round(shm, 2), notes="; ".join(notes) or "none")
     return True
+
+
+def compile_ahead(check: Check):
+    """Start python -m kernels.aot in the background: every variant and candidate compiled for sm_90 on
+    the machine's own cores (Triton's cache then serves the JIT of the steps that follow, where the
+    keys agree) and its spill / shared-memory report under this machine's Triton. Not waited for."""
+    cmd = [sys.executable, "-m", "kernels.aot", "--jobs", str(max(1, min(8, (os.cpu_count() or 2) // 2))),
+           "--dtypes", "bf16,fp32", "--json", str(check.work / "aot.json")]
+    if check.args.dry_run:  # a taste only: 2 cores
+        cmd += ["--only", "--shape", "bank_attention:16,64,32", "--dtypes", "bf16", "--jobs", "1"]
+    env = {k: v for k, v in check.env.items() if k != "TRITON_INTERPRET"}
+    log = open(check.work / "aot.log", "wb")
+    check.aot = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True), time.time())
+
+
+def compile_report(check: Check):
+    """Record the background compile: its targets if it finished, else that it was stopped."""
+    proc, t0 = check.aot
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return check.record("compile_ahead", status="stopped", seconds=time.time() - t0, reason="deadline")
+    report = check.work / "aot.json"
+    if not report.exists():
+        tail = (check.work / "aot.log").read_text(errors="replace").strip()[-300:]
+        return check.record("compile_ahead", status="FAILED", seconds=time.time() - t0, reason=tail)
+    data = json.loads(report.read_text())
+    missed = [t["target"] for t in data["targets"] if not t["met"]]
+    check.record("compile_ahead", status="ok" if not missed else "FAILED", seconds=time.time() - t0,
+                 triton=data["triton"], variants=len(data["kernels"]),
+                 targets="all met" if not missed else "NOT MET: " + "; ".join(missed)[:300])
 
 
 def _fail(check, step, t0, reason) -> bool:
@@ -293,6 +337,8 @@ def paper_speed(check: Check):
 
 def kernel_tests(check: Check):
     dry = check.args.dry_run
+    if not check.has_pytest:
+        return check.record("kernel_tests", status="skipped", seconds=0, reason="no pytest on this machine")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_bank_attention.py",
            "tests/test_similarity.py"] + (["-k", "split_plans or single_entry or bad"] if dry else [])
     rc, text, secs = check.run(cmd, (DRY_BUDGET if dry else BUDGET)["kernel_tests"], "kernel_tests.log")
@@ -470,12 +516,16 @@ def main(argv=None) -> int:
     try:
         if not preflight(check):
             return 1
+        compile_ahead(check)
         for step in (kernels, bench, train, paper_speed, kernel_tests, paper_train):
             if check.left() < 15:
                 check.record(step.__name__, status="skipped", seconds=0, reason="deadline")
                 continue
             step(check)
+        compile_report(check)
     finally:
+        if check.aot is not None and check.aot[0].poll() is None:
+            os.killpg(check.aot[0].pid, signal.SIGKILL)
         if own_work:
             shutil.rmtree(check.work, ignore_errors=True)
     failed = [k for k, r in check.results.items() if r["status"] not in ("ok", "skipped")]

@@ -7,10 +7,10 @@
 #   bash benchmarks/gpu_check.sh             # on the GPU machine; OUT defaults to out/gpu_check
 #   bash benchmarks/gpu_check.sh --dry-run   # the same script on a CPU at small sizes, < 4 minutes
 #
-# PYTHON picks the interpreter (default python3); it must have torch, triton, numpy and tokenizers.
-# Pure-Python modules the machine lacks (nibabel, and packaging or importlib_resources under it)
-# are unpacked offline from wheels in .gpu_wheels/ (fill it beforehand: pip download nibabel
-# packaging importlib_resources --no-deps -d .gpu_wheels).
+# PYTHON picks the interpreter (default python3); it must have torch, triton and numpy. Modules it
+# lacks (nibabel and what it imports, tokenizers, pytest and its own) are unpacked offline from the
+# wheels in .gpu_wheels/, filled beforehand on a machine with a network (pure-Python or abi3 wheels):
+#   pip download nibabel packaging importlib_resources tokenizers pytest pluggy iniconfig --no-deps -d .gpu_wheels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

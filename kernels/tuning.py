@@ -6,7 +6,9 @@ candidates by timing them on the GPU at first use (no op of its own; not on the 
 kernels/bank_attention.py and kernels/similarity.py read as if each kernel had one configuration:
 the first candidate of its list, which is what runs without a GPU (the interpreter, kernels.aot's
 recorded launches). On a CUDA device the first call with a new (kernel, device, dtype, shape class)
-times every candidate of the list once and keeps the fastest for the rest of the process.
+times every candidate of the list once and keeps the fastest for the rest of the process (a
+candidate that cannot run there, e.g. for want of shared memory on a smaller GPU, is passed over).
+BRGSA_KERNEL_TUNING=0 keeps the first candidate everywhere; during CUDA-graph capture nothing is timed.
 
 Why a list and not one configuration: at d = 768 a program holds a (BLOCK_M, d) fp32 accumulator
 (192 registers a thread for 64 rows and 8 warps) and its held rows in shared memory (96 KB for 64 bf16
@@ -130,14 +132,20 @@ def choose(kernel: str, x: torch.Tensor, shape: tuple, configs: list, launch: Ca
     if not ENABLED or not (cuda or TIME_ON_CPU) or (cuda and torch.cuda.is_current_stream_capturing()):
         return configs[0]  # nothing to time here (or a CUDA graph is being captured): the default
     timings = [(cfg, _median_ms(lambda: launch(cfg), cuda)) for cfg in configs]
-    TIMINGS[key] = timings
-    CHOSEN[key] = min(timings, key=lambda t: t[1])[0]
-    return CHOSEN[key]
+    fastest = min(timings, key=lambda t: t[1])
+    if fastest[1] == float("inf"):  # none runs here: let the default's launch raise its error
+        return configs[0]
+    TIMINGS[key], CHOSEN[key] = timings, fastest[0]
+    return fastest[0]
 
 
 def _median_ms(fn: Callable, cuda: bool, repeats: int = 5) -> float:
-    """Median milliseconds of fn() after one untimed call (which also compiles it)."""
-    fn()
+    """Median milliseconds of fn() after one untimed call (which also compiles it); inf when it
+    cannot run here (e.g. more shared memory than a smaller GPU than the H100 has)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - any failure rules this candidate out, nothing more
+        return float("inf")
     times = []
     for _ in range(repeats):
         if cuda:
@@ -154,16 +162,11 @@ def _median_ms(fn: Callable, cuda: bool, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def chosen() -> list:
-    """[(kernel, device, dtype, shape class, chosen Config, [(Config, ms)])] of the choices so far."""
-    return [(*key, cfg, TIMINGS.get(key, [])) for key, cfg in CHOSEN.items()]
-
-
-def meta(cfg: Config, block_d: int, nc: int, x: torch.Tensor, n_name: str = "BLOCK_N") -> dict:
+def meta(cfg: Config, block_d: int, nc: int, x: torch.Tensor) -> dict:
     """Keyword arguments of a tiled kernel's launch: cfg's tiles, warps and stages, the d-chunking,
     and the interpreter-only constexprs."""
-    return {"BLOCK_M": cfg.BLOCK_M, n_name: cfg.BLOCK_N, "BLOCK_D": block_d, "NC": nc, **constexprs(x),
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, NC=nc, **constexprs(x),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def shape_class(n: int) -> int:

@@ -274,3 +274,24 @@ def test_self_check_exit_status(tol, status):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == status, proc.stdout + proc.stderr
     assert proc.stdout.count("FAILED") == (2 if status else 0) + status, proc.stdout  # 2 dtypes + summary
+
+
+def test_a_candidate_that_cannot_run_is_passed_over(monkeypatch):
+    # on a GPU with less shared memory than the H100 some candidates fail to launch: the timing
+    # rules them out instead of failing the op
+    monkeypatch.setattr(tuning, "TIME_ON_CPU", True)
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    monkeypatch.setattr(tuning, "TIMINGS", {})
+    configs = [tuning.Config(64, 64, 4, 2), tuning.Config(16, 64, 4, 2)]
+
+    def launch(cfg):
+        if cfg.BLOCK_M == 64:
+            raise RuntimeError("out of resources: shared memory")
+    x = torch.empty(3, 8)
+    assert tuning.choose("test.kernel", x, (8,), configs, launch) == configs[1]
+    assert tuning.TIMINGS[("test.kernel", "cpu", torch.float32, (8,))][0][1] == float("inf")
+
+    def broken(cfg):
+        raise RuntimeError("out of resources")
+    assert tuning.choose("test.other", x, (8,), configs, broken) == configs[0]  # none runs: the default's error
+    assert ("test.other", "cpu", torch.float32, (8,)) not in tuning.CHOSEN

@@ -161,8 +161,8 @@ def _forward(x: torch.Tensor, D: torch.Tensor, scale: float):
     check_int32("bank_attention", x=x, bank=D)
 
     def launch(cfg):
-        _fwd_kernel[(cdiv(N, cfg.BLOCK_M),)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0),
-                                                    scale * LOG2E, **meta(cfg, block_d, nc, x))
+        _fwd_kernel[(cdiv(N, cfg.BLOCK_M),)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0), scale * LOG2E,
+                                             **meta(cfg, block_d, nc, x))
     configs = candidates("bank.fwd", block_d, nc, x.element_size())
     launch(choose("bank.fwd", x, (d, K, shape_class(N)), configs, launch))
     return out, ml
@@ -282,9 +282,9 @@ def _forward_split(x, D, scale):
             _fwd_kernel[(blocks,)](x, D, out, ml, N, K, d, x.stride(0), D.stride(0), scale * LOG2E,
                                    **meta(cfg, block_d, nc, x))
             return
+        check_int32("bank_attention", x=x, bank=D, partials=(plan.splits, N, d))
         part = torch.empty(plan.splits, N, d, device=x.device, dtype=ml.dtype)
         ml_part = torch.empty(plan.splits, 2, N, device=x.device, dtype=ml.dtype)
-        check_int32("bank_attention", x=x, bank=D, partials=part)
         _fwd_split_kernel[(blocks, plan.splits)](x, D, part, ml_part, N, K, d, plan.per, x.stride(0), D.stride(0),
                                                  part.stride(0), ml_part.stride(0), scale * LOG2E,
                                                  **meta(cfg, block_d, nc, x))

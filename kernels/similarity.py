@@ -247,7 +247,7 @@ def _loss_forward(a, b, tau):
         _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0), lse_cp.stride(0),
                                1.0 / tau, **meta(cfg, block_d, nc, a))
         _col_lse_kernel[(cdiv(N, 128),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0), BLOCK=128, ACC=acc,
-                                                num_warps=4)
+                                         num_warps=4)
     launch(choose("sim.lse", a, (d, shape_class(N)), configs, launch))
     loss = ((lse_r - diag).sum() + (lse_c - diag).sum()) / N
     return loss, (na, nb, lse_r, lse_c)

@@ -23,7 +23,8 @@ Work data (synthetic sets, checkpoints) lives in --work under /tmp and is delete
 --out receives at most 8 small files, each rewritten or appended as its step goes, so a call cut
 short keeps what was measured: summary.md and gpu_check.json (every step's status, time and numbers),
 kernel_bench.md and kernel_bench.csv (the bench's rows), kernels.log (preflight, self-checks, the
-bench's output), train.log, paper.log, kernel_tests.log (each log the last 256 KB of its steps). --dry-run runs every step on the CPU with small sizes
+bench's output), train.log, paper.log, kernel_tests.log (each log the last 256 KB of its steps).
+--dry-run runs every step on the CPU with small sizes
 (kernels through Triton's interpreter; paper_train is skipped): the way this script is tested.
 """
 import argparse
@@ -180,11 +181,13 @@ def preflight(check: Check) -> bool:
     if missing:
         top, needed = next(iter(missing.items()))
         return _fail(check, "preflight", t0, f"cannot import {top} ({needed} is missing, and no wheel of it in "
-                                             f"{check.args.wheels}/: pip download {needed} --no-deps -d {check.args.wheels})")
+                                             f"{check.args.wheels}/: pip download {needed} --no-deps -d "
+                                             f"{check.args.wheels})")
     pins = dict(re.findall(r"^(torch|triton)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
     lo, (tlo, thi) = SUPPORTED["torch"], SUPPORTED["triton"]
     if _version(info["torch"]) < lo:
-        return _fail(check, "preflight", t0, f"torch {info['torch']} is older than {lo[0]}.{lo[1]} (pinned {pins.get('torch')})")
+        return _fail(check, "preflight", t0,
+                     f"torch {info['torch']} is older than {lo[0]}.{lo[1]} (pinned {pins.get('torch')})")
     if not tlo <= _version(info["triton"]) <= thi:
         return _fail(check, "preflight", t0, f"triton {info['triton']} is outside {tlo[0]}.{tlo[1]}-{thi[0]}.{thi[1]}")
     if not check.args.dry_run and not info.get("cuda"):
@@ -269,7 +272,8 @@ def kernels(check: Check):
                               ("similarity", "kernels.similarity", "sim")):
         cmd = [sys.executable, "-m", module] + [a for s in shapes[key] for a in ("--shape", s)]
         rc, text, _ = check.run(cmd, budget * 0.4, "kernels.log", env=env)
-        results[name] = "ok" if rc == 0 else ("timed out" if rc == 124 else f"FAILED ({text.count('FAILED') - 1} cases)")
+        failed = f"FAILED ({text.count('FAILED') - 1} cases)"
+        results[name] = "ok" if rc == 0 else ("timed out" if rc == 124 else failed)
     rc, text, _ = check.run([sys.executable, __file__, "--task", "kernel_extras"] + (["--dry-run"] if dry else []),
                             budget * 0.2, "kernels.log", env=env)
     results["extras"] = "ok" if rc == 0 else ("timed out" if rc == 124 else "FAILED")
@@ -497,7 +501,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, small sizes, kernels through the interpreter")
     p.add_argument("--out", default="out/gpu_check", help="the evidence: at most 8 small files")
     p.add_argument("--work", default=None, help="work data (default: a new folder under /tmp, deleted at the end)")
-    p.add_argument("--wheels", default=str(ROOT / ".gpu_wheels"), help="wheels of pure-Python modules the machine lacks")
+    p.add_argument("--wheels", default=str(ROOT / ".gpu_wheels"), help="wheels of modules the machine lacks")
     p.add_argument("--deadline", type=float, default=520, help="seconds: the whole check ends by then")
     p.add_argument("--task", choices=["kernel_extras", "paper_speed"], help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=20, help=argparse.SUPPRESS)

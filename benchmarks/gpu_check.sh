@@ -10,7 +10,8 @@
 # PYTHON picks the interpreter (default python3); it must have torch, triton and numpy. Modules it
 # lacks (nibabel and what it imports, tokenizers, pytest and its own) are unpacked offline from the
 # wheels in .gpu_wheels/, filled beforehand on a machine with a network (pure-Python or abi3 wheels):
-#   pip download nibabel packaging importlib_resources tokenizers pytest pluggy iniconfig --no-deps -d .gpu_wheels
+#   pip download nibabel packaging importlib_resources tokenizers pytest pluggy iniconfig pygments \
+#       --no-deps -d .gpu_wheels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -13,9 +13,9 @@ eager reference runs the same way (its torch calls on meta tensors, autograd inc
 compares like with like in one run. Meta kernels are not always cheap (cross_entropy's is a Python
 decomposition, and every torch call of the launchers pays for shape checks written in Python), so
 both are also timed on CPU tensors of 2 x 2, whose arithmetic is negligible: the dispatch cost of a
-real backend (the launchers then plan for 2 x 2, which costs them no more than 64 x 2048). Not included: Triton's own per-launch work (argument binding,
-cache lookup, the driver call), a few tens of microseconds per launch on a GPU machine, which
-python -m kernels.bench's host column measures there. bf16 inputs; median and 10-90% spread of
+real backend (the launchers then plan for 2 x 2, which costs them no more than 64 x 2048).
+Not included: Triton's own per-launch work (argument binding, cache lookup, the driver call), which
+python -m kernels.bench's host column measures on a GPU. bf16 inputs; median and 10-90% spread of
 --repeats calls after 20 warm-ups, one thread.
 """
 import argparse
@@ -42,7 +42,8 @@ class _Stub:
 
 
 def _stub_kernels(module) -> int:
-    kernels = [n for n, obj in vars(module).items() if n.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)]
+    kernels = [n for n, obj in vars(module).items()
+               if n.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)]
     for n in kernels:
         setattr(module, n, _Stub())
     return len(kernels)
@@ -62,7 +63,8 @@ def _timed(fn, repeats: int) -> tuple[float, float, float]:
 
 
 def _fwd_bwd(op, *shapes, extra=(), device="meta"):
-    leaves = [(torch.empty(s, device=device) if device == "meta" else torch.randn(s)).to(torch.bfloat16).requires_grad_() for s in shapes]
+    make = (lambda s: torch.empty(s, device="meta")) if device == "meta" else torch.randn
+    leaves = [make(s).to(torch.bfloat16).requires_grad_() for s in shapes]
 
     def run():
         y = op(*leaves, *extra)
@@ -96,11 +98,13 @@ def markdown(rows) -> str:
              f"{torch.get_num_threads()} thread, torch {torch.__version__}, triton {triton.__version__}, "
              f"{datetime.datetime.now().isoformat(timespec='seconds')}", "",
              "| op | shape | launcher µs, meta (10-90%) | eager µs, meta | launcher / eager | "
-             "launcher µs, CPU 2 x 2 | eager µs, CPU 2 x 2 | launcher / eager |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "launcher µs, CPU 2 x 2 | eager µs, CPU 2 x 2 | launcher / eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     span = lambda t: f"{t[0]:.0f} ({t[1]:.0f}-{t[2]:.0f})"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['op']} | {r['shape']} | {span(r['launcher_us'])} | {span(r['eager_us'])} | {r['ratio']:.2f} "
-                     f"| {span(r['launcher_cpu_us'])} | {span(r['eager_cpu_us'])} | {r['ratio_cpu']:.2f} |")
+        lines.append(f"| {r['op']} | {r['shape']} | {span(r['launcher_us'])} | {span(r['eager_us'])} | "
+                     f"{r['ratio']:.2f} | {span(r['launcher_cpu_us'])} | {span(r['eager_cpu_us'])} | "
+                     f"{r['ratio_cpu']:.2f} |")
     return "\n".join(lines)
 
 

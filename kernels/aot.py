@@ -300,7 +300,8 @@ def _sim_h(v, grid, e):
 def _sim_cosine(v, grid, e):
     N, C, d, BM, BN = v["N"], v["C"], v["d"], v["BLOCK_M"], v["BLOCK_N"]
     dp = _cdiv(d, v["BLOCK_D"]) * v["BLOCK_D"]
-    return grid[0] * grid[1] * 2 * BM * BN * dp, grid[0] * grid[1] * (BM + BN) * dp * e + N * C * e, (N + C) * d * e + N * C * e
+    programs, out = grid[0] * grid[1], N * C * e
+    return programs * 2 * BM * BN * dp, programs * (BM + BN) * dp * e + out, (N + C) * d * e + out
 
 
 COST = {  # kernel name -> (values, grid, itemsize) -> (executed FLOPs, L2 -> SM bytes, HBM bytes)
@@ -368,7 +369,8 @@ def collect(jobs_n: int, dtypes=DTYPES, shapes=SHAPES) -> tuple[list[dict], list
         results = list(pool.map(_compile, [j["job"] for j in jobs.values()]))
     rows = []
     for j, r in zip(jobs.values(), results):
-        rows.append(dict(kernel=j["kernel"], dtype=j["dtype"], role="default" if "default" in j["roles"] else "candidate",
+        role = "default" if "default" in j["roles"] else "candidate"
+        rows.append(dict(kernel=j["kernel"], dtype=j["dtype"], role=role,
                          shape=sorted(j["shapes"]), config=j["config"],
                          **({"shared": r["shared"], "regs": r["regs"], "spills": r["spills"]} if r["ok"]
                             else {"error": r["error"]})))

@@ -231,7 +231,8 @@ class Table:
 
     MD = [("fwd_ms", "fwd ms", "{:.3f}"), ("bwd_ms", "bwd ms", "{:.3f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.3f}"),
           ("spread", "10-90%", "{}"), ("host_ms", "host ms", "{:.3f}"), ("first_call_s", "first call s", "{:.2f}"),
-          ("peak_mib", "peak MiB", "{:.0f}"), ("tflops", "TFLOP/s", "{:.3g}"), ("of_ceiling", "of matmul ceiling", "{:.1%}"),
+          ("peak_mib", "peak MiB", "{:.0f}"), ("tflops", "TFLOP/s", "{:.3g}"),
+          ("of_ceiling", "of matmul ceiling", "{:.1%}"),
           ("of_peak", "of data-sheet peak", "{:.1%}"), ("speed", "speed vs eager", "{:.2f}x"),
           ("memory", "memory vs eager", "{:.2f}"), ("max_rel_err", "max rel err", "{:.1e}"), ("tol", "tol", "{:g}"),
           ("status", "status", "{}"), ("config", "Triton configuration chosen", "{}")]
@@ -264,8 +265,8 @@ class Table:
             row["spread"] = f"{row['fwdbwd_p10']:.3f}-{row['fwdbwd_p90']:.3f}"
         cells = [fmt.format(row[k]) if row.get(k) is not None else "" for k, _, fmt in self.MD]
         with open(self.md_path, "a") as f:
-            f.write(f"| {row['op']} | {row['impl']} | {row['N']} | {row['K'] or ''} | {row['d']} | {row.get('dtype', '')} "
-                    f"| {row['mode']} | " + " | ".join(cells) + " |\n")
+            f.write(f"| {row['op']} | {row['impl']} | {row['N']} | {row['K'] or ''} | {row['d']} | "
+                    f"{row.get('dtype', '')} | {row['mode']} | " + " | ".join(cells) + " |\n")
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow({**row, **self.env})
         print(f"{row['op']:16s} {row['impl']:22s} N={row['N']:<6} {row['mode']:7s} "

@@ -39,8 +39,8 @@ def main(name: str, case, shapes: list, outputs: tuple, tol: dict, tol_tf32: flo
             errs = [((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
                     for g, w in zip(got, want)]
             ok &= max(errs) <= limit
+            verdict = "ok" if max(errs) <= limit else "FAILED"
             print(f"{name} {str(dtype)[6:]:8s} {'x'.join(map(str, shape)):14s} rel err {'/'.join(outputs)} = "
-                  + " / ".join(f"{e:.1e}" for e in errs) + f"  (tol {limit:g}) {'ok' if max(errs) <= limit else 'FAILED'}",
-                  flush=True)
+                  + " / ".join(f"{e:.1e}" for e in errs) + f"  (tol {limit:g}) {verdict}", flush=True)
     print(f"{name}: {'all checks passed' if ok else 'FAILED'}")
     return 0 if ok else 1

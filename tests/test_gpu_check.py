@@ -30,7 +30,8 @@ def check(tmp_path):
 def test_a_command_past_its_limit_is_stopped_with_its_children(check, tmp_path):
     marker = tmp_path / "child_alive"
     script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-              f"'import time; time.sleep(3); open(r\"{marker}\", \"w\")']); print('started', flush=True); time.sleep(30)")
+              f"'import time; time.sleep(3); open(r\"{marker}\", \"w\")']); "
+              "print('started', flush=True); time.sleep(30)")
     t0 = time.time()
     rc, text, secs = check.run([sys.executable, "-c", script], 1.5, "train.log")
     assert rc == 124 and "started" in text and "[stopped after" in text

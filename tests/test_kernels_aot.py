@@ -25,7 +25,8 @@ from kernels import tuning
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = ROOT / "benchmarks" / "kernels_aot_before.json"
 FAMILIES = {"bank.fwd": ["bank_attention._fwd_kernel"], "bank.split": ["bank_attention._fwd_split_kernel"],
-            "bank.bwd": ["bank_attention._bwd_kernel"], "sim.logits": ["similarity._lse_kernel", "similarity._h_kernel"]}
+            "bank.bwd": ["bank_attention._bwd_kernel"],
+            "sim.logits": ["similarity._lse_kernel", "similarity._h_kernel"]}
 
 
 def _preset_shapes() -> list:

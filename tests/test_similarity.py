@@ -171,7 +171,8 @@ def test_tf32_emulation_reaches_the_gpu_tolerance_and_not_beyond():
 def test_self_check_exit_status(tol, status):
     # python -m kernels.similarity exits 1 when a check fails: --tol 0 must fail, the real tolerances pass
     env = {**os.environ, "TRITON_INTERPRET": "1"} if DEVICE == "cpu" else dict(os.environ)
-    cmd = [sys.executable, "-m", "kernels.similarity", "--shape", "5,3,33"] + ([] if tol is None else ["--tol", str(tol)])
+    cmd = [sys.executable, "-m", "kernels.similarity", "--shape", "5,3,33"]
+    cmd += [] if tol is None else ["--tol", str(tol)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == status, proc.stdout + proc.stderr
     assert proc.stdout.count("FAILED") == (2 if status else 0) + status, proc.stdout

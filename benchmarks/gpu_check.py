@@ -231,7 +231,7 @@ def compile_report(check: Check):
     """Record the background compile: its targets if it finished, else that it was stopped."""
     proc, t0 = check.aot
     try:
-        proc.wait(timeout=max(0.0, check.left() - 5))
+        proc.wait(timeout=max(0.0, min(60.0, check.left() - 5)))
     except subprocess.TimeoutExpired:  # an extra: stopping it fails nothing
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

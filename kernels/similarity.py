@@ -1,6 +1,8 @@
-"""Fused symmetric InfoNCE on cosine logits, and fused cosine scoring (SPEC sections 3 and 8).
+"""Fused symmetric InfoNCE on cosine logits (the L_INFO and L_INFO-R terms of BrgSA, arXiv 2501.03565,
+section 3; the maths of cmki.info_nce_reference), and fused cosine scoring for zero-shot diagnosis.
 
-    python -m kernels.similarity      # check against a float64 reference (interpreter without a GPU)
+    python -m kernels.similarity            # check against float64 (interpreter without a GPU)
+    python -m kernels.similarity --tol 0    # any error fails: exit status 1
 
 Maths, with a, b (N, d) un-normalised embeddings (row i of a is paired with row i of b) and tau:
     n_i = max(||a_i||, eps), a^ = a / n (likewise b^, m_j)      eps = 1e-12, as F.normalize
@@ -15,8 +17,8 @@ Why fuse (N = 32768, d = 768, fp32 logits: one (N, N) array is 4.3 GB): eager no
 backward (~4 x 4.3 GB written and read forward, as much again backward, and >= 8.6 GB alive).
 
 Design (Inf-CL / cut-cross-entropy style; FLOPs in units of one N x N x d GEMM, eager does 3):
-* Forward, one pass (1 unit): a program holds BLOCK_M rows of a (128 at d = 768 in 16 bits, 32 in
-  fp32) for the whole walk over the column tiles of b, so b is read N / BLOCK_M times; it keeps the
+* Forward, one pass (1 unit): a program holds BLOCK_M rows of a (by default 128 at d = 768 in 16
+  bits, 32 in fp32) for the whole walk over the column tiles of b, so b is read N / BLOCK_M times; it keeps the
   row log-sum-exp online and writes, for each column, the log-sum-exp over its own rows;
   _col_lse_kernel merges those into the column log-sum-exp. The diagonal S_ii comes from the tiles
   that cross the diagonal. Norms are computed once by a row kernel.
@@ -27,8 +29,12 @@ Design (Inf-CL / cut-cross-entropy style; FLOPs in units of one N x N x d GEMM, 
   A fused kernel holding a (64, d) fp32 gradient accumulator would recompute S once per gradient
   (4 units for da and db, 5 with the forward) and exceed the register file at d = 768.
 * Tile helpers come from kernels/tiles.py. Accumulation is fp32 (fp64 for fp64 inputs, gradcheck).
+  A GPU runs fp32 tl.dot as TF32 (10-bit mantissas), so fp32 is held there to TOL_TF32, sized by the
+  interpreter emulating TF32 (--tf32). Tiles, warps and stages of the two logit kernels: the first
+  candidate of kernels/tuning.py's list, or on a GPU the fastest, timed at first use.
 """
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +45,13 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from kernels.tiles import (acc_dtype, check_int32, chunking, chunks, constexprs, interpreter_rounds_bf16, sm_count,
-                           tile)
+from kernels.tiles import acc_dtype, cdiv, check_int32, chunking, chunks, constexprs, prepare_inputs, sm_count, tile
+from kernels.tuning import candidates, choose, meta, shape_class
 
 EPS = 1e-12  # F.normalize's clamp of the norm
-BLOCK = 64  # rows of a held by one program (16-bit), and columns of a tile when d <= 256
 BUFFER_BYTES = 512 * 2 ** 20  # backward chunk buffer (H for a block of rows)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to float64; fp32 on a GPU: TOL_TF32
+TOL_TF32 = 2e-3  # emulated TF32 (--tf32): up to 7.8e-4, the cosine scores at d = 768
 
 
 def contrastive_loss_reference(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -212,23 +219,9 @@ def _cosine_kernel(A, B, NA, NB, O,             # a (N, d), b (C, d) -> cos (N, 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _tiles(d: int, itemsize: int) -> dict:
-    """Tile sizes, warps and stages of the logit kernels, from the sm_90 report of kernels.aot. A
-    program holds BLOCK_M rows of a for its whole walk over b, so the column tiles of b are read from
-    L2 N / BLOCK_M times: 16-bit wide rows hold 128 (192 KB of shared memory at d = 768) and walk
-    64-column tiles one 256-wide chunk at a time, unpipelined, to stay within 227 KB; fp32 holds 32."""
-    block_d, nc = chunking(d)
-    wide = block_d * nc > 256
-    if itemsize > 2 and wide:  # fp32: hold 32 rows, walk 16 columns
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=1)
-    if wide:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, NC=nc, num_warps=8, num_stages=1)
-    return dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, NC=nc, num_warps=4, num_stages=2)
-
-
 def _rowwise(kernel, x, *args):
     """Launch a row kernel over x (N, d): 64 rows a program, 64-column chunks."""
-    kernel[(triton.cdiv(x.shape[0], 64),)](x, *args, BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
+    kernel[(cdiv(x.shape[0], 64),)](x, *args, BLOCK_M=64, BLOCK_D=64, **constexprs(x), num_warps=4)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -241,17 +234,21 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 def _loss_forward(a, b, tau):
     """a, b (N, d) contiguous, one dtype -> loss (0-dim), and what backward needs."""
     N, d = a.shape
-    tiles = _tiles(d, a.element_size())
-    blocks = triton.cdiv(N, tiles["BLOCK_M"])
-    lse_cp = torch.empty(blocks, N, device=a.device, dtype=acc_dtype(a))  # (N / BLOCK_M, N)
-    check_int32("contrastive_loss", a=a, column_statistics=lse_cp)
+    (block_d, nc), acc = chunking(d), constexprs(a)["ACC"]
+    configs = candidates("sim.logits", block_d, nc, a.element_size())
+    rows = min(c.BLOCK_M for c in configs)  # the most row blocks, the largest column statistics
+    check_int32("contrastive_loss", a=a, column_statistics=(cdiv(N, rows), N))
     na, nb = _norms(a), _norms(b)
-    lse_r, diag = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(2))
-    _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0),
-                           lse_cp.stride(0), 1.0 / tau, **tiles, **constexprs(a))
-    lse_c = torch.empty_like(lse_r)
-    _col_lse_kernel[(triton.cdiv(N, 256),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0),
-                                            BLOCK=256, ACC=constexprs(a)["ACC"], num_warps=4)
+    lse_r, diag, lse_c = (torch.empty(N, device=a.device, dtype=na.dtype) for _ in range(3))
+
+    def launch(cfg):
+        blocks = cdiv(N, cfg.BLOCK_M)
+        lse_cp = torch.empty(blocks, N, device=a.device, dtype=na.dtype)  # column lse of each row block
+        _lse_kernel[(blocks,)](a, b, na, nb, lse_r, lse_cp, diag, N, d, a.stride(0), b.stride(0), lse_cp.stride(0),
+                               1.0 / tau, **meta(cfg, block_d, nc, a))
+        _col_lse_kernel[(cdiv(N, 128),)](lse_cp, lse_c, N, blocks, lse_cp.stride(0), BLOCK=128, ACC=acc,
+                                         num_warps=4)
+    launch(choose("sim.lse", a, (d, shape_class(N)), configs, launch))
     loss = ((lse_r - diag).sum() + (lse_c - diag).sum()) / N
     return loss, (na, nb, lse_r, lse_c)
 
@@ -274,23 +271,24 @@ def _unit_grad(x, n, dx_hat, coef):
 def _grads(a, b, na, nb, lse_r, lse_c, grad, tau):
     """-> dL/da, dL/db, one chunk of rows of H at a time."""
     N, d = a.shape
-    tiles = _tiles(d, a.element_size())
-    bm = tiles["BLOCK_M"]
-    chunk = max(bm, BUFFER_BYTES // (N * a.element_size()) // bm * bm)
-    chunk = min(chunk, triton.cdiv(N, bm) * bm)
+    (block_d, nc), sms = chunking(d), sm_count(a.device)
+    chunk = max(128, BUFFER_BYTES // (N * a.element_size()) // 128 * 128)  # whole row blocks of any candidate
+    chunk = min(chunk, cdiv(N, 128) * 128)
     buf = torch.empty(chunk * N, device=a.device, dtype=a.dtype)
     check_int32("contrastive_loss", buffer=buf)
     a_hat, b_hat = _normalize(a, na), _normalize(b, nb)
-    da_hat = torch.empty_like(a)
-    db_hat = None
-    programs = triton.cdiv(chunk, bm)  # a chunk's row blocks; below a wave, columns are split too,
-    col_split = max(1, min(triton.cdiv(N, tiles["BLOCK_N"]), sm_count(a.device) // programs))  # within it
+    da_hat, db_hat = torch.empty_like(a), None
+    configs = candidates("sim.logits", block_d, nc, a.element_size())
     for r0 in range(0, N, chunk):
         n = min(chunk, N - r0)
         H = buf[: n * N].view(n, N)
-        _h_kernel[(triton.cdiv(n, bm), col_split)](
-            a, b, na, nb, lse_r, lse_c, H, N, d, r0, n, a.stride(0), b.stride(0), H.stride(0), 1.0 / tau,
-            **tiles, **constexprs(a))
+
+        def launch(cfg, r0=r0, n=n, H=H):  # below a wave of row blocks, the columns are split too
+            blocks = cdiv(n, cfg.BLOCK_M)
+            col_split = max(1, min(cdiv(N, cfg.BLOCK_N), sms // blocks))
+            _h_kernel[(blocks, col_split)](a, b, na, nb, lse_r, lse_c, H, N, d, r0, n, a.stride(0), b.stride(0),
+                                           H.stride(0), 1.0 / tau, **meta(cfg, block_d, nc, a))
+        launch(choose("sim.h", a, (d, shape_class(N), shape_class(n)), configs, launch))
         torch.mm(H, b_hat, out=da_hat[r0:r0 + n])
         part = H.t() @ a_hat[r0:r0 + n]  # (N, d)
         db_hat = part.to(na.dtype) if db_hat is None else db_hat.add_(part)
@@ -313,24 +311,9 @@ class ContrastiveLoss(torch.autograd.Function):
         return da, db, None
 
 
-def _prepare(a: torch.Tensor, b: torch.Tensor, name: str, same_rows: bool):
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or (same_rows and a.shape[0] != b.shape[0]):
-        want = "a and b both (N, d)" if same_rows else "a (N, d) and b (C, d)"
-        raise ValueError(f"{name} expects {want}, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if min(a.shape[0], b.shape[0], a.shape[1]) < 1 or a.device != b.device:
-        raise ValueError(f"{name} needs non-empty inputs on one device, got {tuple(a.shape)} on {a.device}, "
-                         f"{tuple(b.shape)} on {b.device}")
-    if a.shape[1] > 1024:
-        raise ValueError(f"{name} supports d <= 1024 (one program holds a row), got d = {a.shape[1]}")
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"{name} supports fp16, bf16, fp32 and fp64, got {dtype}")
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-
-
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     """Fused CE(S, I) + CE(S^T, I), S = cos(a, b) / tau, for un-normalised a, b (N, d) -> fp32 scalar."""
-    a, b = _prepare(a, b, "contrastive_loss", same_rows=True)
+    a, b = prepare_inputs("contrastive_loss", a, b, "a and b both (N, d)", same_rows=True)
     if a.dtype == torch.float64 and a.is_cuda:  # tensor cores have no use for fp64: stay eager
         return contrastive_loss_reference(a, b, tau)
     return ContrastiveLoss.apply(a, b, float(tau))
@@ -339,37 +322,32 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tens
 @torch.no_grad()
 def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Fused cosine similarity (N, d), (C, d) -> (N, C) in the input dtype (forward only)."""
-    a, b = _prepare(a, b, "cosine_scores", same_rows=False)
+    a, b = prepare_inputs("cosine_scores", a, b, "a (N, d) and b (C, d)")
     if a.dtype == torch.float64 and a.is_cuda:
         return cosine_scores_reference(a, b)
     (N, d), C = a.shape, b.shape[0]
     out = torch.empty(N, C, device=a.device, dtype=a.dtype)
     check_int32("cosine_scores", a=a, b=b, scores=out)
-    _cosine_kernel[(triton.cdiv(N, 64), triton.cdiv(C, 64))](
+    _cosine_kernel[(cdiv(N, 64), cdiv(C, 64))](
         a, b, _norms(a), _norms(b), out, N, C, d, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **constexprs(a), num_warps=4, num_stages=2)
     return out
 
 
-# ----------------------------------------------------------------------------- check + benchmark
+# ----------------------------------------------------------------------------- self-check
 
-def _check():
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for dtype, tol in ((torch.float32, 1e-5 if dev == "cpu" else 2e-3), (torch.bfloat16, 1e-2)):
-        a = torch.randn(131, 768, device=dev, dtype=dtype, requires_grad=True)
-        b = torch.randn(131, 768, device=dev, dtype=dtype, requires_grad=True)
-        loss = contrastive_loss(a, b, 0.1)
-        got = (loss,) + torch.autograd.grad(loss, (a, b)) + (cosine_scores(a, b[:19]),)
-        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-        ref = contrastive_loss_reference(a64, b64, 0.1)
-        want = (ref,) + torch.autograd.grad(ref, (a64, b64)) + (cosine_scores_reference(a64, b64[:19]),)
-        errs = [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
-        status = "ok" if max(errs) <= tol else "FAILED"
-        print(f"check {str(dtype):15s} rel err loss/da/db/cos = " + " / ".join(f"{e:.1e}" for e in errs)
-              + f"  (tol {tol:g}) {status}")
+def _case(shape, dtype, dev):
+    """Fused and float64 (loss, da, db, cosine scores) at one shape: N pairs and C prompts of width d."""
+    N, C, d = shape
+    a, b = (torch.randn(N, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    loss = contrastive_loss(a, b, 0.1)
+    got = (loss, *torch.autograd.grad(loss, (a, b)), cosine_scores(a, b[:C]))
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = contrastive_loss_reference(a64, b64, 0.1)
+    return got, (ref, *torch.autograd.grad(ref, (a64, b64)), cosine_scores_reference(a64, b64[:C]))
 
 
-if __name__ == "__main__":
-    interpreter_rounds_bf16()  # without a GPU, bf16 stores round as a GPU's do
-    _check()  # timing: python -m kernels.bench
+if __name__ == "__main__":  # the paper's width, and odd sizes
+    from kernels.selfcheck import main
+    sys.exit(main("similarity", _case, [(131, 19, 768), (67, 18, 200), (1, 1, 200)], ("loss", "da", "db", "cos"),
+                  TOL, TOL_TF32))

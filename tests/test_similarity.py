@@ -1,12 +1,23 @@
 """kernels/similarity.py through the Triton interpreter: the fused symmetric InfoNCE (loss, da, db)
-and the fused cosine scores against float64 references, over odd shapes, dtypes and temperatures.
+and the fused cosine scores against float64 references, over odd shapes, dtypes and temperatures;
+the first-use timing of the candidates, TF32 emulation and the self-check's exit status. With
+TRITON_INTERPRET=0 on a machine with a GPU the same tests run on CUDA tensors (fp32 then TF32).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from kernels import similarity as sim
+from kernels import tiles, tuning
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, vs float64
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: sim.TOL[torch.float32] if DEVICE == "cpu" else sim.TOL_TF32, torch.float16: 2e-3,
+       torch.bfloat16: sim.TOL[torch.bfloat16]}  # relative, vs float64
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -20,7 +31,7 @@ def _pairs(N, d, dtype, seed=0, sigma=3.0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(N, d, generator=g) * sigma  # un-normalised, as the projection heads emit
     b = (a + torch.randn(N, d, generator=g) * sigma) * 0.5  # correlated, so the diagonal matters
-    return a.to(dtype), b.to(dtype)
+    return a.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE)
 
 
 def _loss_and_grads(fn, a, b, tau, upstream):
@@ -100,9 +111,9 @@ def test_cosine_scores_match_float64(N, C, d, dtype):
 @pytest.mark.parametrize("N, d, dtype", [(150, 20, torch.float32), (150, 20, torch.float16),
                                          (300, 768, torch.bfloat16)])  # 128-row blocks at d = 768
 def test_backward_in_several_row_chunks(N, d, dtype, monkeypatch):
-    # a small buffer forces several chunks of rows of H: da per chunk, db summed over chunks in fp32
-    rows = sim._tiles(d, torch.empty(0, dtype=dtype).element_size())["BLOCK_M"]
-    monkeypatch.setattr(sim, "BUFFER_BYTES", rows * N * torch.empty(0, dtype=dtype).element_size())
+    # a small buffer forces several chunks of rows of H (128 rows, whole row blocks of every
+    # candidate): da per chunk, db summed over chunks in fp32
+    monkeypatch.setattr(sim, "BUFFER_BYTES", 128 * N * torch.empty(0, dtype=dtype).element_size())
     a, b = _pairs(N, d, dtype, seed=3)
     got = _loss_and_grads(sim.contrastive_loss, a, b, 0.1, 1.0)
     want = _loss_and_grads(sim.contrastive_loss_reference, a.double(), b.double(), 0.1, 1.0)
@@ -112,7 +123,7 @@ def test_backward_in_several_row_chunks(N, d, dtype, monkeypatch):
 
 
 def test_huge_inputs_are_refused_before_any_launch():
-    a = torch.empty(2 ** 19, 16, device="meta")  # (N / 64, N) column statistics: 2^32 elements
+    a = torch.empty(2 ** 19, 16, device="meta")  # (N / 32, N) column statistics: 2^33 elements
     with pytest.raises(ValueError, match="32-bit offsets"):
         sim.contrastive_loss(a, a, 0.1)
 
@@ -126,6 +137,48 @@ def test_bad_inputs_are_rejected_with_a_clear_message():
         sim.contrastive_loss(torch.randn(0, 8), torch.randn(0, 8), 0.1)
 
 
+def test_every_candidate_runs_and_the_fastest_is_kept(monkeypatch):
+    # the first-use timing (on a GPU) through the interpreter with a wall clock: both logit kernels
+    # try every candidate once per shape class, and the loss and gradients are unchanged
+    monkeypatch.setattr(tuning, "TIME_ON_CPU", True)
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    monkeypatch.setattr(tuning, "TIMINGS", {})
+    a, b = _pairs(70, 20, torch.float32, seed=4)
+    got = _loss_and_grads(sim.contrastive_loss, a, b, 0.1, 1.0)
+    want = _loss_and_grads(sim.contrastive_loss_reference, a.double(), b.double(), 0.1, 1.0)
+    for g, w in zip(got, want):
+        assert _rel_err(g, w)[0] <= TOL[torch.float32]
+    assert {key[0] for key in tuning.CHOSEN} == {"sim.lse", "sim.h"}
+    configs = tuning.candidates("sim.logits", *tiles.chunking(20), 4)
+    for key, cfg in tuning.CHOSEN.items():
+        assert [c for c, _ in tuning.TIMINGS[key]] == configs and cfg == min(tuning.TIMINGS[key], key=lambda t: t[1])[0]
+
+
+def test_tf32_emulation_reaches_the_gpu_tolerance_and_not_beyond():
+    if DEVICE != "cpu":
+        pytest.skip("emulation of the GPU's TF32 in the interpreter")
+    a, b = _pairs(40, 200, torch.float32, seed=5)
+    tiles.interpreter_emulates_tf32()
+    try:
+        got = sim.cosine_scores(a, b[:18])
+    finally:
+        tiles.interpreter_emulates_tf32(False)
+    err = _rel_err(got, sim.cosine_scores_reference(a.double(), b[:18].double()))[0]
+    assert 10 * sim.TOL[torch.float32] < err <= sim.TOL_TF32, err
+
+
+@pytest.mark.parametrize("tol, status", [(None, 0), (0.0, 1)])
+def test_self_check_exit_status(tol, status):
+    # python -m kernels.similarity exits 1 when a check fails: --tol 0 must fail, the real tolerances pass
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if DEVICE == "cpu" else dict(os.environ)
+    cmd = [sys.executable, "-m", "kernels.similarity", "--shape", "5,3,33"]
+    cmd += [] if tol is None else ["--tol", str(tol)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert proc.stdout.count("FAILED") == (2 if status else 0) + status, proc.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's cast")
 def test_interpreter_rounds_bf16_stores_as_torch_does():
     # conftest makes the interpreter's fp32 -> bf16 cast round to nearest even (alone it truncates),
     # so the bf16 tolerances above hold the kernels to the rounding a GPU applies

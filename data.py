@@ -248,8 +248,10 @@ def _normalizer():
                                       strip_accents=True, lowercase=True)
 
 
-def _bert_pipeline(tok):
-    """BERT-style normaliser, pre-tokenizer, [CLS] ... [SEP] post-processor and decoder."""
+def bert_tokenizer(vocab: dict) -> Tokenizer:
+    """A WordPiece tokenizer over `vocab` ({piece: id}) with BERT's normaliser, pre-tokenizer,
+    [CLS] ... [SEP] post-processor and decoder."""
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.add_special_tokens([t for t in RESERVED_TOKENS if tok.token_to_id(t) is not None])
@@ -282,32 +284,13 @@ def train_tokenizer(texts, vocab_size=4096, path=None):
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
     pieces += words[: vocab_size - len(pieces)]
     vocab = {p: i for i, p in enumerate(pieces)}
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+    tok = bert_tokenizer(vocab)
     if path is not None:
         path = Path(path)
         path = path / "tokenizer.json" if path.is_dir() else path
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(str(path))
     return tok
-
-
-def load_tokenizer(path):
-    """Load a tokenizer.json or a BERT vocab.txt (or a folder holding either)."""
-    path = Path(path)
-    if path.is_dir():
-        hits = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
-        if not hits:
-            raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt")
-        path = hits[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tokenizer file")
-    if path.suffix == ".json":
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
-            raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
-    vocab = models.WordPiece.read_file(str(path))
-    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
 
 
 def tokenizer_from_string(text):

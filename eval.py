@@ -309,19 +309,13 @@ def build_parser():
 
 def parse_device(name: str) -> torch.device:
     """--device (auto, cpu, cuda, cuda:N) -> torch.device; a clear error when it is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (use cpu or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-    return device
+    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: " + (f"only {torch.cuda.device_count()} GPU(s) here" if
+                         torch.cuda.is_available() else "no CUDA GPU is available here (use cpu or auto)"))
+    return torch.device(name)
 
 
 def eval_config(args) -> EvalConfig:

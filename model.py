@@ -364,25 +364,6 @@ def _check_choice(name: str, value, allowed: tuple):
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def flops_per_sample(cfg: ModelConfig, train: bool = True) -> float:
-    """Model FLOPs for one (volume, report) pair at the training crop and max_len tokens.
-
-    Matmuls only (2 FLOPs per multiply-add), as in the PaLM / nanoGPT MFU convention; backward
-    costs twice the forward, so training is 3x. Recomputation by activation checkpointing is not
-    counted: MFU measures useful model work, not the hardware's total.
-    """
-    def transformer(T, C, hidden, depth):  # per layer: qkv + proj + MLP, then QK^T and AV
-        return depth * (2 * T * (4 * C * C + 2 * C * hidden) + 4 * T * T * C)
-
-    n_patch = math.prod(c // p for c, p in zip(cfg.crop_size, cfg.patch_size))
-    C, L = cfg.vit_width, cfg.max_len
-    vit = (2 * n_patch * C * math.prod(cfg.patch_size)  # Conv3d patch embedding
-           + transformer(n_patch + 1, C, 4 * C, cfg.vit_depth) + 2 * C * cfg.embed_dim)
-    text = transformer(L, cfg.text_width, cfg.text_mlp, cfg.text_depth) + 2 * cfg.text_width * cfg.embed_dim
-    bank = 2 * 2 * 2 * cfg.bank_size * cfg.embed_dim  # CMKI (x D^T, then P D) for v and t
-    return (3 if train else 1) * (vit + text + bank)
-
-
 if __name__ == "__main__":
     for name, preset in PRESETS.items():
         print(f"{name:6s} {BrgSA(preset).num_params() / 1e6:8.1f} M parameters "

@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as data_lib
 import eval as eval_lib
-from model import PRESETS, BrgSA, flops_per_sample
+from analysis.speed import flops_per_sample, speed
+from model import PRESETS, BrgSA
 from prepare import files, pretrained
 from prepare.inputs import SUMMARY_BACKENDS, training_inputs
 
@@ -237,19 +238,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     progress = (step - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-# Dense bf16 tensor-core peak FLOP/s by GPU name (vendor data sheets; first match wins): MFU's base.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def speed(volumes: int, seconds: float, flops_per_volume: float, device, world: int) -> str:
-    """Volumes/s; MFU against the GPU's peak (n/a on a CPU or an unlisted GPU); this GPU's peak memory."""
-    vps, name = volumes / max(seconds, 1e-9), torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-    mfu = f"{100 * vps * flops_per_volume / (peak * world):.1f}%" if peak else "n/a"
-    return f"{vps:.1f} vol/s | MFU {mfu}" + (
-        f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if name else "")
 
 
 # ----------------------------------------------------------------------------- the kept model and checkpoints

@@ -444,7 +444,8 @@ def task_paper_speed(dry: bool, seconds: float) -> int:
     import torch
 
     from kernels.bench import PEAK_BF16
-    from model import PRESETS, BrgSA, flops_per_sample
+    from analysis.speed import flops_per_sample
+    from model import PRESETS, BrgSA
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = PRESETS["paper"]
     if dry:  # the paper's layout at toy sizes, for the CPU

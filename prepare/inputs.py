@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from prepare import phantom, summarize
+from prepare import phantom, pretrained, summarize
 from prepare.preprocess import ensure_cache, load_dataset
 from prepare.summarize_llm import SummaryError
 
@@ -45,7 +45,7 @@ def training_inputs(cfg, model_cfg, vocab_size: int, tokenizer: str = None, log=
     recs = [r for r in train + val + splits[1] if r.report.strip()]
     summaries = summaries_of(cfg.summaries, [r.report for r in recs], [r.name for r in recs], out, log)
     if tokenizer is None and cfg.text_weights:
-        tokenizer = data_lib.load_tokenizer(Path(cfg.text_weights) / "vocab.txt").to_str()
+        tokenizer = pretrained.load_tokenizer(Path(cfg.text_weights) / "vocab.txt").to_str()
     if tokenizer is None:
         texts = [s for r in train for s in summaries.get(r.report, [r.report])]
         tokenizer = data_lib.train_tokenizer(texts, vocab_size, out / "tokenizer.json").to_str()

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models
 
+from data import bert_tokenizer
 from model import PRESETS, ModelConfig, TextEncoder, ViT3D, interpolate_table
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -100,6 +102,25 @@ def _assign(module, mapped: dict, theirs: dict, report: LoadReport):
 
 
 # ----------------------------------------------------------------------------- BERT -> TextEncoder
+
+def load_tokenizer(path):
+    """A tokenizer.json or a BERT vocab.txt (or a folder holding either), e.g. the vocabulary of
+    the BERT that --text_weights loads."""
+    path = Path(path)
+    if path.is_dir():
+        hits = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
+        if not hits:
+            raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt")
+        path = hits[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    if path.suffix == ".json":
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+            raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from e
+    return bert_tokenizer(models.WordPiece.read_file(str(path)))
+
 
 def bert_text_config(folder) -> dict:
     """config.json of a Hugging Face BERT -> the ModelConfig text fields it implies, the official

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from prepare import preprocess, tables
+from prepare import preprocess, pretrained, tables
 
 
 def write_nifti(path, arr, affine, slope=None, inter=None):
@@ -388,15 +388,15 @@ def test_tokenizer_on_real_reports(shared_data, tmp_path):
     assert tok.decode(ids[0].tolist()) == "there is atelectasis"
     assert tok.decode(ids[2].tolist()) == "mosaic attenuation"  # lower-cased, accent stripped
     assert "[UNK]" not in tok.decode(ids[1].tolist(), skip_special_tokens=False)
-    again = data.load_tokenizer(tmp_path / "tok.json")
+    again = pretrained.load_tokenizer(tmp_path / "tok.json")
     assert torch.equal(data.tokenize(again, texts[:5])[0], data.tokenize(tok, texts[:5])[0])
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
-    bert = data.load_tokenizer(tmp_path / "bert")
+    bert = pretrained.load_tokenizer(tmp_path / "bert")
     assert torch.equal(data.tokenize(bert, texts[:5])[0], data.tokenize(tok, texts[:5])[0])
     with pytest.raises(FileNotFoundError):
-        data.load_tokenizer(tmp_path / "nothing")
+        pretrained.load_tokenizer(tmp_path / "nothing")
 
 
 def test_tokenizer_training_is_repeatable(shared_data):

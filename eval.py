@@ -31,7 +31,7 @@ import torch
 
 import data as data_lib
 from analysis import files, grounding, metrics, official, retrieval
-from model import BrgSA
+from model import BrgSA, pick_device
 from prepare import summarize
 from prepare.files import checkpoint_config, read_checkpoint
 from prepare.preprocess import check_hu, records_of
@@ -307,17 +307,6 @@ def build_parser():
     return p
 
 
-def parse_device(name: str) -> torch.device:
-    """--device (auto, cpu, cuda, cuda:N) -> torch.device; a clear error when it is not there."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: " + (f"only {torch.cuda.device_count()} GPU(s) here" if
-                         torch.cuda.is_available() else "no CUDA GPU is available here (use cpu or auto)"))
-    return torch.device(name)
-
-
 def eval_config(args) -> EvalConfig:
     for flag, value, low in (("--n_boot", args.n_boot, 0), ("--batch_size", args.batch_size, 1),
                              ("--workers", args.workers, 0), ("--heatmap_n", args.heatmap_n, 0)):
@@ -412,7 +401,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     cfg = eval_config(args)
-    device = parse_device(args.device)
+    device = pick_device(args.device)
     if args.volume:
         if not args.ckpt:
             p.error("--volume needs --ckpt")

@@ -12,10 +12,12 @@ The encoders of Lai et al. (arXiv 2501.03565, section 3) as the official code bu
 
 Three presets: `paper` (the official model, ~200 M parameters), `tiny` (the CPU default) and
 `small` (one GPU). Where the CPU presets differ from the paper, ModelConfig says so in one group.
+pick_device turns a --device flag (train.py, eval.py) into the device a model runs on.
 
     python model.py        # prints the parameter count of each preset
 """
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -362,6 +364,18 @@ def _init_linear(m, fn):
 def _check_choice(name: str, value, allowed: tuple):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N; auto:N under torchrun) -> torch.device, or a clear error."""
+    if name.startswith("auto"):
+        name = "cuda" + name[4:] if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: " + (f"only {torch.cuda.device_count()} GPU(s) here" if
+                         torch.cuda.is_available() else "no CUDA GPU is available here (use cpu or auto)"))
+    return torch.device(name)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as data_lib
 import eval as eval_lib
 from analysis.speed import flops_per_sample, speed
-from model import PRESETS, BrgSA
+from model import PRESETS, BrgSA, pick_device
 from prepare import files, pretrained
 from prepare.inputs import SUMMARY_BACKENDS, training_inputs
 
@@ -322,18 +322,6 @@ def ddp_setup(device: str) -> tuple:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), dev
-
-
-def pick_device(name: str) -> torch.device:
-    """--device (auto, cpu, cuda, cuda:N; auto:N under torchrun) -> torch.device, or a clear error."""
-    if name.startswith("auto"):
-        name = "cuda" + name[4:] if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if name != "cpu" and int(name[5:] or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: " + (f"only {torch.cuda.device_count()} GPU(s) here" if
-                         torch.cuda.is_available() else "no CUDA GPU is available here (use cpu or auto)"))
-    return torch.device(name)
 
 
 def any_rank(signum) -> bool:

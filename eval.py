@@ -211,8 +211,8 @@ def check_findings(tokenizer, findings, cfg: EvalConfig, max_len: int, prompt: s
         pieces = {w: tokenizer.encode(w, add_special_tokens=False).tokens for w in words}
         bad = [w for w in words if unk is not None and unk in tokenizer.encode(w, add_special_tokens=False).ids]
         if bad:
-            raise ValueError(f"--findings: {f!r} has words the tokenizer cannot read {bad} "
-                             f"(they would all read as [UNK]); write them in Latin letters")
+            raise ValueError(f"--findings: {f!r} has words the tokenizer cannot read {bad}: characters "
+                             f"its vocabulary never saw, which would all read as [UNK]")
         spelled = [w for w in words if len(pieces[w]) > 1 and  # mostly single letters
                    sum(len(p.lstrip("#")) == 1 for p in pieces[w]) * 2 > len(w)]
         if spelled:

@@ -850,3 +850,26 @@ def test_evaluation_is_fp32_by_default_as_the_official_inference(tiny, tmp_path)
     bf16 = E.zero_shot(model, tok, loader, CLASSES, torch.device("cpu"),
                        E.EvalConfig(n_boot=0, dtype="bfloat16"))
     assert np.abs(bf16["arrays"]["scores"] - ref.numpy()).max() > 1e-4
+
+
+def test_findings_in_other_letters_many_or_unknown_are_scored_or_refused_in_one_line(tiny, tmp_path, capsys):
+    """Accented Latin letters are read (the tokenizer strips accents); hundreds of findings are
+    scored in one call; a word the text tower never learned is scored with a warning naming it and
+    what the score then rests on; non-Latin script is refused in one line."""
+    model, tok = tiny
+    ckpt = str(_checkpoint(model, tok, tmp_path / "ckpt.pt"))
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 1000, (40, 36, 20)).astype(np.int16),
+                             np.diag([5.0, 5.0, 10.0, 1.0])), tmp_path / "ct.nii.gz")
+    scan = ["--ckpt", ckpt, "--volume", str(tmp_path / "ct.nii.gz"), "--findings"]
+    many = [f"{a} and {b}" for a in CLASSES for b in CLASSES[:12]]  # 216 findings
+    scores = E.main(scan + many)
+    assert len(scores) == len(many) and all(np.isfinite(list(scores.values())))
+    accented = E.main(scan + ["Cardiomégalie", "cardiomegaly"])
+    assert np.isfinite(accented["Cardiomégalie"])
+    capsys.readouterr()
+    E.main(scan + ["spiculated", "cardiomegaly spiculated"])
+    err = capsys.readouterr().err
+    assert "'spiculated' never appeared as a word in training" in err
+    assert "the score rests on letters alone" in err and "the score rests on ['cardiomegaly']" in err
+    res = run_eval(*scan, "лёгкое")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "cannot read ['лёгкое']" in res.stderr

@@ -22,8 +22,9 @@ def flops_per_sample(cfg: ModelConfig, train: bool = True) -> float:
 
     n_patch = math.prod(c // p for c, p in zip(cfg.crop_size, cfg.patch_size))
     C, L = cfg.vit_width, cfg.max_len
+    heads = 2 * n_patch if cfg.vit_pool == "position" else 1  # position: head + read-out per patch
     vit = (2 * n_patch * C * math.prod(cfg.patch_size)  # Conv3d patch embedding
-           + transformer(n_patch + 1, C, 4 * C, cfg.vit_depth) + 2 * C * cfg.embed_dim)
+           + transformer(n_patch + 1, C, 4 * C, cfg.vit_depth) + heads * 2 * C * cfg.embed_dim)
     text = transformer(L, cfg.text_width, cfg.text_mlp, cfg.text_depth) + 2 * cfg.text_width * cfg.embed_dim
     bank = 2 * 2 * 2 * cfg.bank_size * cfg.embed_dim  # CMKI (x D^T, then P D) for v and t
     return (3 if train else 1) * (vit + text + bank)

@@ -1,6 +1,7 @@
 """analysis/: the measuring engine (AUROC, AUPRC, thresholds, bootstrap, calibration split) against
 brute-force references written here, the official procedure against a float64 write-out of the
-official scripts, retrieval and the modality gap, and the grounding maps' geometry and score."""
+official scripts, retrieval and the modality gap, the grounding maps' geometry and score, and the
+FLOPs the progress line's MFU rests on."""
 import math
 from dataclasses import replace
 
@@ -13,7 +14,8 @@ from analysis import grounding as G
 from analysis import metrics as M
 from analysis import official as O
 from analysis import retrieval as R
-from model import PRESETS
+from analysis.speed import flops_per_sample
+from model import PRESETS, BrgSA
 
 
 def brute_auroc(s, y):
@@ -526,3 +528,24 @@ def test_grounding_metrics_hand_case():
     s = G.grounding_summary([dict(finding="a", volume=str(i), **m) for i in range(3)], n_boot=20)
     assert s["per_finding"]["a"]["n"] == 3 and s["macro"]["hit_patch"] == 1.0
 
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "position"])
+def test_flops_per_sample_counts_every_matmul(preset, pool):
+    """The MFU's FLOPs equal torch's own count of a forward pass (attention written out as matmuls)
+    plus the bank mapping of v and t, for each pooling; training is three forwards' worth."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import cmki
+    small = dict(image_size=(32, 32, 16), crop_size=(32, 32, 16), patch_size=(16, 8, 8), max_len=13)
+    cfg = replace(PRESETS[preset], vit_pool=pool, **small)
+    model = BrgSA(cfg).eval()
+    ids = torch.randint(5, 100, (1, cfg.max_len))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        v, t = model(torch.randn(1, 1, *cfg.crop_size), ids, torch.ones_like(ids))
+        cmki.cmki_reference(v, model.bank.weight), cmki.cmki_reference(t, model.bank.weight)
+    assert flops_per_sample(cfg, train=False) == counter.get_total_flops()
+    assert flops_per_sample(cfg) == 3 * counter.get_total_flops()

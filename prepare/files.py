@@ -81,13 +81,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:  # removed meanwhile: the next try creates it
+        return 0.0
+
+
 @contextmanager
 def run_lock(lock, what: str):
     """Hold the lock file `lock` (e.g. OUT_DIR/.lock, CACHE.jsonl.lock) while the block runs: a
     second holder refuses at once with a message naming the first (its pid, host, start and
     command). A lock is stale when it was written on this host by a process that no longer exists
-    (a crashed or killed run): it is taken over, with a note. A lock from another host is never
-    taken over (its process cannot be checked from here)."""
+    (a crashed or killed run), or when it is still empty or unreadable a minute after it was made (a
+    run killed between creating and writing it): it is taken over, with a note. A lock from another
+    host is never taken over (its process cannot be checked from here)."""
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -98,12 +106,15 @@ def run_lock(lock, what: str):
         except FileExistsError:
             try:
                 other = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # written this instant, or torn: treat as held
+            except (OSError, ValueError):  # being written this instant, or its writer was killed
                 other = {}
-            if other.get("host") == me["host"] and isinstance(other.get("pid"), int) \
-                    and not _alive(other["pid"]):
-                print(f"{what}: taking over {lock}: its run (pid {other['pid']}, started "
-                      f"{other.get('started')}) no longer exists", file=sys.stderr)
+            other = other if isinstance(other, dict) else {}
+            dead = other.get("host") == me["host"] and isinstance(other.get("pid"), int) \
+                and not _alive(other["pid"])
+            if dead or (not other and _age(lock) > 60):
+                why = f"its run (pid {other['pid']}, started {other.get('started')}) no longer exists" \
+                    if dead else "it was left empty or torn over a minute ago"
+                print(f"{what}: taking over {lock}: {why}", file=sys.stderr)
                 lock.unlink(missing_ok=True)
                 continue
             raise ValueError(f"{lock.parent} is in use by another {what} run (pid {other.get('pid', '?')} "

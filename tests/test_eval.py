@@ -261,7 +261,14 @@ def test_cli_model_mode_external_calibration_and_single_scan(tiny, tmp_path, cap
         ref = E.score_volumes(model, tok, model.visual(x[None, None]), ["lung nodule"], E.EvalConfig(),
                               torch.device("cpu"))
     assert scores["lung nodule"] == pytest.approx(float(ref[0, 0]), abs=1e-5)
-    assert f"| {'lung nodule':34s} | {scores['lung nodule']:+.4f} |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"| {'lung nodule':34s} | {scores['lung nodule']:+.4f} |" in out
+    # a model of the synthetic set says so under its scores; one trained on a named --data does not
+    assert "trained only on synthetic phantoms" in out and "are not diagnoses" in out
+    real = tmp_path / "real.pt"
+    torch.save(dict(torch.load(ckpt, weights_only=True), trained_on="/data/ct-rate"), real)
+    E.main(["--ckpt", str(real), "--volume", str(tmp_path / "scan.nii.gz"), "--findings", "lung nodule"])
+    assert "synthetic" not in capsys.readouterr().out
     # calibrated calls from the eval.json of the data-set run (same protocol required)
     saved = json.loads((tmp_path / "o" / "eval.json").read_text())
     thr = saved["per_class"]["Lung nodule"]["calibrated"]["threshold"]

@@ -490,6 +490,14 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
                                                     started="then", command="train.py")))
     with files.run_lock(tmp_path / ".lock", "train.py") as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # a run killed between creating its lock and writing it: held for a minute, then taken over
+    (tmp_path / ".lock").write_text("")
+    with pytest.raises(ValueError, match="in use by another train.py run"):
+        with files.run_lock(tmp_path / ".lock", "train.py"):
+            pass
+    os.utime(tmp_path / ".lock", (time.time() - 120, time.time() - 120))
+    with files.run_lock(tmp_path / ".lock", "train.py") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
 def _fsize_limit(nbytes):

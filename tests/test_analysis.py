@@ -549,3 +549,16 @@ def test_flops_per_sample_counts_every_matmul(preset, pool):
         cmki.cmki_reference(v, model.bank.weight), cmki.cmki_reference(t, model.bank.weight)
     assert flops_per_sample(cfg, train=False) == counter.get_total_flops()
     assert flops_per_sample(cfg) == 3 * counter.get_total_flops()
+
+
+def test_outside_air_is_the_air_around_the_body_not_the_lungs():
+    """A body (0 HU) with an enclosed lung (-850 HU) in air (-1000 HU): only the surrounding air is
+    'outside'; the same scene in raw scanner units (HU + 1024) gives the same mask."""
+    hu = np.full((30, 26, 6), -1000.0)
+    hu[5:25, 4:22] = 0.0
+    hu[9:15, 8:18] = -850.0  # lung, inside the body
+    out = G._outside_air(hu)
+    expected = np.ones(hu.shape, bool)
+    expected[5:25, 4:22] = False
+    assert np.array_equal(out, expected)
+    assert np.array_equal(G._outside_air(hu + 1024.0), expected)

@@ -674,7 +674,8 @@ def test_heatmap_keeps_input_grid_and_points_at_the_finding(tiny, tmp_path, lps,
     path, affine = _save(hu, tmp_path / "scan.nii.gz", lps)
     E.main(["--ckpt", str(ckpt), "--volume", str(path), "--findings", FINDING, "lung nodule",
             "--heatmap", str(tmp_path / "maps")])
-    assert "heat maps (score)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "heat maps (score)" in printed
     out = nib.load(str(tmp_path / "maps" / "scan_pleural_effusion.nii.gz"))
     src = nib.load(str(path))
     assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
@@ -687,6 +688,10 @@ def test_heatmap_keeps_input_grid_and_points_at_the_finding(tiny, tmp_path, lps,
     hi = ras @ [s.stop - 1 for s in box] + origin
     assert np.all(world >= lo - 1e-6) and np.all(world <= hi + 1e-6), (world, lo, hi)
     assert heat.max() > 0.5 and np.median(heat) < -0.9  # bright block ~ +t, tissue ~ -t
+    # the printed maximum: that voxel, at its scanner coordinates in mm
+    line = next(x for x in printed.splitlines() if x.startswith(f"eval: {FINDING}: the map's maximum"))
+    assert f"voxel {tuple(int(i) for i in peak)}" in line
+    assert "({:.1f}, {:.1f}, {:.1f}) mm".format(*world) in line
 
 
 

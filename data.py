@@ -29,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 PREPROCESS = {
     "tiny": dict(target_spacing=(7.0, 7.0, 10.0), target_shape=(48, 48, 32)),
+    "small": dict(target_spacing=(3.5, 3.5, 5.0), target_shape=(96, 96, 64)),
     "paper": dict(target_spacing=(1.5, 1.5, 3.0), target_shape=(256, 256, 128)),
 }
 HU_MIN, HU_MAX, PAD_HU = -1000.0, 1000.0, -1024.0

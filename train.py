@@ -48,10 +48,13 @@ def _f(default, help):
 
 @dataclass
 class TrainConfig:
-    preset: str = _f("tiny", "model preset from model.PRESETS: tiny (CPU default) or paper")
+    preset: str = _f("auto", "model preset from model.PRESETS: tiny (2 CPU cores), small (one GPU; "
+                             "~1 h on 2 CPU cores), paper; auto = small when the run uses a CUDA GPU, "
+                             "else tiny")
     data: str = _f("", "data set: a CT-RATE-layout root or a preprocessed dir; empty = synthetic set")
     synth_dir: str = _f("data_synth", "where the synthetic set is generated when --data is empty")
-    synth_n: int = _f(None, "scans in the synthetic set (preset default: tiny 1000, paper 24)")
+    synth_n: int = _f(None, "scans in the synthetic set, stored at voxel sizes finer than the preset's "
+                            "(preset default: tiny 1000, small 1000, paper 24)")
     out_dir: str = _f("out", "checkpoint, tokenizer, summaries and eval.json go here")
     epochs: int = _f(None, "passes over the training reports; sets the number of steps unless "
                            "--max_iters is given (preset default: tiny 32, paper 39)")
@@ -130,6 +133,10 @@ TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                  weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
                  val_fraction=0.1),
+    # small: the tiny recipe (its validation split, optimizer and schedule) at the small preset's size
+    "small": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
+                  weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
+                  val_fraction=0.1),
     "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,
                   weight_decay=1e-6, warmup_iters=0, text_sampling="paper", optimizer="adam",
                   val_fraction=0.0),
@@ -154,8 +161,12 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             p.add_argument(f"--{f.name}", type=kind, default=f.default, help=_help(f))
     cfg = TrainConfig(**vars(p.parse_args(argv)))
+    if cfg.preset == "auto":
+        cfg.preset, why = auto_preset(cfg.device)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: {cfg.preset} preset ({why}; --preset tiny|small|paper to choose)", flush=True)
     if cfg.preset not in PRESETS:
-        p.error(f"--preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+        p.error(f"--preset must be auto or one of {sorted(PRESETS)}, got {cfg.preset!r}")
     for k, v in TRAIN_PRESETS[cfg.preset].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -164,6 +175,13 @@ def parse_args(argv=None) -> TrainConfig:
     except ValueError as e:
         p.error(str(e))
     return cfg
+
+
+def auto_preset(device: str) -> tuple:
+    """--preset auto -> (preset, why): small when the run will use a CUDA GPU, tiny on the CPU."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "small", "auto: a CUDA GPU is used"
+    return "tiny", "auto: no CUDA GPU, the preset sized for 2 CPU cores"
 
 
 CHOICES = dict(dtype=("auto", "bfloat16", "float16", "float32"),
@@ -211,11 +229,12 @@ def load_records(cfg: TrainConfig, mcfg, workers: int):
     if cfg.data:
         root = Path(cfg.data)
     else:
-        synth = Path(cfg.synth_dir) / f"n{cfg.synth_n}_seed{cfg.seed}"
+        voxels = "small" if cfg.preset == "small" else "tiny"  # stored finer than the preset's grid
+        synth = Path(cfg.synth_dir) / f"n{cfg.synth_n}_seed{cfg.seed}{'_small' if voxels == 'small' else ''}"
         root = synth / "dataset"
         if not root.is_dir():
             print(f"train: generating the synthetic data set in {synth}", flush=True)
-            phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2))
+            phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=max(workers, 2), voxels=voxels)
     splits = []
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
         cache = ensure_cache(root, split, mcfg, workers=2,

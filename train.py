@@ -134,7 +134,7 @@ TRAIN_PRESETS = {
                  weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
                  val_fraction=0.1),
     # small: the tiny recipe (its validation split, optimizer and schedule) at the small preset's size
-    "small": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
+    "small": dict(synth_n=1000, epochs=48, batch_size=32, lr=5e-4, beta1=0.9, beta2=0.98,
                   weight_decay=0.05, warmup_iters=30, text_sampling="random", optimizer="adamw",
                   val_fraction=0.1),
     "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, beta1=0.5, beta2=0.999,

@@ -5,6 +5,7 @@ holds, and what a run would cost on one GPU.
     python benchmarks/small_preset.py masks                      # per-lesion voxels, tiny vs small grid
     python benchmarks/small_preset.py model out/best.pt out_small/best.pt   # bank usage, linear probe
     python benchmarks/small_preset.py gpu                        # FLOPs per run, time at a stated MFU
+    python benchmarks/small_preset.py supervised --preset small --steps 1056   # the ViT with labels
 
 masks: each small finding is rendered alone on a normal chest (prepare/phantom_scene.py, its own mask),
 at the stored voxel sizes of each preset's synthetic set, carried to the preset's grid the way the
@@ -17,11 +18,18 @@ attention is uniform, 1 when it picks one entry), median over volumes, and the m
 weight; and the linear probe on v of benchmarks/ablation.py (ridge on the training volumes'
 embeddings with their labels, macro AUROC on the held-out volumes). Run it from the directory the
 runs were started in (the synthetic set's path is relative to it).
+
+supervised: the preset's image encoder (ViT3D, input centering and position pooling as in BrgSA)
+plus a linear layer to the 18 labels, trained with binary cross-entropy on the same training
+volumes, optimizer and schedule as train.py's preset (validation reports left out), scored per class
+on the held-out volumes: what this encoder learns when it is told the labels, the ceiling for
+what contrastive training with the reports could teach it in as many steps.
 """
 import argparse
 import csv
-import statistics
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data as data_lib  # noqa: E402
+import model as model_lib  # noqa: E402
 import eval as eval_lib  # noqa: E402
 import train  # noqa: E402
 from benchmarks.ablation import linear_probe  # noqa: E402
@@ -128,26 +137,75 @@ def model_rows(ckpts: list, out: Path):
 # ----------------------------------------------------------------------------- GPU estimate
 
 def gpu_estimate(out: Path, peak: float = 989e12, mfus=(0.05, 0.15, 0.30)):
-    """Training FLOPs of one default run of each preset (model.flops_per_sample x pairs seen, plus
-    the validations and the held-out evaluation at 1/3 of a training pass per volume), and the time
-    that takes on an H100 (dense bf16 peak `peak`) at each MFU in mfus."""
+    """Model FLOPs of one default run of each preset (model.flops_per_sample x pairs seen, plus 11
+    validations of 90 volumes and the 223 held-out volumes at a forward pass each) and the compute
+    time that takes on an H100 (dense bf16 peak `peak`) at each MFU in mfus, per step and per run."""
     rows = []
-    for preset, steps in (("tiny", 704), ("small", None)):
+    for preset in ("tiny", "small"):
         t = train.TRAIN_PRESETS[preset]
-        steps = steps or t["epochs"] * (720 // t["batch_size"])
+        steps, bs = t["epochs"] * (720 // t["batch_size"]), t["batch_size"]
         cfg = PRESETS[preset]
-        flops = steps * t["batch_size"] * flops_per_sample(cfg) + 11 * 90 * flops_per_sample(cfg, train=False) \
-            + 223 * flops_per_sample(cfg, train=False)
-        rows.append(dict(preset=preset, steps=steps, batch=t["batch_size"],
-                         gflop_per_pair=flops_per_sample(cfg) / 1e9, total_pflop=flops / 1e15,
-                         **{f"seconds_at_mfu_{m:g}": flops / (m * peak) for m in mfus}))
-    lines = ["| preset | steps x batch | training GFLOP per pair | PFLOP per run | "
-             + " | ".join(f"H100 s at MFU {m:.0%}" for m in mfus) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(mfus)]
+        step = bs * flops_per_sample(cfg)
+        run = steps * step + (11 * 90 + 223) * flops_per_sample(cfg, train=False)
+        rows.append(dict(preset=preset, steps=steps, batch=bs, gflop_per_step=step / 1e9, pflop_per_run=run / 1e15,
+                         **{f"ms_per_step_at_mfu_{m:g}": 1e3 * step / (m * peak) for m in mfus},
+                         **{f"s_per_run_at_mfu_{m:g}": run / (m * peak) for m in mfus}))
+    lines = ["| preset | steps x batch | GFLOP per step | PFLOP per run | "
+             + " | ".join(f"ms per step at MFU {m:.0%}" for m in mfus) + " | "
+             + " | ".join(f"s per run at MFU {m:.0%}" for m in mfus) + " |",
+             "|---|---:|---:|---:|" + "---:|" * 2 * len(mfus)]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['steps']} x {r['batch']} | {r['gflop_per_pair']:.2f} | "
-                     f"{r['total_pflop']:.2f} | "
-                     + " | ".join(f"{r[f'seconds_at_mfu_{m:g}']:.0f}" for m in mfus) + " |")
+        lines.append(f"| {r['preset']} | {r['steps']} x {r['batch']} | {r['gflop_per_step']:.0f} | "
+                     f"{r['pflop_per_run']:.3f} | "
+                     + " | ".join(f"{r[f'ms_per_step_at_mfu_{m:g}']:.2f}" for m in mfus) + " | "
+                     + " | ".join(f"{r[f's_per_run_at_mfu_{m:g}']:.1f}" for m in mfus) + " |")
+    write(rows, lines, out)
+
+
+# ----------------------------------------------------------------------------- supervised
+
+def supervised(preset: str, steps: int, out: Path, seed: int = 0):
+    """The preset's ViT trained with the labels (see the module docstring) -> per-class AUROC."""
+    torch.manual_seed(seed)
+    cfg = train.parse_args([f"--preset={preset}", "--device=cpu", f"--seed={seed}",
+                            f"--out_dir={tempfile.mkdtemp()}"])  # the preset's recipe; nothing is written
+    mcfg = model_lib.PRESETS[preset]
+    train_recs, held_out = train.load_records(cfg, mcfg, 0)
+    fit, _ = train.split_validation(train_recs, cfg.val_fraction, seed)
+    vit = model_lib.ViT3D(mcfg)
+    vit.apply(lambda m: model_lib.BrgSA._init_linear(m, torch.nn.init.trunc_normal_))
+    if mcfg.input_centering:
+        vit.set_input_mean(train.mean_volume(fit))
+    net = torch.nn.Sequential(vit, torch.nn.Linear(mcfg.embed_dim, 18))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    cfg = replace(cfg, max_iters=steps)
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    for step in range(steps):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(fit), generator=g).tolist()
+        batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        x = torch.stack([data_lib.load_volume(fit[i].npy_path) for i in batch])
+        y = torch.from_numpy(np.stack([np.asarray(fit[i].labels, np.float32) for i in batch]))
+        for group in opt.param_groups:
+            group["lr"] = train.lr_at(step, cfg)
+        loss = F.binary_cross_entropy_with_logits(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            print(f"supervised {preset}: step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    net.eval()
+    with torch.no_grad():
+        scores = torch.cat([net(b["volume"]) for b in data_lib.eval_loader(held_out, 32)]).numpy()
+    labels = np.stack([np.asarray(r.labels) for r in held_out])
+    rows = [dict(preset=preset, steps=steps, finding=c, auc=eval_lib.auroc(scores[:, j], labels[:, j]))
+            for j, c in enumerate(data_lib.CTRATE_CLASSES)]
+    rows.append(dict(preset=preset, steps=steps, finding="macro mean", auc=float(np.mean([r["auc"] for r in rows]))))
+    lines = [f"| finding | supervised {preset} ViT, {steps} steps: held-out AUROC |", "|---|---:|"]
+    lines += [f"| {r['finding']} | {r['auc']:.3f} |" for r in rows]
     write(rows, lines, out)
 
 
@@ -167,11 +225,13 @@ def write(rows: list, lines: list, out: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["masks", "model", "gpu"], help="which measurement")
+    p.add_argument("what", choices=["masks", "model", "gpu", "supervised"], help="which measurement")
     p.add_argument("ckpts", nargs="*", type=Path, help="model: best.pt files of finished runs")
     p.add_argument("--out", type=Path, default=None,
                    help="write OUT.csv and OUT.md beside the printed table (default: print only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="supervised: the preset")
+    p.add_argument("--steps", type=int, default=1056, help="supervised: optimizer steps")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -181,8 +241,10 @@ def main(argv=None):
         if not a.ckpts:
             p.error("model: give one or more best.pt files")
         model_rows(a.ckpts, a.out)
-    else:
+    elif a.what == "gpu":
         gpu_estimate(a.out)
+    else:
+        supervised(a.preset, a.steps, a.out)
 
 
 if __name__ == "__main__":

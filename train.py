@@ -1,6 +1,7 @@
 """The plain BrgSA training loop: data -> summaries -> tokenizer -> model -> loss -> zero-shot eval.
 
-    python train.py                                  # synthetic chest-CT set, tiny preset, CPU ok
+    python train.py                                  # synthetic chest-CT set: tiny preset on a CPU, small on a GPU
+    python train.py --preset=small --device=cpu      # the GPU default on 2 CPU cores (~40 min)
     python train.py --preset=paper --data=DIR        # the paper's model on CT-RATE (GPU)
     python train.py --out_dir=out --resume           # continue from out/ckpt.pt
     python train.py --help                           # every flag, with its meaning
@@ -12,7 +13,8 @@ kept (out_dir/best.pt), and the run ends with their per-class zero-shot AUROC ta
 scans (out_dir/eval.json). out_dir/ckpt.pt holds the last step's training state, for --resume.
 Optimizer and schedule follow the preset: the paper's is Adam(lr 5e-5, betas 0.5/0.999, L2 weight
 decay 1e-6) as in the official code, constant LR, batch 64, grad-norm clip 0.25, mixed precision
-(bf16 here; fp16 officially); the tiny preset uses AdamW (decoupled decay 0.05) with warm-up + cosine.
+(bf16 here; fp16 officially); the tiny and small presets use AdamW (decoupled decay 0.05) with
+warm-up + cosine.
 Under torchrun every rank trains on its share of each batch; embeddings are all-gathered with
 gradient so the contrastive negatives span the global batch (the DDP section below).
 """
@@ -57,24 +59,24 @@ class TrainConfig:
                             "(preset default: tiny 1000, small 1000, paper 24)")
     out_dir: str = _f("out", "checkpoint, tokenizer, summaries and eval.json go here")
     epochs: int = _f(None, "passes over the training reports; sets the number of steps unless "
-                           "--max_iters is given (preset default: tiny 32, paper 39)")
+                           "--max_iters is given (preset default: tiny 32, small 48, paper 39)")
     max_iters: int = _f(None, "optimizer steps, overriding --epochs (default: epochs x the steps "
                               "of one pass)")
-    batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, paper 64)")
-    lr: float = _f(None, "learning rate (preset default: tiny 5e-4, paper 5e-5)")
-    beta1: float = _f(None, "Adam beta1 (preset default: tiny 0.9, paper 0.5)")
-    beta2: float = _f(None, "Adam beta2 (preset default: tiny 0.98, paper 0.999)")
+    batch_size: int = _f(None, "volume-report pairs per step (preset default: tiny 32, small 32, paper 64)")
+    lr: float = _f(None, "learning rate (preset default: tiny and small 5e-4, paper 5e-5)")
+    beta1: float = _f(None, "Adam beta1 (preset default: tiny and small 0.9, paper 0.5)")
+    beta2: float = _f(None, "Adam beta2 (preset default: tiny and small 0.98, paper 0.999)")
     weight_decay: float = _f(None, "weight decay: L2 added to the gradient with --optimizer=adam, "
-                                   "decoupled with adamw (preset default: tiny 0.05, paper 1e-6)")
+                                   "decoupled with adamw (preset default: tiny and small 0.05, paper 1e-6)")
     optimizer: str = _f(None, "adam: torch.optim.Adam with L2 weight decay, as the official code; "
-                              "adamw: decoupled weight decay (preset default: tiny adamw, paper adam)")
+                              "adamw: decoupled weight decay (preset default: tiny and small adamw, paper adam)")
     warmup_iters: int = _f(None, "linear LR warm-up steps, then cosine decay; 0 = constant LR "
-                                 "as in the paper (preset default: tiny 30, paper 0)")
+                                 "as in the paper (preset default: tiny and small 30, paper 0)")
     grad_clip: float = _f(0.25, "clip the global gradient norm to this (0 = off); paper 0.25")
     val_fraction: float = _f(None, "share of the training reports held back as a validation split: "
                                    "zero-shot macro AUROC on it every --eval_interval steps picks the "
                                    "model kept in out_dir/best.pt (the held-out split is never used "
-                                   "for that); 0 = keep the last step (preset default: tiny 0.1, "
+                                   "for that); 0 = keep the last step (preset default: tiny and small 0.1, "
                                    "paper 0)")
     eval_interval: int = _f(None, "validation every N steps (0 = none; default: a tenth of the run)")
     log_interval: int = _f(20, "print a progress line every N steps")
@@ -123,7 +125,7 @@ class TrainConfig:
     text_sampling: str = _f(None, "training text per report: paper = min(5, n) of its summary "
                                   "sentences (official); random = a random count from 1 to min(5, n), "
                                   "so one-sentence texts like the zero-shot prompts are seen "
-                                  "(preset default: tiny random, paper paper)")
+                                  "(preset default: tiny and small random, paper paper)")
     vocab_size: int = _f(4096, "WordPiece vocabulary size of the tokenizer trained on the reports")
     tokenizer: str = _f("", "use this tokenizer.json or vocab.txt instead of building one from the "
                             "training summaries")

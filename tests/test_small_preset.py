@@ -145,3 +145,20 @@ def test_memory_plan_fits_a_16_gb_gpu_at_its_batch_size():
     batch = train.TRAIN_PRESETS["small"]["batch_size"]
     rows = {(prec, ck): total for prec, ck, _, _, total, fits in memory_plan.plan(SMALL, batch, 16)}
     assert rows[("bf16 autocast", "no")] <= 0.9 * 16 and rows[("bf16 autocast", "yes")] < rows[("bf16 autocast", "no")]
+
+
+def test_ablation_needs_reports_for_real_text_and_reads_older_csvs(tmp_path, capsys):
+    import ablation
+    with pytest.raises(SystemExit) as exit_:
+        ablation.main(["--sets", "real_text", "--work", str(tmp_path)])
+    assert exit_.value.code == 2 and "--reports" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(["--sets", "real_text", "--reports", str(tmp_path / "r.csv"), "--folds", "1"])
+    old = tmp_path / "old.csv"  # a table written before the preset and fold columns
+    old.write_text("set,method,seed,macro_auc,macro_auc_ctclip,probe_auc,selected_step,steps,seconds,"
+                   "raw_centroid_distance,raw_true_pair_cos,raw_random_pair_cos,bank_centroid_distance,"
+                   "bank_true_pair_cos,bank_random_pair_cos\n"
+                   "synthetic,brgsa,0,0.7,0.6,0.77,630,704,500,0.4,0.2,0.0,0.4,0.3,0.0\n"
+                   "synthetic,brgsa,1,0.8,0.6,0.77,630,704,500,0.4,0.2,0.0,0.4,0.3,0.0\n")
+    ablation.main(["--merge", str(old), "--out", str(tmp_path / "t")])
+    assert "| synthetic | tiny | brgsa | 2 | 0.750 ± 0.071 |" in (tmp_path / "t.md").read_text()

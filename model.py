@@ -90,6 +90,18 @@ PRESETS = {
         input_centering=True,
         vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
         embed_dim=192, bank_size=256, prompt="{}.", text_pool="mean"),
+    # The one-GPU default (python train.py picks it when a CUDA GPU is used; ~40 min on 2 CPU cores):
+    # the tiny preset's recipe at twice its resolution, 3.5 x 3.5 x 5 mm (96 x 96 x 64 voxels, the
+    # same 34 x 34 x 32 cm), where a calcified spot covers ~10 voxels and a nodule ~55 (1-2 and ~6
+    # at tiny's). Patches of 16 x 16 x 16 voxels (5.6 x 5.6 x 8 cm; 6 x 6 x 4 = 144 tokens) keep
+    # attention cheap; the ViT is wider and deeper (256 x 4), the text tower 256 x 3, and the
+    # bank has 512 entries of d = 256 (benchmarks/small_preset.md).
+    "small": ModelConfig(
+        image_size=(96, 96, 64), crop_size=(96, 96, 64), spacing=(3.5, 3.5, 5.0),
+        patch_size=(16, 16, 16), vit_width=256, vit_depth=4, vit_heads=4, vit_pool="position",
+        input_centering=True,
+        vocab_size=4096, text_width=256, text_depth=3, text_heads=4, text_mlp=512,
+        embed_dim=256, bank_size=512, prompt="{}.", text_pool="mean"),
 }
 
 

@@ -1,6 +1,7 @@
 """The plain BrgSA training loop: (volume, report) pairs -> the two encoders -> the BrgSA loss.
 
-    python train.py                                  # synthetic chest-CT set; tiny preset on a CPU
+    python train.py                                  # synthetic chest-CT set; tiny on a CPU, small on a GPU
+    python train.py --preset=small --device=cpu      # the one-GPU default on a CPU (~1 h on 2 cores)
     python train.py --preset=paper --data=DIR        # the paper's model on CT-RATE (GPU)
     python train.py --out_dir=out --resume           # continue from out/ckpt.pt
     python train.py --help                           # every flag, with its meaning
@@ -81,6 +82,10 @@ TRAIN_PRESETS = {
     "tiny": dict(synth_n=1000, epochs=32, batch_size=32, lr=5e-4, weight_decay=0.05,
                  optimizer="adamw", warmup_iters=30, val_fraction=0.1,
                  betas=(0.9, 0.98), text_sampling="random", vocab_size=4096),
+    # small: the tiny recipe at the small preset's size, for 48 epochs
+    "small": dict(synth_n=1000, epochs=48, batch_size=32, lr=5e-4, weight_decay=0.05,
+                  optimizer="adamw", warmup_iters=30, val_fraction=0.1,
+                  betas=(0.9, 0.98), text_sampling="random", vocab_size=4096),
     # The official trainer: Adam with L2 decay, betas (0.5, 0.999), constant LR, batch 64, 39 epochs,
     # min(5, n) summary sentences per text.
     "paper": dict(synth_n=24, epochs=39, batch_size=64, lr=5e-5, weight_decay=1e-6,

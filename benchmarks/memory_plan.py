@@ -2,6 +2,7 @@
 
     python benchmarks/memory_plan.py                  # paper preset, batch 64: the README table
     python benchmarks/memory_plan.py --batch 32 --gpu_gb 40
+    python benchmarks/memory_plan.py --preset small --batch 32 --gpu_gb 16   # the one-GPU default
 
 Activations are the tensors autograd saves for backward. Per transformer layer and token, with
 width C, the saved tensors are (counting C-wide vectors): the LayerNorm inputs (2), the Linear

@@ -145,6 +145,13 @@ def sigterm_as_interrupt():
         yield
 
 
+def worker_signals():
+    """Pool initializer: Ctrl-C is the parent's to handle, and SIGTERM (a scheduler's stop, or the
+    pool's own shutdown) ends a worker at once instead of raising in it as in the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def exit_code(interrupt: BaseException) -> int:
     """The shell's 128 + signal of an interrupted command: 143 after SIGTERM, 130 after Ctrl-C."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)

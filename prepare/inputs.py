@@ -55,11 +55,12 @@ def training_inputs(cfg, model_cfg, vocab_size: int, tokenizer: str = None, log=
 
 def synthetic_set(cfg, log) -> Path:
     """The synthetic set of this preset, seed and size, generated once under --synth_dir."""
-    synth = Path(cfg.synth_dir) / f"n{cfg.synth_n}_seed{cfg.seed}"
+    voxels = "small" if cfg.preset == "small" else "tiny"  # stored finer than the preset's grid
+    synth = Path(cfg.synth_dir) / f"n{cfg.synth_n}_seed{cfg.seed}{'_small' if voxels == 'small' else ''}"
     root = synth / "dataset"
     if not root.is_dir():
         log(f"train: generating the synthetic data set in {synth}")
-        phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=2)
+        phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=2, voxels=voxels)
     return root
 
 

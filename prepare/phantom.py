@@ -16,6 +16,8 @@ in prepare/phantom_reports.py; this file draws the labels, writes the files and 
     python -m prepare.phantom --out data/phantom --n 1000 --seed 0
     python -m prepare.phantom --out data/grounding --n 120 --seed 12 --masks   # + per-finding masks
     python -m prepare.phantom --out data/real_text --reports reports.csv   # real report texts + labels
+    python -m prepare.phantom --out data/real_text_f0 --reports reports.csv --fold 0 --folds 5  # k-fold split
+    python -m prepare.phantom --out data/phantom_small --voxels small   # stored finer, for the small preset
 """
 import argparse
 import csv
@@ -29,11 +31,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from prepare.files import worker_signals
 from prepare.phantom_reports import compose_report
 from prepare.phantom_scene import (ARTERIAL, ATELECTASIS, BRONCHIECTASIS, CARDIOMEGALY, CLASSES,
                                    CONSOLIDATION, CORONARY, EMPHYSEMA, FIBROSIS, HERNIA, LYMPH,
                                    MATERIAL, MOSAIC, NODULE, OPACITY, PERIBRONCHIAL, PERICARDIAL,
-                                   PLEURAL, SEPTAL, draw_spacing, render_volume)
+                                   PLEURAL, SEPTAL, STORED_SPACING, draw_spacing,
+                                   render_volume)
 
 INTERCEPT = -1024                # CT-RATE v1: raw = HU - intercept, slope 1
 MARKER = "synthetic.json"        # written beside the CSVs: what made this set (train.py and eval.py
@@ -122,7 +126,7 @@ def mask_path(root, volume_name, finding):
 
 def _make_scan(job):
     """Render and write every reconstruction of one scan; -> list of (split, meta, report, labels) rows."""
-    root, split, patient, seed, index, labels, text, with_masks = job
+    root, split, patient, seed, index, labels, text, with_masks, voxels = job
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     drawn = sample_labels(rng)
     labels = drawn if labels is None else np.asarray(labels)
@@ -135,10 +139,10 @@ def _make_scan(job):
     rows = []
     for r in range(1, n_recon + 1):
         name = f"{split}_{patient}_a_{r}.nii.gz"
-        spacing = None if r == 1 else draw_spacing(recon_rng)
+        spacing = None if r == 1 else draw_spacing(recon_rng, voxels)
         masks = {} if with_masks else None
         hu, spacing = render_volume(labels, np.random.default_rng(scene_seed), spacing,
-                                    None if r == 1 else int(recon_rng.integers(2 ** 63)), masks)
+                                    None if r == 1 else int(recon_rng.integers(2 ** 63)), masks, voxels)
         meta = write_volume(folder / name, hu, spacing)
         for k, m in (masks or {}).items():  # uint8 0/1 on the volume's own grid and affine
             path = mask_path(root, name, CLASSES[k])
@@ -178,29 +182,48 @@ def _write_csv(path, columns, rows):
         w.writerows(rows)
 
 
+def fold_rows(n, fold, folds):
+    """Row indices held out by fold `fold` of `folds` over n rows: the fold-th of `folds` contiguous
+    blocks (sizes differ by at most one); the last fold holds out the last rows."""
+    if not (folds >= 2 and 0 <= fold < folds and n >= folds):
+        raise ValueError(f"need 0 <= fold < folds, folds >= 2 and at least `folds` rows, got fold={fold}, "
+                         f"folds={folds}, {n} rows")
+    return range(fold * n // folds, (fold + 1) * n // folds)
+
+
 def generate(out_dir, n=1000, valid_fraction=0.2, seed=0, workers=2, reports_csv=None, log=print,
-             masks=False):
+             masks=False, voxels="tiny", fold=None, folds=5):
     """Write a synthetic CT-RATE-style data set under out_dir/dataset and return that path.
 
     The first round(n * (1 - valid_fraction)) scans are train_*, the rest valid_*. With reports_csv,
     each real report's labels drive its volume and its text becomes Findings_EN (n <= number of rows).
-    masks: also write each positive finding's mask (mask_path); the volumes stay byte-identical."""
+    fold (with reports_csv): the rows of fold_rows(n, fold, folds) are the valid_* scans instead (the
+    others train_*, in row order); each row's scan is the same in every fold (it is drawn from the row
+    index), and the last fold is the default split when valid_fraction = 1 / folds.
+    masks: also write each positive finding's mask (mask_path); the volumes stay byte-identical.
+    voxels: the stored voxel sizes (STORED_SPACING); "small" renders the same scenes ~2x finer."""
     t0, root = time.time(), Path(out_dir) / "dataset"
+    if voxels not in STORED_SPACING:
+        raise ValueError(f"voxels must be one of {sorted(STORED_SPACING)}, got {voxels!r}")
+    if fold is not None and reports_csv is None:
+        raise ValueError("a fold splits the rows of a reports CSV: give reports_csv (--reports) with it")
     real = read_reports_csv(reports_csv) if reports_csv is not None else None
     n = min(int(n), len(real)) if real is not None else int(n)
     if n < 1 or not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"need n >= 1 and 0 <= valid_fraction < 1, got n={n}, valid_fraction={valid_fraction}")
-    n_train = int(round(n * (1 - valid_fraction)))
+    held = set(fold_rows(n, fold, folds)) if fold is not None else set(range(int(round(n * (1 - valid_fraction))), n))
+    order = [i for i in range(n) if i not in held] + sorted(held)  # train rows, then valid rows
+    n_train = n - len(held)
     jobs = []
-    for i in range(n):
-        split, patient = ("train", i + 1) if i < n_train else ("valid", i - n_train + 1)
+    for k, i in enumerate(order):
+        split, patient = ("train", k + 1) if k < n_train else ("valid", k - n_train + 1)
         labels, text = real[i] if real is not None else (None, None)
-        jobs.append((str(root), split, patient, int(seed), i, labels, text, bool(masks)))
+        jobs.append((str(root), split, patient, int(seed), i, labels, text, bool(masks), voxels))
     for sub in ("metadata", "radiology_text_reports", "multi_abnormality_labels"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     tables = {s: ([], [], []) for s in SPLITS}
     step = max(1, n // 10)
-    with multiprocessing.Pool(workers) if workers > 1 else _Serial() as pool:
+    with multiprocessing.Pool(workers, initializer=worker_signals) if workers > 1 else _Serial() as pool:
         for done, rows in enumerate(pool.imap(_make_scan, jobs, chunksize=4), start=1):
             for split, *row in rows:
                 for table, r in zip(tables[split], row):
@@ -247,13 +270,20 @@ def main(argv=None):
     p.add_argument("--reports", default=None, metavar="CSV",
                    help="CSV with report_text + the 18 label columns: each row's labels drive one volume and "
                         "its text becomes the report (n = number of rows unless --n is smaller)")
+    p.add_argument("--fold", type=int, default=None,
+                   help="with --reports: hold out the fold-th of --folds contiguous blocks of rows as the valid "
+                        "split instead of the last --valid_fraction")
+    p.add_argument("--folds", type=int, default=5, help="number of folds for --fold")
+    p.add_argument("--voxels", default="tiny", choices=sorted(STORED_SPACING),
+                   help="stored voxel sizes: tiny ~4.3 x 4.3 x 8.5 mm (for the tiny preset), small ~2.15 x 2.15 "
+                        "x 4.25 mm (for the small preset; ~8x the voxels)")
     p.add_argument("--masks", action="store_true",
                    help="also write each positive finding's voxel mask (NIfTI, the volume's grid and affine) "
                         "to OUT/dataset/masks/<volume>/<finding>.nii.gz (default: off)")
     a = p.parse_args(argv)
     try:
         generate(a.out, n=a.n, valid_fraction=a.valid_fraction, seed=a.seed, workers=a.workers, reports_csv=a.reports,
-                 masks=a.masks)
+                 masks=a.masks, voxels=a.voxels, fold=a.fold, folds=a.folds)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"phantom: error: {e}")
 

@@ -3,8 +3,9 @@
 Each scan is a procedural chest (body wall, ribs, spine, lungs, airways, heart, aorta, upper abdomen)
 drawn in millimetres, so one scene can be sampled on any grid (a second reconstruction is the same
 scene on another grid with other noise). Each of the 18 CT-RATE abnormalities paints a signature big
-enough to survive the tiny preset's 7 x 7 x 10 mm voxels. The class list and its indices live here
-because every painter is keyed by them.
+enough to survive the tiny preset's 7 x 7 x 10 mm voxels, where a calcified spot covers 1-2 voxels
+and a nodule ~6; at the small preset's 3.5 x 3.5 x 5 mm they cover ~10 and ~55. The class list and
+its indices live here because every painter is keyed by them.
 
     python -c "import prepare.phantom_scene"   # a library; prepare/phantom.py is the command line
 """
@@ -418,10 +419,19 @@ def _device(vol, g, A, rng):             # metal: pacemaker + lead, chest port +
 
 # ----------------------------------------------------------------------------- rendering
 
-def draw_spacing(rng):
-    """A stored voxel size (mm) near 4.3 x 4.3 x 8.5: coarser than the 1.5 mm of CT-RATE to stay fast,
-    finer than the tiny preset's 7 x 7 x 10 so that resampling is real work."""
-    sxy, sz = rng.uniform(4.0, 4.6), rng.uniform(8.0, 9.0)
+# Stored voxel sizes (mm), drawn per scan from these (in-plane, slice) ranges: coarser than the 1.5 mm
+# of CT-RATE to stay fast, finer than the preset's grid so that resampling is real work (in-plane
+# ~0.6 and slices ~0.85 of it). "tiny": ~4.3 x 4.3 x 8.5 for the tiny preset's 7 x 7 x 10 mm (80 x 80 x 40
+# voxels); "small": ~2.15 x 2.15 x 4.25 for the small preset's 3.5 x 3.5 x 5 mm (160 x 160 x 80 voxels).
+STORED_SPACING = {"tiny": ((4.0, 4.6), (8.0, 9.0)), "small": ((2.0, 2.3), (4.0, 4.5))}
+
+
+def draw_spacing(rng, voxels="tiny"):
+    """A stored voxel size (mm) from STORED_SPACING[voxels]; the same rng draws whatever the range."""
+    if voxels not in STORED_SPACING:
+        raise ValueError(f"voxels must be one of {sorted(STORED_SPACING)}, got {voxels!r}")
+    (xy_lo, xy_hi), (z_lo, z_hi) = STORED_SPACING[voxels]
+    sxy, sz = rng.uniform(xy_lo, xy_hi), rng.uniform(z_lo, z_hi)
     return (round(sxy, 4), round(sxy, 4), round(sz, 4))
 
 
@@ -439,7 +449,7 @@ def _settle(vol, masks, values):
         values.setdefault(k, vol[m].copy())
 
 
-def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None):
+def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None, voxels="tiny"):
     """Render one chest for an 18-label vector -> (hu float32 (X, Y, Z) in canonical RAS order, spacing).
 
     All draws from `rng` happen up front and never depend on the labels, so the same rng state with
@@ -447,11 +457,12 @@ def render_volume(labels, rng, spacing=None, noise_seed=None, masks=None):
     override the drawn grid and noise: a second reconstruction of the same scene.
     masks: a dict that receives {class index: bool (X, Y, Z)} for every positive finding: the voxels
     its painter set that nothing drawn later painted over (cardiomegaly: the enlarged heart).
-    Recording draws nothing, so the volume is the same with or without it."""
+    Recording draws nothing, so the volume is the same with or without it. voxels: the
+    STORED_SPACING range the grid is drawn from when `spacing` is None (the scene does not change)."""
     labels = np.asarray(labels).astype(bool)
     seeds = rng.integers(0, 2 ** 63, size=3 + len(CLASSES))       # anatomy, noise, grid, one per class
     sub = lambda k: np.random.default_rng(seeds[3 + k])
-    spacing = tuple(spacing) if spacing is not None else draw_spacing(np.random.default_rng(seeds[2]))
+    spacing = tuple(spacing) if spacing is not None else draw_spacing(np.random.default_rng(seeds[2]), voxels)
     shape = [int(round(f / s)) for f, s in zip(FOV_MM, spacing)]
     g = Grid(shape, spacing)
     arng = np.random.default_rng(seeds[0])

@@ -17,7 +17,6 @@ import csv
 import json
 import multiprocessing as mp
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 
 from data import CTRATE_CLASSES, Record, load_nifti, preprocess_volume, to_hu, volume_key
 from model import PRESETS
-from prepare.files import WriteError, atomic_write, exit_code, run_lock, sigterm_as_interrupt
+from prepare.files import (WriteError, atomic_write, exit_code, run_lock, sigterm_as_interrupt,
+                           worker_signals)
 from prepare.tables import (RADCHEST_CLASSES, RADCHEST_SPACING, CTRateTables, label_columns,
                             read_csv, read_labels, read_radchest_labels, read_radchest_npz)
 
@@ -114,7 +114,7 @@ def _prepare_one(job):
 
 def _worker_init():
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    worker_signals()
 
 
 # ----------------------------------------------------------------------------- resumable runs

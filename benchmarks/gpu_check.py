@@ -5,7 +5,8 @@
 
 Steps, in order of value; each runs in its own process with its own time limit, inside one deadline
 (--deadline, 520 s) that ends the whole check whatever happens (and, beside them from the start,
-python -m kernels.aot compiles every variant on spare cores: its report, and a warm Triton cache):
+python -m kernels.aot compiles every variant on spare cores: its report, and a warm Triton cache;
+and the train step's inputs, its synthetic set and cache, are made on the CPU ahead of it):
   preflight     torch / triton against the pins (requirements.txt) and the supported range, a CUDA
                 device, the imports train.py needs (a missing pure-Python one is unpacked from a
                 wheel in --wheels, offline), free space in /tmp and /dev/shm (too little shared memory:
@@ -15,7 +16,8 @@ python -m kernels.aot compiles every variant on spare cores: its report, and a w
                 softmax; the fused cmki.brgsa_loss against eager under autocast; fused fp32 scoring
   bench         python -m kernels.bench, each row written as it is measured: eager, SDPA and Triton at
                 every size, then every implementation as CUDA graphs at N = 64, then torch.compile
-  train         `python train.py` with no model flags, end to end on CUDA: wall time, held-out AUROC
+  train         `python train.py` with no model flags (on a GPU: the small preset), end to end on CUDA:
+                wall time, held-out AUROC (its inputs waited for first, at most half its time)
   paper_speed   the paper preset on GPU-resident random inputs: volumes/s, MFU, peak memory
   kernel_tests  the kernel test files on CUDA tensors with the real compiler (TRITON_INTERPRET=0)
   paper_train   with the time left, `python train.py --preset=paper` end to end on a few synthetic scans
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tasks below import the project (model, cmki, kernels)
 SUPPORTED = dict(torch=(2, 11), triton=((3, 6), (3, 9)))  # what the kernels and the model are kept working on
 LOG_TAIL = 256 * 1024  # bytes of a step's output kept in --out
-BUDGET = dict(preflight=30, kernels=80, bench=140, train=170, paper_speed=60, kernel_tests=60, paper_train=600)
+BUDGET = dict(preflight=30, kernels=80, bench=120, train=190, paper_speed=60, kernel_tests=60, paper_train=600)
 DRY_BUDGET = dict(preflight=30, kernels=70, bench=40, train=60, paper_speed=30, kernel_tests=40, paper_train=0)
 
 
@@ -56,7 +58,7 @@ class Check:
         self.deadline = time.time() + args.deadline
         self.results, self.env = {}, dict(os.environ, PYTHONUNBUFFERED="1")
         self.workers, self.small_disk, self.has_pytest = None, False, True  # set by preflight
-        self.aot = None  # the background compile
+        self.aot = self.ahead = None  # the background compile; train's inputs made ahead
         self.env["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,39 @@ def compile_report(check: Check):
                  targets="all met" if not missed else "NOT MET: " + "; ".join(missed)[:300])
 
 
+def _train_args(check: Check) -> list:
+    """The train step's flags: no model flags (the preset is the one train.py picks here)."""
+    args = [f"--synth_dir={check.work / 'synth'}", f"--out_dir={check.work / 'train'}"]
+    if check.args.dry_run:
+        args += ["--synth_n=40", "--max_iters=3", "--batch_size=8", "--eval_interval=0"]
+    return args + (["--workers=0"] if check.workers == 0 else [])
+
+
+def prepare_ahead(check: Check):
+    """Start making the train step's inputs (its synthetic set, the preprocessed cache, the summaries:
+    CPU work, minutes for the small preset's 1000 scans) in the background while the GPU steps run."""
+    log = open(check.work / "inputs.log", "wb")
+    cmd = [sys.executable, __file__, "--task", "train_inputs"] + _train_args(check)
+    check.ahead = (subprocess.Popen(cmd, cwd=ROOT, env=check.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True), time.time())
+
+
+def wait_ahead(check: Check, limit: float):
+    """Wait (at most `limit` s) for the inputs made ahead; stopped unfinished, they are deleted and
+    train.py makes them itself."""
+    proc, t0 = check.ahead
+    try:
+        rc = proc.wait(timeout=max(1.0, limit))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(check.work / "synth", ignore_errors=True)
+        rc = 124
+    tail = (check.work / "inputs.log").read_text(errors="replace").strip()[-300:]
+    check.record("train_inputs", status={0: "ok", 124: "stopped"}.get(rc, "FAILED"),
+                 seconds=time.time() - t0, **({"reason": tail} if rc not in (0, 124) else {}))
+
+
 def _fail(check, step, t0, reason) -> bool:
     check.record(step, status="FAILED", seconds=time.time() - t0, reason=reason)
     return False
@@ -258,7 +293,7 @@ def _default_shapes(dry: bool) -> dict:
     if dry:
         return dict(bank=["1,300,200", "33,40,33", "32,256,192"], sim=["67,18,200", "32,18,192"])
     from model import PRESETS  # noqa: E402  (the model's sizes; kernels/ itself never imports it)
-    cfg = PRESETS.get("small", PRESETS["tiny"])
+    cfg = PRESETS["small"]  # what `python train.py` picks on a GPU
     K, d = cfg.bank_size, cfg.embed_dim
     bank = ["67,300,768", "1,300,200", "8500,40,200", "64,2048,768", f"32,{K},{d}", f"64,{K},{d}", f"37,{K},{d}"]
     sim = ["131,19,768", "67,18,200", "1,1,200", "64,18,768", f"32,18,{d}", f"64,18,{d}", f"37,18,{d}"]
@@ -315,12 +350,13 @@ def bench(check: Check):
 
 def train(check: Check):
     dry = check.args.dry_run
-    cmd = [sys.executable, "train.py", f"--synth_dir={check.work / 'synth'}", f"--out_dir={check.work / 'train'}"]
-    if dry:
-        cmd += ["--synth_n=40", "--max_iters=3", "--batch_size=8", "--eval_interval=0"]
-    if check.workers == 0:
-        cmd += ["--workers=0"]
-    rc, text, secs = check.run(cmd, (DRY_BUDGET if dry else BUDGET)["train"], "train.log")
+    budget = (DRY_BUDGET if dry else BUDGET)["train"]
+    if check.ahead is not None:  # the inputs first: at most half the step's time
+        t0 = time.time()
+        wait_ahead(check, min(budget / 2, check.left() - 30))
+        budget -= time.time() - t0
+    cmd = [sys.executable, "train.py"] + _train_args(check)
+    rc, text, secs = check.run(cmd, budget, "train.log")
     auc = re.findall(r"held-out zero-shot macro AUROC ([0-9.]+)", text)
     steps = re.findall(r"^step\s+(\d+)/(\d+).*?\|\s*([0-9.]+) vol/s", text, re.M)
     header = next((s for s in text.splitlines() if s.startswith("train: ") and " preset " in s), "")
@@ -436,6 +472,16 @@ def task_kernel_extras(dry: bool) -> int:
     return 0 if ok else 1
 
 
+def task_train_inputs(train_args: list) -> int:
+    """train.py's inputs for these flags, made ahead: the synthetic set, its cache, the summaries."""
+    import train
+    from model import PRESETS
+    from prepare.inputs import training_inputs
+    cfg = train.parse_args(train_args)
+    training_inputs(cfg, PRESETS[cfg.preset], train.TRAIN_PRESETS[cfg.preset]["vocab_size"])
+    return 0
+
+
 def task_paper_speed(dry: bool, seconds: float) -> int:
     """Training steps of the paper preset on random inputs already on the device (no data loading):
     volumes/s, MFU against the data-sheet bf16 peak, peak memory; the batch halves until it fits."""
@@ -506,9 +552,13 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="work data (default: a new folder under /tmp, deleted at the end)")
     p.add_argument("--wheels", default=str(ROOT / ".gpu_wheels"), help="wheels of modules the machine lacks")
     p.add_argument("--deadline", type=float, default=520, help="seconds: the whole check ends by then")
-    p.add_argument("--task", choices=["kernel_extras", "paper_speed"], help=argparse.SUPPRESS)
+    p.add_argument("--task", choices=["kernel_extras", "paper_speed", "train_inputs"], help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=20, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.task == "train_inputs":  # rest: the train step's flags
+        return task_train_inputs(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.task == "kernel_extras":
         return task_kernel_extras(args.dry_run)
     if args.task == "paper_speed":
@@ -524,6 +574,7 @@ def main(argv=None) -> int:
         if not preflight(check):
             return 1
         compile_ahead(check)
+        prepare_ahead(check)
         for step in (kernels, bench, train, paper_speed, kernel_tests, paper_train):
             if check.left() < 15:
                 check.record(step.__name__, status="skipped", seconds=0, reason="deadline")
@@ -531,8 +582,9 @@ def main(argv=None) -> int:
             step(check)
         compile_report(check)
     finally:
-        if check.aot is not None and check.aot[0].poll() is None:
-            os.killpg(check.aot[0].pid, signal.SIGKILL)
+        for job in (check.aot, check.ahead):
+            if job is not None and job[0].poll() is None:
+                os.killpg(job[0].pid, signal.SIGKILL)
         if own_work:
             shutil.rmtree(check.work, ignore_errors=True)
     failed = [k for k, r in check.results.items() if r["status"] not in ("ok", "skipped", "stopped")]

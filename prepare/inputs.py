@@ -8,6 +8,7 @@ training summaries (data.train_tokenizer) unless the run resumes or loads a pret
 
     python -c "import prepare.inputs"   # a library; train.py is the command line
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from prepare.preprocess import ensure_cache, load_dataset
 from prepare.summarize_llm import SummaryError
 
 SUMMARY_BACKENDS = ("rules", "rules_report")  # computed here; an LLM's come as a cache file
+PREP_WORKERS = max(2, min(8, os.cpu_count() or 2))  # processes generating and preprocessing volumes
 
 
 @dataclass
@@ -38,7 +40,7 @@ def training_inputs(cfg, model_cfg, vocab_size: int, tokenizer: str = None, log=
     out = Path(cfg.out_dir)
     splits = []
     for split in ("train", "valid"):  # a raw CT-RATE root is preprocessed (once) into a cache
-        cache = ensure_cache(root, split, model_cfg, workers=2,
+        cache = ensure_cache(root, split, model_cfg, workers=PREP_WORKERS,
                              out_dir=out if cfg.data else None)  # the user's root: cache under out_dir
         splits.append(load_dataset(cache, split, model_cfg))
     train, val = split_validation(with_reports(splits[0], root, log), cfg.val_fraction, cfg.seed)
@@ -60,7 +62,7 @@ def synthetic_set(cfg, log) -> Path:
     root = synth / "dataset"
     if not root.is_dir():
         log(f"train: generating the synthetic data set in {synth}")
-        phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=2, voxels=voxels)
+        phantom.generate(synth, n=cfg.synth_n, seed=cfg.seed, workers=PREP_WORKERS, voxels=voxels)
     return root
 
 

@@ -18,7 +18,7 @@ pick_device turns a --device flag (train.py, eval.py) into the device a model ru
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -75,33 +75,30 @@ class ModelConfig:
                                          # text encoder, PyTorch's default in the two heads
 
 
+# The CPU default: 48 x 48 x 32 voxels of 7 x 7 x 10 mm (a 34 x 34 x 32 cm chest), the whole volume
+# (no crop), trained on 2 cores in minutes. Its text tower learns from scratch on the summaries
+# ("Mild bilateral emphysema."), which never say "There is": the prompt is phrased as they are. Mean
+# text pooling: a 4-token prompt and a 40-token training text then reach the head at the same scale.
+_TINY = ModelConfig(
+    image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
+    patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",
+    input_centering=True,
+    vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
+    embed_dim=192, bank_size=256, prompt="{}.", text_pool="mean")
+
 PRESETS = {
     # The paper's model: ViT-B/16x16x8 + BERT-base, d = 768, K = 2048, the official code's details.
     # It starts from random weights unless pretrained ones are loaded (README).
     "paper": ModelConfig(pos_embed="table", vit_norm_eps=1e-6, text_dropout=0.1, init="official"),
-    # The CPU default: 48 x 48 x 32 voxels of 7 x 7 x 10 mm (a 34 x 34 x 32 cm chest), the whole
-    # volume (no crop), trained on 2 cores in minutes. Its text tower learns from scratch on the
-    # summaries ("Mild bilateral emphysema."), which never say "There is": the prompt is phrased as
-    # they are. Mean text pooling: a 4-token prompt and a 40-token training text then reach the head
-    # at the same scale.
-    "tiny": ModelConfig(
-        image_size=(48, 48, 32), crop_size=(48, 48, 32), spacing=(7.0, 7.0, 10.0),
-        patch_size=(16, 16, 8), vit_width=192, vit_depth=3, vit_heads=4, vit_pool="position",
-        input_centering=True,
-        vocab_size=4096, text_width=192, text_depth=2, text_heads=4, text_mlp=384,
-        embed_dim=192, bank_size=256, prompt="{}.", text_pool="mean"),
-    # The one-GPU default (python train.py picks it when a CUDA GPU is used; ~40 min on 2 CPU cores):
-    # the tiny preset's recipe at twice its resolution, 3.5 x 3.5 x 5 mm (96 x 96 x 64 voxels, the
-    # same 34 x 34 x 32 cm), where a calcified spot covers ~10 voxels and a nodule ~55 (1-2 and ~6
-    # at tiny's). Patches of 16 x 16 x 16 voxels (5.6 x 5.6 x 8 cm; 6 x 6 x 4 = 144 tokens) keep
-    # attention cheap; the ViT is wider and deeper (256 x 4), the text tower 256 x 3, and the
-    # bank has 512 entries of d = 256 (benchmarks/small_preset.md).
-    "small": ModelConfig(
-        image_size=(96, 96, 64), crop_size=(96, 96, 64), spacing=(3.5, 3.5, 5.0),
-        patch_size=(16, 16, 16), vit_width=256, vit_depth=4, vit_heads=4, vit_pool="position",
-        input_centering=True,
-        vocab_size=4096, text_width=256, text_depth=3, text_heads=4, text_mlp=512,
-        embed_dim=256, bank_size=512, prompt="{}.", text_pool="mean"),
+    "tiny": _TINY,
+    # The one-GPU default (python train.py picks it when a CUDA GPU is used): tiny at twice its
+    # resolution, 3.5 x 3.5 x 5 mm (96 x 96 x 64 voxels, the same chest), where a calcified spot
+    # covers ~10 voxels and a nodule ~55 (1-2 and ~6 at tiny's). Patches of 16 x 16 x 16 voxels
+    # (5.6 x 5.6 x 8 cm; 6 x 6 x 4 = 144 tokens) keep attention cheap; wider and deeper towers and a
+    # bank of 512 entries (benchmarks/README.md, "The small preset").
+    "small": replace(_TINY, image_size=(96, 96, 64), crop_size=(96, 96, 64), spacing=(3.5, 3.5, 5.0),
+                     patch_size=(16, 16, 16), vit_width=256, vit_depth=4, text_width=256, text_depth=3,
+                     text_mlp=512, embed_dim=256, bank_size=512),
 }
 
 

@@ -6,6 +6,8 @@ holds, and what a run would cost on one GPU.
     python benchmarks/small_preset.py model out/best.pt out_small/best.pt   # bank usage, linear probe
     python benchmarks/small_preset.py gpu                        # FLOPs per run, time at a stated MFU
     python benchmarks/small_preset.py supervised --preset small --steps 1056   # the ViT with labels
+    python benchmarks/small_preset.py classes tiny=out/eval.json small=out_small/eval.json \
+        tiny=out/grounding/grounding.json small=out_small/grounding/grounding.json   # per-class table
 
 masks: each small finding is rendered alone on a normal chest (prepare/phantom_scene.py, its own mask),
 at the stored voxel sizes of each preset's synthetic set, carried to the preset's grid the way the
@@ -27,6 +29,7 @@ what contrastive training with the reports could teach it in as many steps.
 """
 import argparse
 import csv
+import json
 import sys
 import tempfile
 from dataclasses import replace
@@ -165,6 +168,26 @@ def gpu_estimate(out: Path, peak: float = 989e12, mfus=(0.05, 0.15, 0.30)):
     write(rows, lines, out)
 
 
+# ----------------------------------------------------------------------------- per-class table
+
+def classes_table(pairs: list, out: Path):
+    """NAME=eval.json (zero-shot AUROC per class) and NAME=grounding.json (grounding AUROC in vs out,
+    '*' when its interval lies above 0.5) -> one row per class, one column per file."""
+    cols = []
+    for pair in pairs:
+        name, path = str(pair).split("=", 1)
+        r = json.loads(Path(path).read_text())
+        if "per_finding" in r:
+            cols.append((f"{name} grounding", {c: f"{v['auroc']:.3f}{'*' if v['beats_chance'] else ''}"
+                                               for c, v in r["per_finding"].items()}))
+        else:
+            cols.append((f"{name} zero-shot", {c: f"{v:.3f}" for c, v in r["auc"].items()}))
+    rows = [dict(finding=c, **{n: col.get(c, "") for n, col in cols}) for c in data_lib.CTRATE_CLASSES]
+    lines = ["| finding | " + " | ".join(n for n, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
+    write(rows, lines, out)
+
+
 # ----------------------------------------------------------------------------- supervised
 
 def supervised(preset: str, steps: int, out: Path, seed: int = 0):
@@ -228,8 +251,9 @@ def write(rows: list, lines: list, out: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["masks", "model", "gpu", "supervised"], help="which measurement")
-    p.add_argument("ckpts", nargs="*", type=Path, help="model: best.pt files of finished runs")
+    p.add_argument("what", choices=["masks", "model", "gpu", "supervised", "classes"], help="which measurement")
+    p.add_argument("ckpts", nargs="*", help="model: best.pt files of finished runs; classes: NAME=eval.json "
+                                            "or NAME=grounding.json")
     p.add_argument("--out", type=Path, default=None,
                    help="write OUT.csv and OUT.md beside the printed table (default: print only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -243,7 +267,9 @@ def main(argv=None):
     elif a.what == "model":
         if not a.ckpts:
             p.error("model: give one or more best.pt files")
-        model_rows(a.ckpts, a.out)
+        model_rows([Path(c) for c in a.ckpts], a.out)
+    elif a.what == "classes":
+        classes_table(a.ckpts, a.out)
     elif a.what == "gpu":
         gpu_estimate(a.out)
     else:

@@ -32,7 +32,7 @@ import csv
 import json
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -122,7 +122,8 @@ def model_rows(ckpts: list, out: Path):
     cpu, rows = torch.device("cpu"), []
     for path in ckpts:
         model, _, ckpt = eval_lib.load_checkpoint(path, cpu)
-        cfg = train.TrainConfig(**ckpt["train_config"])  # the run's own splits and tokenizer
+        known = {f.name for f in fields(train.TrainConfig)}  # a checkpoint of an older version may have more
+        cfg = train.TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
         inputs = training_inputs(cfg, model.cfg, 0, ckpt["tokenizer"], log=lambda *a: None)
         fit, held_out = inputs.train, inputs.held_out
         v, _, _ = eval_lib.embed_volumes(model, data_lib.eval_loader(held_out, 32), cpu)

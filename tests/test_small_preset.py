@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cmki
+import data as data_lib
 import train
 from model import PRESETS, BrgSA
 from prepare import phantom
@@ -164,3 +165,19 @@ def test_ablation_needs_reports_for_real_text_and_reads_older_csvs(tmp_path, cap
                    "synthetic,brgsa,1,0.8,0.6,0.77,630,704,500,0.4,0.2,0.0,0.4,0.3,0.0\n")
     ablation.main(["--merge", str(old), "--out", str(tmp_path / "t")])
     assert "| synthetic | tiny | brgsa | 2 | 0.750 ± 0.071 |" in (tmp_path / "t.md").read_text()
+
+
+def test_classes_table_puts_zero_shot_and_grounding_side_by_side(tmp_path, capsys):
+    names = data_lib.CTRATE_CLASSES
+    ev = {"auc": {c: i / 100 for i, c in enumerate(names)}}
+    gr = {"per_finding": {c: {"auroc": 0.5 + i / 100, "beats_chance": i % 2 == 1}
+                          for i, c in enumerate(names)}}
+    (tmp_path / "e.json").write_text(json.dumps(ev))
+    (tmp_path / "g.json").write_text(json.dumps(gr))
+    small_preset.main(["classes", f"a={tmp_path / 'e.json'}", f"a={tmp_path / 'g.json'}",
+                       "--out", str(tmp_path / "t")])
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0] == "| finding | a zero-shot | a grounding |"
+    assert lines[2] == f"| {names[0]} | 0.000 | 0.500 |"
+    assert lines[3] == f"| {names[1]} | 0.010 | 0.510* |"
+    assert len(lines) == 2 + len(names)

@@ -229,17 +229,16 @@ def _handler(fake: FakeLLM):
                                       "body": body})
                 fake.in_flight += 1
                 fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+            time.sleep(fake.delay)  # the "work": requests overlapping here were sent concurrently
+            with fake.lock:  # out of flight before replying: a client may send its next request
+                fake.in_flight -= 1  # as soon as it reads this reply, before this thread ends
             try:
                 self._act(fake.next_action(body["messages"][-1]["content"]))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (timeout test)
-            finally:
-                with fake.lock:
-                    fake.in_flight -= 1
 
         def _act(self, action):
             kind = action[0]
-            time.sleep(fake.delay)
             if kind == "drop":  # close the socket without any response
                 self.close_connection = True
                 return

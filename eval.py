@@ -232,15 +232,16 @@ def trained_on(ckpt: dict) -> str:
 
 @torch.no_grad()
 def score_scan(model: BrgSA, tokenizer, path, findings, device, cfg: EvalConfig = None,
-               allow_non_hu: bool = False) -> dict:
+               allow_non_hu: bool = False, scan=None) -> dict:
     """One CT (NIfTI in HU, or a preprocessed .npy at the model's grid) -> {finding: score}.
 
-    The scan is resampled and cropped on the fly exactly as the data cache would store it; unless
+    The scan is resampled and cropped on the fly exactly as the data cache would store it (scan: that
+    result, grounding.scan_input(path, model.cfg), when the caller has it already); unless
     allow_non_hu, a volume that does not look like a CT in HU is refused (prepare.preprocess.check_hu)."""
     cfg = cfg or EvalConfig()
     for w in check_findings(tokenizer, findings, cfg, model.cfg.max_len, model.cfg.prompt):
         print(f"warning: {w}", file=sys.stderr)
-    x, _, hu = grounding.scan_input(path, model.cfg)
+    x, _, hu = scan or grounding.scan_input(path, model.cfg)
     check_hu(hu, path, allow=allow_non_hu)
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
         v = model.visual(x.to(device)).float()  # (1, d)
@@ -324,7 +325,8 @@ def run_scan(args, cfg: EvalConfig, device) -> dict:
     model, tokenizer, ckpt = load_checkpoint(args.ckpt, device)
     findings = args.findings or list(data_lib.CTRATE_CLASSES)
     out = files.writable_dir(args.heatmap, "--heatmap") if args.heatmap else None
-    scores = score_scan(model, tokenizer, args.volume, findings, device, cfg, args.allow_non_hu)
+    scan = grounding.scan_input(args.volume, model.cfg) if out else None  # read once for the maps too
+    scores = score_scan(model, tokenizer, args.volume, findings, device, cfg, args.allow_non_hu, scan)
     thresholds = files.read_thresholds(args.thresholds, cfg.protocol) if args.thresholds else {}
     files.print_scan(args.volume, scores, thresholds, cfg.protocol)
     if trained_on(ckpt) == "synthetic":
@@ -333,7 +335,7 @@ def run_scan(args, cfg: EvalConfig, device) -> dict:
               f"{'x'.join(map(str, c.image_size))} voxels of {'x'.join(f'{s:g}' for s in c.spacing)} "
               f"mm): its scores and calls on a real scan are not diagnoses")
     if out is not None:
-        x, geom, hu_ras = grounding.scan_input(args.volume, model.cfg)
+        x, geom, hu_ras = scan
         prompts = [embed_texts(model, tokenizer, texts, device) for texts in
                    prompt_texts(findings, EvalConfig(templates=tuple(args.template)), model.cfg.prompt)]
         maps = grounding.patch_maps(model, x.to(device), prompts, args.heatmap_kind)

@@ -10,6 +10,7 @@ import pytest
 
 import data as D
 import eval as E
+from analysis import files
 from analysis import grounding as G
 from analysis import metrics as M
 from analysis import official as O
@@ -369,6 +370,39 @@ def test_patient_id():
     assert M.patient_id("valid_12_a_2") == "valid_12"
     assert M.patient_id("train_1_b_1") == "train_1"
     assert M.patient_id("trn00042") == "trn00042"
+
+
+def test_evaluate_scores_macro_and_layout():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (40, 3))
+    scores = labels + rng.normal(0, 0.1, (40, 3))
+    scores[:, 2] = rng.normal(size=40)  # one class is noise
+    r = M.evaluate_scores(scores, labels, ["a", "b", "c"])
+    assert r["auc"]["a"] == 1.0 and r["auc"]["b"] == 1.0
+    assert r["macro_auc"] == pytest.approx(np.mean([1.0, 1.0, E.auroc(scores[:, 2], labels[:, 2])]))
+    table = files.format_table(r)
+    assert "macro mean" in table and table.count("\n") == 6 and table.endswith("28 test volumes")  # + the legend
+
+
+def test_calibration_warnings():
+    y = np.zeros((30, 2))
+    y[:12, 0] = 1
+    y[:2, 1] = 1
+    w = M.calibration_warnings(y, ["A", "B"], True)
+    assert len(w) == 1 and "1 of 2 classes" in w[0] and w[0].endswith(": B")
+    assert "picked on only 5 volume(s)" in M.calibration_warnings(y[:5], ["A", "B"], True)[0]
+    assert "no calibration rows" in M.calibration_warnings(y[:0], ["A", "B"], True)[0]
+    assert M.calibration_warnings(y[:0], ["A", "B"], False) == []
+
+
+def test_calibration_on_too_few_volumes_is_flagged():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((100, 2)) < 0.5).astype(int)
+    r = M.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], n_boot=0)  # 30 calibration rows
+    assert not any("calibrated thresholds" in n for n in r["notes"])
+    r = M.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], n_boot=0,
+                          calib=(rng.random((1, 2)), labels[:1], ["c1"]))
+    assert any("picked on only 1 volume(s)" in n for n in r["notes"])
 
 
 def test_calibration_split_groups_patients_and_covers_rare_classes():

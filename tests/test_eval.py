@@ -1,25 +1,29 @@
 """eval.py: the reference AUROC on hand-checkable cases, the zero-shot protocols on a tiny model
 against scores computed here, score-file mode on real scores, single scans, heat maps and bad input.
-The instruments it calls are checked in tests/test_analysis.py."""
+The instruments it calls (and eval.auroc against pair counting) are checked in tests/test_analysis.py."""
 import csv
-import itertools
+import json
+import math
+import re
+import subprocess
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+import cmki
+import data as D
 import eval as E
 from analysis import files as AF
-from analysis import metrics as M
+from model import PRESETS, BrgSA
+from prepare import preprocess
 from prepare import tables as T
 from prepare.files import read_checkpoint
-
-
-def brute_auroc(s, y):
-    """P(pos > neg) + 0.5 P(tie) by counting every positive-negative pair."""
-    pos, neg = s[y == 1], s[y == 0]
-    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
-    return wins / (len(pos) * len(neg))
 
 
 def test_auroc_hand_cases():
@@ -29,28 +33,6 @@ def test_auroc_hand_cases():
     # 2 positives, 2 negatives: pairs (0.8>0.3) (0.8>0.6) (0.4>0.3) (0.4<0.6) -> 3/4
     assert E.auroc(np.array([0.8, 0.4, 0.3, 0.6]), np.array([1, 1, 0, 0])) == 0.75
     assert np.isnan(E.auroc(np.array([0.1, 0.2]), np.array([1, 1])))
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_auroc_matches_pair_counting_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    n = rng.integers(5, 60)
-    y = rng.integers(0, 2, n)
-    y[:2] = [0, 1]
-    s = rng.integers(0, 6, n).astype(float)  # few distinct values: many ties
-    assert E.auroc(s, y) == pytest.approx(brute_auroc(s, y), abs=1e-12)
-
-
-def test_evaluate_scores_macro_and_layout():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, (40, 3))
-    scores = labels + rng.normal(0, 0.1, (40, 3))
-    scores[:, 2] = rng.normal(size=40)  # one class is noise
-    r = M.evaluate_scores(scores, labels, ["a", "b", "c"])
-    assert r["auc"]["a"] == 1.0 and r["auc"]["b"] == 1.0
-    assert r["macro_auc"] == pytest.approx(np.mean([1.0, 1.0, E.auroc(scores[:, 2], labels[:, 2])]))
-    table = AF.format_table(r)
-    assert "macro mean" in table and table.count("\n") == 6 and table.endswith("28 test volumes")  # + the legend
 
 
 def _write(path, header, rows):
@@ -91,22 +73,15 @@ def test_score_file_errors_name_the_problem(tmp_path):
     _write(tmp_path / "bad.csv", ["VolumeName", "A"], [["v1", "high"]])
     with pytest.raises(ValueError, match="non-numeric"):
         AF.read_score_csv(tmp_path / "bad.csv")
+    _write(tmp_path / "l3.csv", ["VolumeName", "A", "B"], [["v1", "0", "2"], ["v2", "1", "0"]])
+    with pytest.raises(ValueError, match=r"l3\.csv: label 2 for 'v1', class 'B'; expected 0 or 1"):
+        AF.evaluate_score_files(tmp_path / "s.csv", tmp_path / "l3.csv")
+    _write(tmp_path / "nameless.csv", ["A", "B"], [["0.1", "0.2"], ["0.3", "0.1"]])
+    with pytest.raises(ValueError, match=r"nameless\.csv: the first column \('A'\) holds numbers"):
+        AF.read_score_csv(tmp_path / "nameless.csv")
 
 
 # ----------------------------------------------------------------------------- a tiny model and data set
-
-import json  # noqa: E402
-import math  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
-
-import nibabel as nib  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import cmki  # noqa: E402
-import data as D  # noqa: E402
-from model import PRESETS, BrgSA  # noqa: E402
-from prepare import preprocess  # noqa: E402
 
 CLASSES = list(D.CTRATE_CLASSES)
 
@@ -367,17 +342,6 @@ def test_own_folder_labels_errors_and_split_refused(tmp_path, capsys):
     assert "at least one class column" in capsys.readouterr().err
 
 
-def test_calibration_warnings():
-    y = np.zeros((30, 2))
-    y[:12, 0] = 1
-    y[:2, 1] = 1
-    w = M.calibration_warnings(y, ["A", "B"], True)
-    assert len(w) == 1 and "1 of 2 classes" in w[0] and w[0].endswith(": B")
-    assert "picked on only 5 volume(s)" in M.calibration_warnings(y[:5], ["A", "B"], True)[0]
-    assert "no calibration rows" in M.calibration_warnings(y[:0], ["A", "B"], True)[0]
-    assert M.calibration_warnings(y[:0], ["A", "B"], False) == []
-
-
 def flat(d, prefix=""):
     """Nested dict of numbers / [lo, hi] lists -> {path: float}, for approximate comparison."""
     out = {}
@@ -457,8 +421,6 @@ def test_plots_written_or_skipped_with_a_message(tiny, tmp_path, monkeypatch, ca
         assert (tmp_path / "with" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-# ============================================================================= metrics
-
 def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
     assert help_lacks_defaults("options:\n  --x X   the x\n  --y Y   y\n    (default: 1)\n") == ["--x"]
     with pytest.raises(SystemExit):
@@ -468,10 +430,6 @@ def test_help_lists_every_flag_with_its_default(capsys, help_lacks_defaults):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-import re  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 REPO = Path(E.__file__).parent
 
@@ -546,16 +504,6 @@ def test_single_scan_refuses_findings_and_volumes_it_cannot_score(tiny, tmp_path
     assert res.returncode == 1 and "Traceback" not in res.stderr and "--allow_non_hu" in res.stderr
 
 
-def test_score_files_with_bad_labels_or_names(tmp_path):
-    _write(tmp_path / "s.csv", ["VolumeName", "A", "B"], [["v1", "0.1", "0.2"], ["v2", "0.3", "0.1"]])
-    _write(tmp_path / "l.csv", ["VolumeName", "A", "B"], [["v1", "0", "2"], ["v2", "1", "0"]])
-    with pytest.raises(ValueError, match=r"l\.csv: label 2 for 'v1', class 'B'; expected 0 or 1"):
-        AF.evaluate_score_files(tmp_path / "s.csv", tmp_path / "l.csv")
-    _write(tmp_path / "nameless.csv", ["A", "B"], [["0.1", "0.2"], ["0.3", "0.1"]])
-    with pytest.raises(ValueError, match=r"nameless\.csv: the first column \('A'\) holds numbers"):
-        AF.read_score_csv(tmp_path / "nameless.csv")
-
-
 def test_macro_mean_states_its_classes_and_no_positive_is_an_error(tmp_path, capsys):
     names = [f"v{i}" for i in range(40)]
     rng = np.random.default_rng(0)
@@ -571,16 +519,6 @@ def test_macro_mean_states_its_classes_and_no_positive_is_an_error(tmp_path, cap
     with pytest.raises(ValueError, match=r"l0\.csv: no class has both positive and negative labels"):
         E.main(["--scores", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "l0.csv")] + out)
     assert not (tmp_path / "o0").exists()
-
-
-def test_calibration_on_too_few_volumes_is_flagged():
-    rng = np.random.default_rng(1)
-    labels = (rng.random((100, 2)) < 0.5).astype(int)
-    r = M.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], n_boot=0)  # 30 calibration rows
-    assert not any("calibrated thresholds" in n for n in r["notes"])
-    r = M.evaluate_scores(rng.random((100, 2)), labels, ["A", "B"], n_boot=0,
-                          calib=(rng.random((1, 2)), labels[:1], ["c1"]))
-    assert any("picked on only 1 volume(s)" in n for n in r["notes"])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -700,10 +638,6 @@ def test_heatmap_bad_input_is_named(tiny, tmp_path):
     ckpt = _checkpoint(model, tok, tmp_path / "ckpt.pt")
     path, _ = _save(_scene()[0], tmp_path / "scan.nii.gz", lps=True)
     base = ["--ckpt", str(ckpt), "--volume", str(path), "--heatmap", str(tmp_path / "maps")]
-    with pytest.raises(ValueError, match="empty finding"):
-        E.main(base + ["--findings", "lung nodule", " "])
-    with pytest.raises(ValueError, match="words the tokenizer cannot read"):
-        E.main(base + ["--findings", "жжж"])
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="--heatmap .*file/sub: cannot write there"):
         E.main(base[:-1] + [str(tmp_path / "file" / "sub"), "--findings", FINDING])
@@ -713,11 +647,6 @@ def test_heatmap_bad_input_is_named(tiny, tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((8, 8, 8), np.int16))
     with pytest.raises(ValueError, match=r"small.npy: preprocessed volume \(8, 8, 8\)"):
         E.main(base[:3] + [str(tmp_path / "small.npy")] + base[4:] + ["--findings", FINDING])
-    import subprocess
-    r = subprocess.run([sys.executable, "eval.py"] + base + ["--findings", ""], capture_output=True,
-                       text=True, cwd=str(REPO))
-    assert r.returncode != 0 and "eval.py: error: --findings: an empty finding" in r.stderr
-    assert "Traceback" not in r.stderr
 
 
 def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
@@ -734,12 +663,12 @@ def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
     out = nib.load(str(maps[0]))
     assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
     summary = E.main(base + ["--grounding"])
-    labels = _read_csv(root / "multi_abnormality_labels" / "valid_predicted_labels.csv")
+    labels = T.read_csv(root / "multi_abnormality_labels" / "valid_predicted_labels.csv")
     positives = {c for row in labels for c in CLASSES if row[c] == "1"}
     assert set(summary["per_finding"]) == positives and summary["missing_masks"] == 0
     table = capsys.readouterr().out
     assert "pointing ±1 patch" in table and "macro mean" in table
-    rows = _read_csv(tmp_path / "o" / "grounding.csv")
+    rows = T.read_csv(tmp_path / "o" / "grounding.csv")
     assert rows[-1]["finding"] == "macro mean" and len(rows) == len(positives) + 1
     for e in summary["per_finding"].values():
         assert 0 <= e["chance"] <= e["chance_patch"] <= 1 and 0 <= e["auroc"] <= 1
@@ -750,11 +679,6 @@ def test_data_mode_heatmaps_and_grounding_table(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="no finding mask found"):
         E.main(["--ckpt", str(ckpt), "--data", str(plain), "--out_dir", str(tmp_path / "o2"),
                 "--grounding"])
-
-
-def _read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def test_heatmap_png_written_or_skipped_with_a_message(tiny, tmp_path, monkeypatch, capsys):
@@ -867,7 +791,7 @@ def test_evaluation_is_fp32_by_default_as_the_official_inference(tiny, tmp_path)
 def test_findings_in_other_letters_many_or_unknown_are_scored_or_refused_in_one_line(tiny, tmp_path, capsys):
     """Accented Latin letters are read (the tokenizer strips accents); hundreds of findings are
     scored in one call; a word the text tower never learned is scored with a warning naming it and
-    what the score then rests on; non-Latin script is refused in one line."""
+    what the score then rests on (non-Latin script is refused: test_single_scan_refuses_...)."""
     model, tok = tiny
     ckpt = str(_checkpoint(model, tok, tmp_path / "ckpt.pt"))
     nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 1000, (40, 36, 20)).astype(np.int16),
@@ -883,5 +807,3 @@ def test_findings_in_other_letters_many_or_unknown_are_scored_or_refused_in_one_
     err = capsys.readouterr().err
     assert "'spiculated' never appeared as a word in training" in err
     assert "the score rests on letters alone" in err and "the score rests on ['cardiomegaly']" in err
-    res = run_eval(*scan, "лёгкое")
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "cannot read ['лёгкое']" in res.stderr
